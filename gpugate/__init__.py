@@ -1,0 +1,3 @@
+"""gpugate operator toolkit: stack spec, bundle rendering and validation, CLI."""
+
+__version__ = "0.1.0"

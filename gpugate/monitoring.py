@@ -1,0 +1,95 @@
+"""Prometheus and Alertmanager configuration for one host, built as data from the spec."""
+
+from __future__ import annotations
+
+from gpugate_runtime.host import HostLayout, Ports
+
+from gpugate.spec import GatewaySpec
+
+RULES_FILE = "rules/gpugate.rules.yml"
+
+
+def prometheus_config(spec: GatewaySpec, ports: Ports, layout: HostLayout) -> dict:
+    def job(name: str, port: int, path: str = "/metrics") -> dict:
+        return {"job_name": name, "metrics_path": path, "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
+
+    return {
+        "global": {
+            "scrape_interval": "15s",
+            "evaluation_interval": "15s",
+            "external_labels": {"gpugate_stack_domain": spec.domain},
+        },
+        "rule_files": [str(layout.etc / "prometheus" / RULES_FILE)],
+        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{ports.alertmanager}"]}]}]},
+        "scrape_configs": [
+            job("caddy", ports.caddy_metrics),
+            job("authz", ports.authz),
+            job("prober", ports.prober),
+            job("vllm", ports.vllm),
+            job("prometheus", ports.prometheus),
+            job("alertmanager", ports.alertmanager),
+        ],
+    }
+
+
+def alertmanager_config(spec: GatewaySpec, ports: Ports, layout: HostLayout) -> dict:
+    """Routes every alert to the stack's channel; credentials are read from a secret file, never inlined."""
+    channel = spec.alerts.channel
+    secret = str(layout.alert_secret_file)
+    receiver: dict = {"name": "gateway"}
+    if channel.kind == "slack":
+        receiver["slack_configs"] = [
+            {
+                "api_url_file": secret,
+                "channel": channel.channel,
+                "send_resolved": True,
+                "title": '{{ .Status | toUpper }}: {{ .CommonLabels.alertname }}',
+                "text": "{{ range .Alerts }}{{ .Annotations.summary }}\n{{ .Annotations.description }}\nRunbook: {{ .Annotations.runbook_url }}\n{{ end }}",
+            }
+        ]
+    elif channel.kind == "pagerduty":
+        receiver["pagerduty_configs"] = [
+            {
+                "routing_key_file": secret,
+                "send_resolved": True,
+                "severity": '{{ if eq .CommonLabels.severity "page" }}critical{{ else }}warning{{ end }}',
+                "links": [{"href": "{{ (index .Alerts 0).Annotations.runbook_url }}", "text": "runbook"}],
+            }
+        ]
+    elif channel.kind == "email":
+        receiver["email_configs"] = [
+            {
+                "to": channel.to,
+                "from": channel.sender,
+                "smarthost": channel.smarthost,
+                "auth_username": channel.sender,
+                "auth_password_file": secret,
+                "send_resolved": True,
+            }
+        ]
+    elif channel.kind == "webhook":
+        config: dict = {"url": str(channel.url), "send_resolved": True}
+        if channel.bearer_token:
+            config["http_config"] = {"authorization": {"type": "Bearer", "credentials_file": secret}}
+        receiver["webhook_configs"] = [config]
+    else:  # file: the host's alert sink appends each notification to the alert log
+        receiver["webhook_configs"] = [
+            {"url": f"http://127.0.0.1:{ports.alert_sink}/alerts", "send_resolved": True}
+        ]
+    return {
+        "route": {
+            "receiver": "gateway",
+            "group_by": ["alertname", "severity"],
+            "group_wait": "30s",
+            "group_interval": "5m",
+            "repeat_interval": spec.alerts.repeat_interval,
+        },
+        "inhibit_rules": [
+            # When vLLM or the proxy is down, the symptoms it causes should not page too.
+            {
+                "source_matchers": ['alertname=~"VllmDown|GatewayDown"'],
+                "target_matchers": ['alertname=~"ProberFailing|GatewayHighErrorBudgetBurn|GatewayHighLatency"'],
+            }
+        ],
+        "receivers": [receiver],
+    }

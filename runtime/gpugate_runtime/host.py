@@ -1,0 +1,100 @@
+"""Where things live on a gateway host: paths and loopback ports, one source of truth.
+
+The operator side renders configs with these values and the runtime services read
+the same ones, so a path or a port is never written twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+# Offsets from a stack's internal port base; every internal service listens on loopback only.
+PORT_OFFSETS: dict[str, int] = {
+    "vllm": 0,
+    "authz": 1,
+    "prober": 2,
+    "prometheus": 3,
+    "alertmanager": 4,
+    "caddy_metrics": 5,
+    "alert_sink": 6,
+}
+
+SERVICES = ("vllm", "authz", "caddy", "prober", "prometheus", "alertmanager")
+
+# Environment variable names shared by the Caddyfile, the launcher and the service definitions.
+ENV_VLLM_KEY = "GPUGATE_VLLM_API_KEY"
+KEY_ID_HEADER = "X-Gpugate-Key-Id"
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Loopback ports of the internal services, derived from one base."""
+
+    base: int
+
+    def __getattr__(self, name: str) -> int:
+        try:
+            return self.base + PORT_OFFSETS[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+@dataclass(frozen=True)
+class HostLayout:
+    """Directory layout under a root: `/` on a VM, a per-stack state dir for `local`."""
+
+    root: Path
+
+    @property
+    def etc(self) -> Path:
+        """The deployed bundle (read-only configuration)."""
+        return self.root / "etc" / "gpugate"
+
+    @property
+    def secrets(self) -> Path:
+        """Secret files (mode 0600 in a 0700 directory); never part of a bundle."""
+        return self.root / "etc" / "gpugate" / "secrets"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "var" / "lib" / "gpugate"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "var" / "log" / "gpugate"
+
+    @property
+    def key_store(self) -> Path:
+        return self.state / "keys.json"
+
+    @property
+    def vllm_key_file(self) -> Path:
+        return self.secrets / "vllm_api_key"
+
+    @property
+    def prober_key_file(self) -> Path:
+        return self.secrets / "prober_api_key"
+
+    @property
+    def alert_secret_file(self) -> Path:
+        """The alert channel's credential (Slack URL, PagerDuty routing key or webhook token)."""
+        return self.secrets / "alert_credential"
+
+    @property
+    def runtime_env(self) -> Path:
+        return self.etc / "runtime" / "gpugate.env"
+
+    @property
+    def alert_log(self) -> Path:
+        """Where the local alert sink appends each notification it receives."""
+        return self.logs / "alerts.jsonl"
+
+    def bundle_file(self, relpath: str) -> Path:
+        return self.etc / relpath
+
+
+VM_LAYOUT = HostLayout(Path("/"))

@@ -1,0 +1,32 @@
+"""Names of the metrics the runtime exports and the alert rules and dashboards query.
+
+Ours are `gpugate_*`; vLLM's and Caddy's own names are listed so that rules never
+spell a metric differently from the program that exports it.
+"""
+
+# authz
+AUTHZ_DECISIONS = "gpugate_authz_decisions_total"  # labels: key_id, outcome
+AUTHZ_DECISION_SECONDS = "gpugate_authz_decision_seconds"
+KEY_AGE_SECONDS = "gpugate_key_age_seconds"  # labels: key_id, name
+KEY_LAST_USED = "gpugate_key_last_used_timestamp_seconds"  # labels: key_id
+KEYSTORE_RELOADS = "gpugate_keystore_reloads_total"
+KEYSTORE_RELOAD_FAILURES = "gpugate_keystore_reload_failures_total"
+
+# prober
+PROBE_SUCCESS = "gpugate_probe_success"  # labels: check
+PROBE_DURATION = "gpugate_probe_duration_seconds"  # labels: check
+TLS_CERT_NOT_AFTER = "gpugate_tls_cert_not_after_timestamp_seconds"
+GPU_MEMORY_USED = "gpugate_gpu_memory_used_bytes"  # labels: gpu
+GPU_MEMORY_TOTAL = "gpugate_gpu_memory_total_bytes"  # labels: gpu
+
+# vLLM (0.32, CPU and GPU builds)
+VLLM_RUNNING = "vllm:num_requests_running"
+VLLM_WAITING = "vllm:num_requests_waiting"
+VLLM_KV_USAGE = "vllm:kv_cache_usage_perc"
+VLLM_PREEMPTIONS = "vllm:num_preemptions_total"
+VLLM_E2E_LATENCY = "vllm:e2e_request_latency_seconds"
+VLLM_TTFT = "vllm:time_to_first_token_seconds"
+
+# Caddy 2.6
+CADDY_REQUEST_DURATION = "caddy_http_request_duration_seconds"  # labels: server, handler, code, method
+CADDY_REQUESTS = "caddy_http_requests_total"
