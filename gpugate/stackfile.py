@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,13 @@ def _problem(shown: str, error: dict[str, Any], config: dict[str, Any]) -> Probl
     value = _lookup(config, loc)
     kind = error["type"]
     message = error["msg"].removeprefix("Value error, ")
+    # Cross-field checks name the key they are about: "gpu.count: AWS has no machine ...".
+    scoped = re.match(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", message, re.DOTALL)
+    if kind == "value_error" and scoped:
+        loc = loc + tuple(scoped.group(1).split("."))
+        key_path = f"{NAMESPACE}:" + ".".join(str(p) for p in loc)
+        value = _lookup(config, loc)
+        message = scoped.group(2)
     if kind == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
         message = f"unknown key; allowed here: {', '.join(allowed)}"
@@ -164,6 +172,8 @@ def _problem(shown: str, error: dict[str, Any], config: dict[str, Any]) -> Probl
         message = f"unknown kind; allowed: {', '.join(CHANNEL_KINDS)}"
     elif kind == "string_pattern_mismatch":
         message = f"does not match the allowed form {error['ctx']['pattern']}"
+    if loc and loc[0] in SECRET_KEYS:
+        value = "<redacted>"
     return Problem(shown, key_path, value, message)
 
 

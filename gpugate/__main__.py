@@ -1,0 +1,5 @@
+"""`python -m gpugate` is the `gpugate` command."""
+
+from gpugate.cli import app
+
+app()

@@ -1,0 +1,37 @@
+# Sourced by scripts/up and scripts/test: installs what gpugate needs, idempotently.
+#   - Debian packages: Caddy, Prometheus + promtool, Alertmanager + amtool, cloud-init (schema
+#     checks), sshd (Fabric tests), supervisor, wrk/hey (benchmarks), iproute2 (netns tests)
+#   - .venv with gpugate and gpugate-runtime installed editable, plus the test extras
+# A second run with nothing missing takes about a second.
+
+APT_PACKAGES=(caddy prometheus prometheus-alertmanager cloud-init openssh-server supervisor wrk hey iproute2)
+APT_COMMANDS=(caddy prometheus promtool prometheus-alertmanager amtool cloud-init sshd supervisord wrk hey ip)
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+ensure_apt() {
+  local missing=0 cmd
+  for cmd in "${APT_COMMANDS[@]}"; do
+    command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing=1
+  done
+  [ "$missing" = 0 ] && return 0
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  log "installing Debian packages: ${APT_PACKAGES[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${APT_PACKAGES[@]}" >/dev/null
+}
+
+ensure_venv() {
+  local stamp=.venv/.gpugate-installed want
+  want=$(cat pyproject.toml runtime/pyproject.toml | sha256sum | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
+  log "installing gpugate into .venv (Python $(python3 -c 'import sys; print(sys.version.split()[0])'))"
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ./runtime -e '.[test]'
+  echo "$want" > "$stamp"
+}
+
+ensure_apt
+ensure_venv

@@ -1,0 +1,42 @@
+"""Fixtures shared by every test: the repo's stacks, editable copies of them, and the CLI as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ruamel.yaml import YAML
+
+REPO = Path(__file__).resolve().parent.parent
+STACKS = REPO / "stacks"
+
+
+def run_gpugate(*args: str, cwd: Path = REPO, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the gpugate CLI in a fresh process, exactly as a user's shell would."""
+    return subprocess.run(
+        [sys.executable, "-m", "gpugate", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def edit_stack(source: str, dest: Path, change: Callable[[dict[str, Any]], None]) -> Path:
+    """Copy stacks/Pulumi.<source>.yaml to dest after `change` edits its `config` mapping."""
+    yaml = YAML()  # round-trip: comments and order survive
+    document = yaml.load((STACKS / f"Pulumi.{source}.yaml").read_text())
+    change(document["config"])
+    with dest.open("w") as handle:
+        yaml.dump(document, handle)
+    return dest
+
+
+@pytest.fixture
+def stack_copy(tmp_path: Path) -> Callable[..., Path]:
+    """stack_copy("staging", change, name="bad") -> path of an edited copy, named Pulumi.<name>.yaml."""
+
+    def make(source: str, change: Callable[[dict[str, Any]], None] = lambda c: None, name: str = "edited") -> Path:
+        return edit_stack(source, tmp_path / f"Pulumi.{name}.yaml", change)
+
+    return make

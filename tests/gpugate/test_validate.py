@@ -1,0 +1,70 @@
+"""`gpugate validate` runs the real consuming tools, and catches a template that breaks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO, run_gpugate
+
+
+def test_validate_all_passes_and_names_each_real_tool_per_stack():
+    result = run_gpugate("validate", "--all")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    for stack in ("local", "dev", "staging", "prod"):
+        ran = " ".join(line for line in lines if f" {stack} " in line)
+        for tool in ("caddy validate (caddy 2.", "promtool check config", "promtool check rules", "amtool check-config"):
+            assert tool in ran, (stack, tool)
+    for vm in ("dev", "staging"):
+        ran = " ".join(line for line in lines if f" {vm} " in line)
+        assert "cloud-init schema (cloud-init" in ran and "systemd-analyze verify" in ran
+    assert all(line.startswith("PASS") for line in lines if line.startswith(("PASS", "FAIL")))
+
+
+def _checkout_copy(tmp_path: Path) -> Path:
+    """A copy of the code, templates and stacks, as a contributor's working tree."""
+    root = tmp_path / "checkout"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for part in ("gpugate", "runtime", "templates", "stacks"):
+        shutil.copytree(REPO / part, root / part, ignore=ignore)
+    return root
+
+
+def _validate_in(root: Path, stack: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{root}:{root / 'runtime'}"}
+    return subprocess.run(
+        [sys.executable, "-m", "gpugate", "validate", "--stack", stack], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_a_template_change_that_breaks_the_caddyfile_fails_validation(tmp_path):
+    # given a contributor's change that leaves a block unclosed in the Caddyfile template
+    root = _checkout_copy(tmp_path)
+    template = root / "templates" / "common" / "Caddyfile.j2"
+    template.write_text(template.read_text().replace("\thandle /healthz {", "\thandle /healthz {\n\t\treverse_proxy {", 1))
+    # when validating
+    result = _validate_in(root, "staging")
+    # then caddy itself rejects the file, and validate exits 1 naming it
+    assert result.returncode == 1, result.stdout
+    assert "FAIL  staging    caddy/Caddyfile" in result.stdout
+    assert "PASS  staging    prometheus/prometheus.yml" in result.stdout
+
+
+def test_a_change_that_breaks_an_alert_rule_fails_validation(tmp_path):
+    # given an alert expression that is not valid PromQL
+    root = _checkout_copy(tmp_path)
+    alerts = root / "gpugate" / "alerts.py"
+    alerts.write_text(alerts.read_text().replace("'up{job=\"vllm\"} == 0'", "'up{job=\"vllm\" == 0'", 1))
+    result = _validate_in(root, "local")
+    assert result.returncode == 1, result.stdout
+    assert "FAIL  local      prometheus/rules/gpugate.rules.yml" in result.stdout
+
+
+def test_validate_needs_exactly_one_of_stack_or_all():
+    result = run_gpugate("validate")
+    assert result.returncode == 2
+    assert "--stack" in result.stderr and "--all" in result.stderr
