@@ -1,11 +1,11 @@
 # Sourced by scripts/up and scripts/test: installs what gpugate needs, idempotently.
 #   - Debian packages: Caddy, Prometheus + promtool, Alertmanager + amtool, cloud-init (schema
-#     checks), sshd (Fabric tests), supervisor, wrk/hey (benchmarks), iproute2 (netns tests)
+#     checks), sshd (Fabric tests), wrk/hey (benchmarks), iproute2 (netns tests)
 #   - .venv with gpugate and gpugate-runtime installed editable, plus the test extras
 # A second run with nothing missing takes about a second.
 
-APT_PACKAGES=(caddy prometheus prometheus-alertmanager cloud-init openssh-server supervisor wrk hey iproute2)
-APT_COMMANDS=(caddy prometheus promtool prometheus-alertmanager amtool cloud-init sshd supervisord wrk hey ip)
+APT_PACKAGES=(caddy prometheus prometheus-alertmanager cloud-init openssh-server wrk hey iproute2)
+APT_COMMANDS=(caddy prometheus promtool prometheus-alertmanager amtool cloud-init sshd wrk hey ip)
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
