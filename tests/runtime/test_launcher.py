@@ -1,0 +1,215 @@
+"""The vLLM launcher builds the command line vLLM 0.32 expects, keeps the key off it, and refuses misfits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gpugate_runtime import launcher
+from gpugate_runtime.launcher import LaunchError, app, build_argv, build_env, check_args
+from gpugate_runtime.launchspec import LaunchSpec
+from typer.testing import CliRunner
+
+KEY = "sk-internal-do-not-leak-7f3a"
+VLLM_PYTHON = Path("/opt/vllm/bin/python")
+SMOLLM2_CONFIG = {
+    "hidden_size": 576,
+    "num_attention_heads": 9,
+    "num_hidden_layers": 30,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 8192,
+    "dtype": "bfloat16",
+}
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "vllm_api_key"
+    path.write_text(KEY + "\n")
+    return path
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "model"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(SMOLLM2_CONFIG))
+    return path
+
+
+def cpu_spec(key_file: Path, model: str = "/models/smollm2", **changes: Any) -> LaunchSpec:
+    fields: dict[str, Any] = {
+        "model": model,
+        "served_model_name": "smollm2",
+        "max_model_len": 2048,
+        "device": "cpu",
+        "enforce_eager": True,
+        "cpu_kv_cache_gib": 1,
+        "port": 18000,
+        "api_key_file": key_file,
+    }
+    return LaunchSpec(**{**fields, **changes})
+
+
+def gpu_spec(key_file: Path, **changes: Any) -> LaunchSpec:
+    fields: dict[str, Any] = {
+        "model": "Qwen/Qwen2.5-7B-Instruct",
+        "revision": "a09a35458c702b33eeacc393d103063234e8bc28",
+        "served_model_name": "qwen-7b",
+        "max_model_len": 8192,
+        "dtype": "bfloat16",
+        "quantization": "awq",
+        "device": "cuda",
+        "gpu_type": "L4",
+        "gpu_count": 2,
+        "gpu_memory_gib": 24,
+        "gpu_memory_utilization": 0.85,
+        "tensor_parallel_size": 2,
+        "port": 18000,
+        "api_key_file": key_file,
+    }
+    return LaunchSpec(**{**fields, **changes})
+
+
+def flag_value(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def write_spec(path: Path, spec: LaunchSpec) -> Path:
+    path.write_text(spec.model_dump_json())
+    return path
+
+
+def test_vllm_runs_as_the_api_server_module_not_the_console_script(key_file: Path) -> None:
+    argv = build_argv(cpu_spec(key_file), VLLM_PYTHON)
+
+    assert argv[:3] == [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server"]
+
+
+def test_cpu_argv_carries_the_spec_and_no_gpu_or_quantization_flags(key_file: Path) -> None:
+    argv = build_argv(cpu_spec(key_file), VLLM_PYTHON)
+
+    assert flag_value(argv, "--model") == "/models/smollm2"
+    assert flag_value(argv, "--served-model-name") == "smollm2"
+    assert flag_value(argv, "--max-model-len") == "2048"
+    assert flag_value(argv, "--host") == "127.0.0.1"
+    assert flag_value(argv, "--port") == "18000"
+    assert "--enforce-eager" in argv
+    assert "--quantization" not in argv
+    assert "--gpu-memory-utilization" not in argv
+    assert "--revision" not in argv
+
+
+def test_gpu_argv_pins_revision_and_sets_parallelism_memory_and_quantization(key_file: Path) -> None:
+    argv = build_argv(gpu_spec(key_file), VLLM_PYTHON)
+
+    assert flag_value(argv, "--revision") == "a09a35458c702b33eeacc393d103063234e8bc28"
+    assert flag_value(argv, "--tensor-parallel-size") == "2"
+    assert flag_value(argv, "--gpu-memory-utilization") == "0.85"
+    assert flag_value(argv, "--quantization") == "awq"
+    assert flag_value(argv, "--dtype") == "bfloat16"
+    assert "--enforce-eager" not in argv
+
+
+def test_request_and_access_logging_are_switched_off(key_file: Path) -> None:
+    argv = build_argv(cpu_spec(key_file), VLLM_PYTHON)
+
+    assert "--no-enable-log-requests" in argv
+    assert "--disable-uvicorn-access-log" in argv
+
+
+def test_api_key_reaches_vllm_by_environment_and_never_by_argv(key_file: Path) -> None:
+    spec = cpu_spec(key_file)
+
+    argv = build_argv(spec, VLLM_PYTHON)
+    env = build_env(spec, base={})
+
+    assert env["VLLM_API_KEY"] == KEY
+    assert not any(KEY in arg for arg in argv)
+    assert "--api-key" not in argv
+
+
+def test_cpu_environment_sizes_the_kv_cache_and_stays_offline(key_file: Path) -> None:
+    env = build_env(cpu_spec(key_file, cpu_kv_cache_gib=3), base={"PATH": "/usr/bin"})
+
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    assert env["HF_HUB_OFFLINE"] == "1"
+    assert env["PATH"] == "/usr/bin"
+
+
+def test_missing_key_file_is_a_launch_error_naming_the_file(tmp_path: Path) -> None:
+    spec = cpu_spec(tmp_path / "absent")
+
+    with pytest.raises(LaunchError, match="absent"):
+        build_env(spec, base={})
+
+
+def test_dry_run_prints_the_command_and_capacity_without_the_key(
+    tmp_path: Path, key_file: Path, model_dir: Path
+) -> None:
+    spec = write_spec(tmp_path / "launch.json", cpu_spec(key_file, model=str(model_dir)))
+
+    result = CliRunner().invoke(
+        app, ["run", "--spec", str(spec), "--python", str(VLLM_PYTHON), "--dry-run", "--no-check"]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "vllm.entrypoints.openai.api_server" in result.output
+    assert '"kv_tokens": 46592' in result.output
+    assert KEY not in result.output
+
+
+def test_spec_that_does_not_fit_exits_2_before_starting_vllm(
+    tmp_path: Path, key_file: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def must_not_exec(*args: object) -> None:
+        raise AssertionError("vLLM was started")
+
+    monkeypatch.setattr(launcher.os, "execve", must_not_exec)
+    spec = write_spec(
+        tmp_path / "launch.json", cpu_spec(key_file, model=str(model_dir), max_model_len=8192, cpu_kv_cache_gib=1)
+    )
+    (model_dir / "config.json").write_text(json.dumps({**SMOLLM2_CONFIG, "num_hidden_layers": 300}))
+
+    result = CliRunner().invoke(app, ["run", "--spec", str(spec), "--python", str(VLLM_PYTHON), "--no-check"])
+
+    assert result.exit_code == 2
+    assert "does not fit" in result.output
+    assert "4,608 tokens" in result.output
+    assert "raise cpu_kv_cache_gib to >= 2" in result.output
+
+
+def test_invalid_spec_exits_2_naming_the_file(tmp_path: Path) -> None:
+    spec = tmp_path / "launch.json"
+    spec.write_text(json.dumps({"model": "m", "surprise": 1}))
+
+    result = CliRunner().invoke(app, ["run", "--spec", str(spec), "--dry-run", "--no-check"])
+
+    assert result.exit_code == 2
+    assert "launch.json is not a valid launch spec" in result.output
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> Path:
+    """The real vLLM CPU venv's python (built on first use; see gpugate.local.vllm_env)."""
+    from gpugate.local.vllm_env import ensure_vllm_venv
+
+    return ensure_vllm_venv()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("spec_kind", ["cpu", "gpu"])
+def test_real_vllm_parser_accepts_the_argv_we_build(spec_kind: str, key_file: Path, vllm_python: Path) -> None:
+    spec = cpu_spec(key_file) if spec_kind == "cpu" else gpu_spec(key_file)
+
+    check_args(build_argv(spec, vllm_python), vllm_python)  # raises on any flag vLLM does not know
+
+
+@pytest.mark.e2e
+def test_real_vllm_parser_rejects_an_unknown_flag_and_names_it(key_file: Path, vllm_python: Path) -> None:
+    argv = [*build_argv(cpu_spec(key_file), vllm_python), "--disable-log-requests"]
+
+    with pytest.raises(LaunchError, match="--disable-log-requests"):
+        check_args(argv, vllm_python)
