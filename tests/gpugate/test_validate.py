@@ -45,7 +45,7 @@ def test_a_template_change_that_breaks_the_caddyfile_fails_validation(tmp_path):
     # given a contributor's change that leaves a block unclosed in the Caddyfile template
     root = _checkout_copy(tmp_path)
     template = root / "templates" / "common" / "Caddyfile.j2"
-    template.write_text(template.read_text().replace("\thandle /healthz {", "\thandle /healthz {\n\t\treverse_proxy {", 1))
+    template.write_text(template.read_text() + "\nbroken.example.com {\n\treverse_proxy {\n")
     # when validating
     result = _validate_in(root, "staging")
     # then caddy itself rejects the file, and validate exits 1 naming it
