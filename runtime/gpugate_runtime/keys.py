@@ -1,0 +1,416 @@
+"""Client API keys: issue, rotate and revoke them in a hashed, atomically written key store."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+import typer
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from rich.console import Console
+from rich.table import Table
+
+from gpugate_runtime.settings import KeysSettings, env_file, load_settings
+
+# A key reads `ggk_<id>_<secret>`: the prefix makes a leaked key recognisable to secret scanners, the
+# id lets authz find the record in O(1) and names the key in logs and metrics without revealing it.
+TOKEN_PREFIX = "ggk"
+ID_HEX = 12  # 48 random bits: unique within a store (checked), not a secret
+SECRET_BYTES = 32  # 256 random bits from the OS CSPRNG
+TOKEN_RE = re.compile(rf"^{TOKEN_PREFIX}_([0-9a-f]{{{ID_HEX}}})_([0-9a-f]{{{SECRET_BYTES * 2}}})$")
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+NAME_RULE = "1-64 of a-z 0-9 . _ - starting with a letter or digit"
+MAX_LIMIT = 1_000_000
+STORE_MODE = 0o600
+
+EXIT_CHECK_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class KeyRecord(BaseModel):
+    """What the store keeps of a key: never the key itself, only its hash."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=rf"^[0-9a-f]{{{ID_HEX}}}$")
+    name: str = Field(pattern=NAME_PATTERN)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the whole key string")
+    created_at: AwareDatetime
+    expires_at: AwareDatetime
+    revoked_at: AwareDatetime | None = None
+    rpm: int | None = Field(None, ge=1, le=MAX_LIMIT, description="requests per minute; None: the stack default")
+    max_concurrent: int | None = Field(None, ge=1, le=MAX_LIMIT, description="in flight; None: the stack default")
+
+    def status(self, now: datetime) -> Literal["active", "expired", "revoked"]:
+        if self.revoked_at is not None and self.revoked_at <= now:
+            return "revoked"
+        if self.expires_at <= now:
+            return "expired"
+        return "active"
+
+    def public(self, now: datetime) -> dict[str, object]:
+        """The record as `list --json` shows it: everything but the hash."""
+        data = self.model_dump(mode="json", exclude={"sha256"})
+        data["status"] = self.status(now)
+        return data
+
+
+class KeyStore(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = 1
+    keys: tuple[KeyRecord, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> Self:
+        seen: set[str] = set()
+        for key in self.keys:
+            if key.id in seen:
+                raise ValueError(f"key id {key.id} appears twice")
+            seen.add(key.id)
+        return self
+
+
+class KeyStoreError(Exception):
+    """The store file exists but cannot be read as a key store."""
+
+
+class KeyInputError(ValueError):
+    """A request the store cannot honour: unknown id, name already in use, nothing to rotate."""
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    token: str  # shown once, never stored
+    record: KeyRecord
+
+
+@dataclass(frozen=True)
+class Rotation:
+    issued: IssuedKey
+    retiring: tuple[KeyRecord, ...]  # the name's previous keys, now expiring at the end of the overlap
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def token_digest(token: str) -> str:
+    # A plain sha256 is the right hash here, unlike for passwords: a key carries 256 bits from the
+    # CSPRNG, so there is no dictionary to try and brute force is out of reach whatever the hash
+    # costs. A slow KDF (bcrypt, argon2) would only add milliseconds to every request.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def key_id_of(token: str) -> str | None:
+    """The key id of a well-formed key, else None."""
+    match = TOKEN_RE.match(token)
+    return match.group(1) if match else None
+
+
+def _new_token(taken: set[str]) -> tuple[str, str]:
+    while True:
+        key_id = secrets.token_hex(ID_HEX // 2)
+        if key_id not in taken:
+            return key_id, f"{TOKEN_PREFIX}_{key_id}_{secrets.token_hex(SECRET_BYTES)}"
+
+
+def parse_duration(text: str, *, allow_zero: bool = False) -> timedelta:
+    """`90d`, `24h`, `30m`: a whole number and one unit. Raises ValueError saying what is allowed."""
+    match = re.fullmatch(r"([0-9]+)([dhm])", text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a duration; use a whole number and a unit d, h or m, e.g. 90d, 24h, 30m")
+    amount = int(match.group(1))
+    if amount == 0 and not allow_zero:
+        raise ValueError(f"{text!r} is zero; a duration here must be at least 1m")
+    unit = {"d": "days", "h": "hours", "m": "minutes"}[match.group(2)]
+    value = timedelta(**{unit: amount})
+    if value > timedelta(days=3650):
+        raise ValueError(f"{text!r} is longer than 3650d")
+    return value
+
+
+def read_store(path: Path) -> KeyStore:
+    """The store at path; an absent file is an empty store."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return KeyStore()
+    except OSError as exc:
+        raise KeyStoreError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        return KeyStore.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(file)'}: {e['msg']}" for e in exc.errors())
+        raise KeyStoreError(f"{path}: not a valid key store: {problems}") from None
+
+
+def write_store(path: Path, store: KeyStore) -> None:
+    """Replace the store atomically: readers see the old file or the new one, never a mix.
+
+    Call it with the lock held (see `locked`); authz reads without the lock, which the rename makes safe.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data = json.dumps(store.model_dump(mode="json"), indent=2, sort_keys=True).encode() + b"\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), STORE_MODE)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Serialise read-modify-write cycles of the store between concurrent `keys` commands."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, STORE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _issue(store: KeyStore, name: str, expires: timedelta, rpm: int | None, max_concurrent: int | None, now: datetime) -> IssuedKey:
+    key_id, token = _new_token({k.id for k in store.keys})
+    record = KeyRecord(
+        id=key_id,
+        name=name,
+        sha256=token_digest(token),
+        created_at=now,
+        expires_at=now + expires,
+        rpm=rpm,
+        max_concurrent=max_concurrent,
+    )
+    return IssuedKey(token=token, record=record)
+
+
+def create_key(
+    path: Path,
+    name: str,
+    *,
+    expires: timedelta,
+    rpm: int | None = None,
+    max_concurrent: int | None = None,
+    now: datetime | None = None,
+) -> IssuedKey:
+    """Issue a key for a name that has no active key (a second one is a rotation)."""
+    now = now or utcnow()
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise KeyInputError(f"{name!r} is not a key name; allowed: {NAME_RULE}")
+    with locked(path):
+        store = read_store(path)
+        active = [k for k in store.keys if k.name == name and k.status(now) == "active"]
+        if active:
+            raise KeyInputError(f"name {name!r} already has an active key ({active[0].id}); rotate it with `keys rotate {name}`")
+        issued = _issue(store, name, expires, rpm, max_concurrent, now)
+        write_store(path, store.model_copy(update={"keys": (*store.keys, issued.record)}))
+    return issued
+
+
+def rotate_key(path: Path, name: str, *, overlap: timedelta, expires: timedelta, now: datetime | None = None) -> Rotation:
+    """Issue a new key for name now; the name's active keys stay valid until now + overlap."""
+    now = now or utcnow()
+    with locked(path):
+        store = read_store(path)
+        active = sorted((k for k in store.keys if k.name == name and k.status(now) == "active"), key=lambda k: k.created_at)
+        if not active:
+            raise KeyInputError(f"name {name!r} has no active key to rotate; create one with `keys create {name}`")
+        newest = active[-1]
+        issued = _issue(store, name, expires, newest.rpm, newest.max_concurrent, now)
+        cutoff = now + overlap
+        retiring = tuple(k.model_copy(update={"expires_at": min(k.expires_at, cutoff)}) for k in active)
+        changed = {k.id: k for k in retiring}
+        keys = tuple(changed.get(k.id, k) for k in store.keys) + (issued.record,)
+        write_store(path, store.model_copy(update={"keys": keys}))
+    return Rotation(issued=issued, retiring=retiring)
+
+
+def revoke_key(path: Path, key_id: str, now: datetime | None = None) -> KeyRecord:
+    """Revoke a key by id from now on; revoking a revoked key changes nothing."""
+    now = now or utcnow()
+    with locked(path):
+        store = read_store(path)
+        found = next((k for k in store.keys if k.id == key_id), None)
+        if found is None:
+            known = ", ".join(k.id for k in store.keys) or "none"
+            raise KeyInputError(f"no key with id {key_id!r} in {path}; ids there: {known}")
+        if found.revoked_at is not None:
+            return found
+        revoked = found.model_copy(update={"revoked_at": now})
+        write_store(path, store.model_copy(update={"keys": tuple(revoked if k.id == key_id else k for k in store.keys)}))
+    return revoked
+
+
+# --- the `keys` command ---------------------------------------------------------------------------
+
+app = typer.Typer(help="Client API keys: create, list, rotate, revoke.", no_args_is_help=True, add_completion=False)
+
+StoreOption = Annotated[
+    Path | None,
+    typer.Option("--store", help="key store file (default: GPUGATE_KEYS_STORE, from the env file, else /var/lib/gpugate/keys.json)"),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+def _name(value: str) -> str:
+    if not re.fullmatch(NAME_PATTERN, value):
+        raise typer.BadParameter(f"{value!r} is not a key name; allowed: {NAME_RULE}")
+    return value
+
+
+def _duration_option(allow_zero: bool):
+    def check(value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_duration(value, allow_zero=allow_zero)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc)) from None
+        return value
+
+    return check
+
+
+def _settings() -> KeysSettings:
+    try:
+        return load_settings(KeysSettings, env_file())
+    except ValidationError as exc:
+        typer.echo(f"error: key settings (GPUGATE_KEYS_* or the env file) are invalid:\n{exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(EXIT_BAD_INPUT if isinstance(exc, KeyInputError) else EXIT_CHECK_FAILED)
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else "-"
+
+
+@app.command()
+def create(
+    name: Annotated[str, typer.Argument(callback=_name, help="who the key is for, e.g. team-search")],
+    rpm: Annotated[int | None, typer.Option("--rpm", min=1, max=MAX_LIMIT, help="requests per minute (default: the stack's)")] = None,
+    max_concurrent: Annotated[
+        int | None, typer.Option("--max-concurrent", min=1, max=MAX_LIMIT, help="requests in flight (default: the stack's)")
+    ] = None,
+    expires: Annotated[
+        str | None, typer.Option("--expires", callback=_duration_option(False), help="validity, e.g. 90d (default: the stack's)")
+    ] = None,
+    json_out: JsonOption = False,
+    store: StoreOption = None,
+) -> None:
+    """Issue a key and print it once: only its hash is stored."""
+    settings = _settings()
+    path = store or settings.store
+    validity = parse_duration(expires) if expires else timedelta(days=settings.expires_days)
+    try:
+        issued = create_key(path, name, expires=validity, rpm=rpm, max_concurrent=max_concurrent)
+    except (KeyInputError, KeyStoreError) as exc:
+        raise _fail(exc) from None
+    _show_issued(issued, json_out, f"Created key {issued.record.id} for {name}")
+
+
+def _show_issued(issued: IssuedKey, json_out: bool, headline: str, extra: dict[str, object] | None = None) -> None:
+    record = issued.record
+    if json_out:
+        typer.echo(json.dumps({**record.public(utcnow()), "key": issued.token, **(extra or {})}, sort_keys=True))
+        return
+    typer.echo(f"{headline}, expires {_when(record.expires_at)}.")
+    typer.echo("The key is shown only now; store it in a secret manager:")
+    typer.echo(issued.token)
+
+
+@app.command("list")
+def list_(json_out: JsonOption = False, store: StoreOption = None) -> None:
+    """Show keys (never a key or its hash)."""
+    path = store or _settings().store
+    try:
+        keys = read_store(path).keys
+    except KeyStoreError as exc:
+        raise _fail(exc) from None
+    now = utcnow()
+    if json_out:
+        typer.echo(json.dumps([k.public(now) for k in keys], sort_keys=True))
+        return
+    table = Table(title=f"keys in {path}")
+    for column in ("id", "name", "status", "created", "expires", "revoked", "rpm", "max concurrent"):
+        table.add_column(column)
+    for k in sorted(keys, key=lambda k: (k.name, k.created_at)):
+        table.add_row(
+            k.id, k.name, k.status(now), _when(k.created_at), _when(k.expires_at), _when(k.revoked_at),
+            str(k.rpm or "default"), str(k.max_concurrent or "default"),
+        )  # fmt: skip
+    console = Console()
+    # A pipe gets rich's 80 columns, which would cut ids; a terminal keeps its own width.
+    (console if console.is_terminal else Console(width=160)).print(table)
+
+
+@app.command()
+def rotate(
+    name: Annotated[str, typer.Argument(callback=_name, help="the key name to rotate")],
+    overlap: Annotated[
+        str | None,
+        typer.Option("--overlap", callback=_duration_option(True), help="how long the old key stays valid, e.g. 24h (default: the stack's)"),
+    ] = None,
+    expires: Annotated[
+        str | None, typer.Option("--expires", callback=_duration_option(False), help="validity of the new key (default: the stack's)")
+    ] = None,
+    json_out: JsonOption = False,
+    store: StoreOption = None,
+) -> None:
+    """Issue a new key for NAME; its old keys expire at the end of the overlap."""
+    settings = _settings()
+    path = store or settings.store
+    window = parse_duration(overlap, allow_zero=True) if overlap else timedelta(hours=settings.rotation_overlap_hours)
+    validity = parse_duration(expires) if expires else timedelta(days=settings.expires_days)
+    try:
+        rotation = rotate_key(path, name, overlap=window, expires=validity)
+    except (KeyInputError, KeyStoreError) as exc:
+        raise _fail(exc) from None
+    retiring = {k.id: _when(k.expires_at) for k in rotation.retiring}
+    _show_issued(rotation.issued, json_out, f"Rotated {name}: new key {rotation.issued.record.id}", {"retiring": retiring})
+    if not json_out:
+        for key_id, until in retiring.items():
+            typer.echo(f"Old key {key_id} stays valid until {until}.")
+
+
+@app.command()
+def revoke(
+    key_id: Annotated[str, typer.Argument(metavar="ID", help="the key id (see `keys list`)")],
+    json_out: JsonOption = False,
+    store: StoreOption = None,
+) -> None:
+    """Revoke a key now; authz rejects it within a second."""
+    path = store or _settings().store
+    try:
+        record = revoke_key(path, key_id)
+    except (KeyInputError, KeyStoreError) as exc:
+        raise _fail(exc) from None
+    if json_out:
+        typer.echo(json.dumps(record.public(utcnow()), sort_keys=True))
+    else:
+        typer.echo(f"Key {record.id} ({record.name}) revoked at {_when(record.revoked_at)}.")

@@ -1,0 +1,88 @@
+"""Settings of the host runtime services, read from the environment and the rendered env file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from dotenv import dotenv_values
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gpugate_runtime.host import VM_LAYOUT
+
+# Names the rendered env file (layout.runtime_env); supervisord and the CLI pass it to every service.
+ENV_FILE_VAR = "GPUGATE_ENV_FILE"
+
+# Defaults below mirror the spec's (gpugate.spec.KeyLimits, PortsSpec): the runtime cannot import the
+# operator package, so tests/runtime/test_keys.py checks that they never drift apart.
+
+
+class AuthzSettings(BaseSettings):
+    """The forward_auth service. Every field is a plain scalar or path: the renderer writes them as
+    GPUGATE_AUTHZ_<FIELD>=value into the bundle's env file."""
+
+    model_config = SettingsConfigDict(env_prefix="GPUGATE_AUTHZ_", extra="forbid", frozen=True)
+
+    port: int = Field(18001, ge=1024, le=65535, description="loopback port (Caddy forward_auth and /metrics)")
+    key_store: Path = Field(VM_LAYOUT.key_store, description="the key store JSON written by `keys`")
+    log_file: Path = Field(VM_LAYOUT.logs / "authz.log", description="one JSON line per decision")
+    access_log: Path = Field(
+        VM_LAYOUT.logs / "access.log",
+        description="Caddy's JSON access log, tailed to release concurrency slots; default: access.log next to log_file",
+    )
+    default_rpm: int = Field(600, ge=1, le=1_000_000, description="requests per minute of a key without its own")
+    default_max_concurrent: int = Field(8, ge=1, le=1_000_000, description="requests in flight of a key without its own")
+    max_body_bytes: int = Field(1024 * 1024, ge=1, description="largest request body (413 above)")
+    reload_interval_seconds: float = Field(0.5, gt=0, le=10, description="how often the key store is checked for changes")
+    inflight_ttl_seconds: float = Field(
+        900, gt=0, description="an in-flight slot whose access-log entry never arrives is released after this"
+    )
+    access_log_poll_seconds: float = Field(0.05, gt=0, le=5, description="how often new access-log lines are read")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _access_log_next_to_log_file(cls, data: Any) -> Any:
+        # Caddy writes access.log into the same log directory the renderer gives authz's own log.
+        if isinstance(data, dict) and "access_log" not in data and "log_file" in data:
+            data = {**data, "access_log": Path(data["log_file"]).parent / "access.log"}
+        return data
+
+
+class KeysSettings(BaseSettings):
+    """The `keys` command: where the store is and the defaults of a new key."""
+
+    model_config = SettingsConfigDict(env_prefix="GPUGATE_KEYS_", extra="forbid", frozen=True)
+
+    store: Path = Field(VM_LAYOUT.key_store, description="the key store JSON authz serves")
+    expires_days: int = Field(90, ge=1, le=3650, description="validity of a new key, days")
+    rotation_overlap_hours: int = Field(24, ge=0, le=720, description="how long a rotated-out key stays valid")
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def env_file() -> Path | None:
+    """$GPUGATE_ENV_FILE, else the VM's rendered env file when present, else none."""
+    named = os.environ.get(ENV_FILE_VAR)
+    if named:
+        return Path(named)
+    return VM_LAYOUT.runtime_env if VM_LAYOUT.runtime_env.is_file() else None
+
+
+def load_settings(cls: type[S], path: Path | None = None, **overrides: Any) -> S:
+    """Build settings from overrides > process environment > env file > defaults.
+
+    The env file is shared by every runtime service, so only the entries with this class's prefix
+    are read from it; an unknown name with the prefix is still an error (a typo, not another service's).
+    """
+    prefix = cls.model_config["env_prefix"]
+    values: dict[str, Any] = {}
+    if path is not None:
+        for name, value in dotenv_values(path).items():
+            if name.startswith(prefix) and name not in os.environ and value is not None:
+                values[name[len(prefix) :].lower()] = value
+    values.update(overrides)
+    return cls(**values)
