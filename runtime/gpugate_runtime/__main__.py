@@ -1,0 +1,5 @@
+"""`python -m gpugate_runtime`: the host CLI."""
+
+from gpugate_runtime.cli import app
+
+app(prog_name="gpugate-runtime")

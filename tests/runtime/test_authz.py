@@ -1,0 +1,452 @@
+"""The authz service alone, over real HTTP on loopback: decisions, limits, hot reload, metrics, logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gpugate.spec import KeyLimits, PortsSpec
+from gpugate_runtime import metricnames
+from gpugate_runtime.authz import ACCESS_LOG_IDS_FIELD, BODY_LENGTH_HEADER, Inflight, TokenBuckets
+from gpugate_runtime.host import KEY_ID_HEADER, REQUEST_ID_HEADER, Ports
+from gpugate_runtime.keys import IssuedKey, create_key, revoke_key, utcnow, write_store, read_store
+from gpugate_runtime.settings import AuthzSettings
+
+REPO = Path(__file__).resolve().parents[2]
+DAY = timedelta(days=1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class AuthzProcess:
+    port: int
+    key_store: Path
+    access_log: Path
+    log_file: Path
+    process: subprocess.Popen
+    seq: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def ask(self, key: str | None = None, request_id: str | None = None, **headers: str) -> httpx.Response:
+        """What Caddy's forward_auth sends: a GET /authz with the client's headers."""
+        self.seq += 1
+        sent = {REQUEST_ID_HEADER: request_id or f"test-request-{self.seq:06d}", "X-Forwarded-Method": "GET", **headers}
+        if key is not None:
+            sent["Authorization"] = f"Bearer {key}"
+        return httpx.get(f"{self.url}/authz", headers=sent, timeout=5)
+
+    def key(self, name: str, **kwargs: object) -> IssuedKey:
+        kwargs.setdefault("expires", DAY)
+        return create_key(self.key_store, name, **kwargs)  # type: ignore[arg-type]
+
+    def finish(self, key_id: str, request_id: str) -> None:
+        """Append the access-log entry Caddy writes when a request ends (same compact JSON shape)."""
+        entry = {
+            "level": "info",
+            "logger": "http.log.access.log0",
+            "msg": "handled request",
+            "request": {"method": "POST", "uri": "/v1/chat/completions"},
+            ACCESS_LOG_IDS_FIELD: f"{key_id} {request_id}",
+            "duration": 0.01,
+            "size": 12,
+            "status": 200,
+        }
+        with self.access_log.open("a") as handle:
+            handle.write(json.dumps(entry, separators=(",", ":")) + "\n")
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=5).text
+
+    def metric(self, name: str, labels: str = "") -> float:
+        series = f"{name}{{{labels}}}" if labels else name
+        for line in self.metrics().splitlines():
+            if line.startswith(series + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+    def log_entries(self) -> list[dict]:
+        return [json.loads(line) for line in self.log_file.read_text().splitlines()]
+
+
+def wait_for(predicate, timeout: float, what: str):  # noqa: ANN001, ANN201
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s: {what}")
+        time.sleep(0.02)
+
+
+def start_authz(root: Path, create_access_log: bool = True, **settings: str) -> AuthzProcess:
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    access_log = root / "access.log"
+    if create_access_log:
+        access_log.touch()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "runtime")]),
+        "GPUGATE_AUTHZ_PORT": str(port),
+        "GPUGATE_AUTHZ_KEY_STORE": str(root / "keys.json"),
+        "GPUGATE_AUTHZ_LOG_FILE": str(root / "authz.log"),
+        "GPUGATE_AUTHZ_ACCESS_LOG": str(access_log),
+        "GPUGATE_AUTHZ_MAX_BODY_BYTES": "1000",
+        **{f"GPUGATE_AUTHZ_{k.upper()}": v for k, v in settings.items()},
+    }
+    stderr = (root / "stderr.log").open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "gpugate_runtime", "authz", "serve"], env=env, stderr=stderr, stdout=stderr)
+    stderr.close()
+    authz = AuthzProcess(port, root / "keys.json", access_log, root / "authz.log", process)
+
+    def up() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"authz exited {process.returncode}: {(root / 'stderr.log').read_text()}")
+        try:
+            return httpx.get(f"{authz.url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, 20, "authz to listen")
+    return authz
+
+
+def stop(authz: AuthzProcess) -> None:
+    authz.process.send_signal(signal.SIGTERM)
+    try:
+        authz.process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        authz.process.kill()
+        authz.process.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def authz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthzProcess]:
+    process = start_authz(tmp_path_factory.mktemp("authz"))
+    try:
+        yield process
+    finally:
+        stop(process)
+
+
+@pytest.fixture
+def own_authz(tmp_path: Path) -> Iterator[callable]:
+    """Start an authz with its own settings; stopped at the end of the test."""
+    started: list[AuthzProcess] = []
+
+    def start(**kwargs: object) -> AuthzProcess:
+        process = start_authz(tmp_path / f"authz{len(started)}", **kwargs)  # type: ignore[arg-type]
+        started.append(process)
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            stop(process)
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "code"}
+    return body["error"]
+
+
+# --- decisions ------------------------------------------------------------------------------------
+
+
+def test_valid_key_is_allowed_and_named_by_its_key_id(authz: AuthzProcess) -> None:
+    key = authz.key("valid")
+    response = authz.ask(key.token)
+    assert response.status_code == 200
+    assert response.headers[KEY_ID_HEADER] == key.record.id
+
+
+def test_missing_key_gets_401_with_an_openai_error(authz: AuthzProcess) -> None:
+    response = authz.ask(None)
+    assert response.status_code == 401
+    assert error_of(response)["code"] == "invalid_api_key"
+    assert error_of(response)["type"] == "invalid_request_error"
+    assert KEY_ID_HEADER not in response.headers
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    ["Basic dXNlcjpwYXNz", "Bearer", "Bearer sk-0123456789abcdef", "Bearer ggk_123_abc", "Token ggk_" + "a" * 12 + "_" + "b" * 64],
+)
+def test_malformed_key_gets_401(authz: AuthzProcess, authorization: str) -> None:
+    before = authz.metric(metricnames.AUTHZ_DECISIONS, 'key_id="-",outcome="malformed_key"')
+    response = httpx.get(f"{authz.url}/authz", headers={"Authorization": authorization}, timeout=5)
+    assert response.status_code == 401 and error_of(response)["code"] == "invalid_api_key"
+    assert authz.metric(metricnames.AUTHZ_DECISIONS, 'key_id="-",outcome="malformed_key"') == before + 1
+
+
+def test_right_id_with_a_wrong_secret_gets_401(authz: AuthzProcess) -> None:
+    key = authz.key("wrong-secret")
+    forged = key.token[:-4] + ("0000" if not key.token.endswith("0000") else "1111")
+    response = authz.ask(forged)
+    assert response.status_code == 401 and KEY_ID_HEADER not in response.headers
+
+
+def test_unknown_well_formed_key_gets_401(authz: AuthzProcess) -> None:
+    assert authz.ask("ggk_" + "0" * 12 + "_" + "f" * 64).status_code == 401
+
+
+def test_expired_key_gets_401_saying_expired(authz: AuthzProcess) -> None:
+    key = authz.key("expired", now=utcnow() - timedelta(days=2), expires=DAY)
+    response = authz.ask(key.token)
+    assert response.status_code == 401 and "expired" in error_of(response)["message"]
+
+
+def test_revoked_key_gets_401_saying_revoked(authz: AuthzProcess) -> None:
+    key = authz.key("revoked")
+    revoke_key(authz.key_store, key.record.id)
+    response = authz.ask(key.token)
+    assert response.status_code == 401 and "revoked" in error_of(response)["message"]
+
+
+def test_key_over_its_rpm_gets_429_with_retry_after(authz: AuthzProcess) -> None:
+    # given a key allowed 3 requests per minute
+    key = authz.key("rpm-3", rpm=3)
+    statuses = [authz.ask(key.token).status_code for _ in range(3)]
+    # when a 4th comes within the minute
+    response = authz.ask(key.token)
+    # then it is refused with the seconds until the next token (one per 20 s)
+    assert statuses == [200, 200, 200]
+    assert response.status_code == 429 and error_of(response)["code"] == "rate_limit_exceeded"
+    assert 1 <= int(response.headers["Retry-After"]) <= 20
+
+
+def test_body_over_the_limit_gets_413(authz: AuthzProcess) -> None:
+    key = authz.key("big-body")
+    response = authz.ask(key.token, **{BODY_LENGTH_HEADER: "1001", "X-Forwarded-Method": "POST"})
+    assert response.status_code == 413 and error_of(response)["code"] == "request_too_large"
+
+
+def test_body_at_the_limit_is_allowed(authz: AuthzProcess) -> None:
+    key = authz.key("limit-body")
+    assert authz.ask(key.token, **{BODY_LENGTH_HEADER: "1000", "X-Forwarded-Method": "POST"}).status_code == 200
+
+
+def test_post_without_a_length_gets_411(authz: AuthzProcess) -> None:
+    key = authz.key("chunked")
+    response = authz.ask(key.token, **{BODY_LENGTH_HEADER: "", "X-Forwarded-Method": "POST"})
+    assert response.status_code == 411
+
+
+def test_an_unauthenticated_huge_body_gets_401_not_413(authz: AuthzProcess) -> None:
+    # Limits are nobody's business but a key holder's.
+    assert authz.ask("nope", **{BODY_LENGTH_HEADER: "99999999", "X-Forwarded-Method": "POST"}).status_code == 401
+
+
+# --- concurrency ----------------------------------------------------------------------------------
+
+
+def test_key_at_its_concurrency_limit_gets_429_until_a_request_finishes(authz: AuthzProcess) -> None:
+    # given a key allowed 2 requests in flight, with 2 in flight
+    key = authz.key("conc-2", max_concurrent=2)
+    assert [authz.ask(key.token, request_id=f"conc-2-{i}").status_code for i in range(2)] == [200, 200]
+    # when a third arrives / then it is refused
+    refused = authz.ask(key.token, request_id="conc-2-third")
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+    # when the access log says one finished / then the next is allowed
+    authz.finish(key.record.id, "conc-2-0")
+    assert authz.ask(key.token, request_id="conc-2-fourth").status_code == 200
+
+
+def test_back_to_back_requests_at_max_concurrent_1_are_never_refused(authz: AuthzProcess) -> None:
+    # given a key with one slot, used by a client that starts each request as soon as the last ends
+    key = authz.key("serial", max_concurrent=1)
+    statuses = []
+    for i in range(30):
+        statuses.append(authz.ask(key.token, request_id=f"serial-{i}").status_code)
+        authz.finish(key.record.id, f"serial-{i}")  # Caddy logs the end; the next request follows at once
+    assert statuses == [200] * 30
+
+
+def test_another_keys_log_entry_with_the_same_request_id_releases_nothing(authz: AuthzProcess) -> None:
+    # given a key with its one slot taken by request "shared-id"
+    key = authz.key("victim", max_concurrent=1)
+    assert authz.ask(key.token, request_id="shared-id-000").status_code == 200
+    # when a request of another key with the same client-chosen id ends
+    authz.finish("aaaaaaaaaaaa", "shared-id-000")
+    time.sleep(0.2)
+    # then the slot is still taken
+    assert authz.ask(key.token, request_id="shared-id-001").status_code == 429
+
+
+def test_slot_is_released_after_the_ttl_when_no_log_entry_comes(own_authz) -> None:  # noqa: ANN001
+    authz = own_authz(inflight_ttl_seconds="1")
+    key = authz.key("lost", max_concurrent=1)
+    assert authz.ask(key.token).status_code == 200
+    assert authz.ask(key.token).status_code == 429
+    wait_for(lambda: authz.ask(key.token).status_code == 200, 3, "the TTL to release the slot")
+
+
+def test_without_a_readable_access_log_concurrency_is_not_enforced(own_authz) -> None:  # noqa: ANN001
+    # given authz whose access log does not exist (nothing could ever give slots back)
+    authz = own_authz(create_access_log=False)
+    key = authz.key("no-log", max_concurrent=1)
+    # when the key sends more requests than its limit / then none is refused, and the log says why
+    assert [authz.ask(key.token).status_code for _ in range(3)] == [200, 200, 200]
+    assert any("concurrency limits are off" in e.get("event", "") for e in authz.log_entries())
+
+
+def test_a_rolled_access_log_is_followed(own_authz) -> None:  # noqa: ANN001
+    # given a key with its one slot taken
+    authz = own_authz()
+    key = authz.key("rolled", max_concurrent=1)
+    assert authz.ask(key.token, request_id="rolled-1").status_code == 200
+    # when Caddy rolls the log (rename, new file) and the request's entry lands in the new file
+    authz.access_log.rename(authz.access_log.with_name("access-rolled.log"))
+    authz.access_log.touch()
+    time.sleep(0.7)  # one store/rotation check interval
+    authz.finish(key.record.id, "rolled-1")
+    # then the slot comes back
+    wait_for(lambda: authz.ask(key.token).status_code == 200, 2, "the slot to be released from the new file")
+
+
+# --- hot reload -----------------------------------------------------------------------------------
+
+
+def test_key_issued_after_start_works_on_its_first_request(authz: AuthzProcess) -> None:
+    key = authz.key("fresh")
+    assert authz.ask(key.token).status_code == 200
+
+
+def test_revoked_key_is_rejected_within_two_seconds(authz: AuthzProcess) -> None:
+    key = authz.key("soon-revoked")
+    assert authz.ask(key.token).status_code == 200
+    revoke_key(authz.key_store, key.record.id)
+    started = time.monotonic()
+    wait_for(lambda: authz.ask(key.token).status_code == 401, 2, "the revocation to take effect")
+    assert time.monotonic() - started < 2
+
+
+def test_corrupt_store_is_refused_counted_and_previous_keys_keep_working(own_authz) -> None:  # noqa: ANN001
+    # given a served key
+    authz = own_authz()
+    key = authz.key("survivor")
+    assert authz.ask(key.token).status_code == 200
+    reloads = authz.metric(metricnames.KEYSTORE_RELOADS)
+    good = read_store(authz.key_store)
+    # when the store is overwritten with something that does not parse
+    authz.key_store.write_text('{"version": 1, "keys": [{"id": "trunc')
+    # then the failure is counted and logged, and the key still works
+    wait_for(lambda: authz.metric(metricnames.KEYSTORE_RELOAD_FAILURES) == 1, 2, "the failure to be counted")
+    assert authz.ask(key.token).status_code == 200
+    assert authz.metric(metricnames.KEYSTORE_RELOADS) == reloads
+    assert any("refused key store" in e.get("event", "") for e in authz.log_entries())
+    # and a good store is taken again
+    write_store(authz.key_store, good)
+    wait_for(lambda: authz.metric(metricnames.KEYSTORE_RELOADS) == reloads + 1, 2, "the good store to be reloaded")
+
+
+# --- metrics and logs -----------------------------------------------------------------------------
+
+
+def test_metrics_export_the_names_the_alert_rules_use(authz: AuthzProcess) -> None:
+    key = authz.key("metered")
+    authz.ask(key.token)
+    text = authz.metrics()
+    for name in (metricnames.AUTHZ_DECISIONS, metricnames.KEYSTORE_RELOADS, metricnames.KEYSTORE_RELOAD_FAILURES):
+        assert f"\n{name} " in text or f"\n{name}{{" in text, name
+    assert f'{metricnames.AUTHZ_DECISIONS}{{key_id="{key.record.id}",outcome="allowed"}} 1.0' in text
+    assert f"{metricnames.AUTHZ_DECISION_SECONDS}_bucket" in text
+    assert f'{metricnames.KEY_AGE_SECONDS}{{key_id="{key.record.id}",name="metered"}}' in text
+    assert f'{metricnames.KEY_LAST_USED}{{key_id="{key.record.id}"}}' in text
+
+
+def test_unknown_key_ids_do_not_become_metric_labels(authz: AuthzProcess) -> None:
+    # Anyone can invent key ids; as labels they would grow the series without bound.
+    invented = "ggk_" + "9" * 12 + "_" + "e" * 64
+    authz.ask(invented)
+    assert "999999999999" not in authz.metrics()
+
+
+def test_one_json_log_line_per_decision_with_request_id_and_no_key(authz: AuthzProcess) -> None:
+    key = authz.key("logged")
+    authz.ask(key.token, request_id="log-line-check-1")
+    authz.ask("ggk_" + "1" * 12 + "_" + "2" * 64, request_id="log-line-check-2")
+    entries = {e["request_id"]: e for e in authz.log_entries() if e.get("request_id", "").startswith("log-line-check")}
+    assert entries["log-line-check-1"]["key_id"] == key.record.id
+    assert entries["log-line-check-1"]["outcome"] == "allowed" and entries["log-line-check-1"]["latency_ms"] >= 0
+    assert entries["log-line-check-2"] == {**entries["log-line-check-2"], "key_id": "-", "outcome": "unknown_key", "status": 401}
+    text = authz.log_file.read_text()
+    assert key.token not in text and key.token.rsplit("_", 1)[1] not in text and "2" * 64 not in text
+
+
+def test_other_paths_are_404(authz: AuthzProcess) -> None:
+    assert httpx.get(f"{authz.url}/v1/models", timeout=5).status_code == 404
+
+
+# --- settings -------------------------------------------------------------------------------------
+
+
+def test_a_misspelt_authz_setting_in_the_env_file_stops_the_service_with_exit_2(tmp_path: Path) -> None:
+    env_file = tmp_path / "gpugate.env"
+    env_file.write_text("GPUGATE_AUTHZ_PROT=18001\nGPUGATE_PROBER_INTERVAL=5\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "gpugate_runtime", "authz", "serve"],
+        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": f"{REPO}:{REPO / 'runtime'}", "GPUGATE_ENV_FILE": str(env_file)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "prot" in result.stderr and "prober" not in result.stderr.lower()
+
+
+def test_access_log_defaults_to_the_log_directory_of_authz_log(tmp_path: Path) -> None:
+    settings = AuthzSettings(log_file=tmp_path / "logs" / "authz.log")
+    assert settings.access_log == tmp_path / "logs" / "access.log"
+
+
+def test_authz_settings_defaults_match_the_spec_defaults() -> None:
+    limits, fields = KeyLimits(), AuthzSettings.model_fields
+    assert fields["default_rpm"].default == limits.rpm
+    assert fields["default_max_concurrent"].default == limits.max_concurrent
+    assert fields["max_body_bytes"].default == limits.max_body_kib * 1024
+    assert fields["port"].default == Ports(PortsSpec().internal_base).authz
+
+
+# --- the limiters on their own --------------------------------------------------------------------
+
+
+def test_token_bucket_allows_a_minutes_burst_then_refills_at_rpm_over_60() -> None:
+    buckets = TokenBuckets()
+    assert [buckets.take("k", 60, 0.0) for _ in range(60)] == [0.0] * 60
+    assert buckets.take("k", 60, 0.0) == pytest.approx(1.0)
+    assert buckets.take("k", 60, 1.0) == 0.0
+
+
+def test_inflight_counts_per_key_and_expires_after_the_ttl() -> None:
+    inflight = Inflight(ttl=10)
+    inflight.acquire("a", "r1", 0.0)
+    inflight.acquire("a", "r1", 1.0)  # the same request id twice: two slots
+    inflight.acquire("b", "r2", 2.0)
+    assert (inflight.count("a"), inflight.count("b")) == (2, 1)
+    assert inflight.release("a", "r1") and not inflight.release("b", "r1")
+    assert inflight.expire(11.5) == 1  # a's second slot (t=1) is past the TTL; a's first was released
+    assert (inflight.count("a"), inflight.count("b"), inflight.total()) == (0, 1, 1)
