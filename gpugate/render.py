@@ -25,6 +25,8 @@ from gpugate_runtime.host import (
 )
 from gpugate_runtime.authz import ACCESS_LOG_IDS_FIELD, BODY_LENGTH_HEADER
 from gpugate_runtime.launchspec import LaunchSpec
+from gpugate_runtime.prober_settings import AlertSinkSettings, ProberSettings
+from gpugate_runtime.settings import AuthzSettings, KeysSettings
 
 from gpugate import __version__
 from gpugate.alerts import rule_groups
@@ -154,16 +156,48 @@ def launch_spec(spec: GatewaySpec, ports: Ports, layout: HostLayout, model_dir: 
     )
 
 
+def public_url(spec: GatewaySpec) -> str:
+    port = "" if spec.ports.https == 443 else f":{spec.ports.https}"
+    return f"https://{spec.domain}{port}"
+
+
 def runtime_settings(spec: GatewaySpec, ports: Ports, layout: HostLayout) -> dict[str, str]:
-    """Environment of the runtime services (no secrets: those are files under layout.secrets)."""
-    return {
-        "GPUGATE_AUTHZ_PORT": str(ports.authz),
-        "GPUGATE_AUTHZ_KEY_STORE": str(layout.key_store),
-        "GPUGATE_AUTHZ_DEFAULT_RPM": str(spec.limits.rpm),
-        "GPUGATE_AUTHZ_DEFAULT_MAX_CONCURRENT": str(spec.limits.max_concurrent),
-        "GPUGATE_AUTHZ_MAX_BODY_BYTES": str(spec.limits.max_body_kib * 1024),
-        "GPUGATE_AUTHZ_LOG_FILE": str(layout.logs / "authz.log"),
-    }
+    """Environment of the runtime services, built with their own settings models so that a
+    name or a value the runtime would refuse cannot be rendered. No secrets: those are files."""
+    local = spec.target is Target.LOCAL
+    services = [
+        AuthzSettings(
+            port=ports.authz,
+            key_store=layout.key_store,
+            log_file=layout.logs / "authz.log",
+            access_log=layout.logs / "access.log",
+            default_rpm=spec.limits.rpm,
+            default_max_concurrent=spec.limits.max_concurrent,
+            max_body_bytes=spec.limits.max_body_kib * 1024,
+        ),
+        KeysSettings(
+            store=layout.key_store,
+            expires_days=spec.limits.expires_days,
+            rotation_overlap_hours=spec.limits.rotation_overlap_hours,
+        ),
+        ProberSettings(
+            port=ports.prober,
+            public_url=public_url(spec),
+            model=spec.model.served_name,
+            vllm_health_url=f"http://127.0.0.1:{ports.vllm}/health",
+            key_file=layout.prober_key_file,
+            ca_file=layout.local_ca_file if local else None,
+            expect_gpu=not local,
+        ),
+        AlertSinkSettings(port=ports.alert_sink, path=layout.alert_log),
+    ]
+    env: dict[str, str] = {}
+    for settings in services:
+        prefix = settings.model_config["env_prefix"]
+        for name, value in settings.model_dump(mode="json").items():
+            if value is not None:
+                env[f"{prefix}{name.upper()}"] = str(value)
+    return env
 
 
 def render_bundle(stack: Stack, layout: HostLayout | None = None, model_dir: Path | None = None) -> Bundle:

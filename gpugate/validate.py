@@ -111,12 +111,17 @@ def check_supervisord(path: Path, root: Path) -> tuple[bool, str]:
 
 
 def check_env_file(path: Path, root: Path) -> tuple[bool, str]:
-    bad = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and not line.startswith("#") and not line.split("=", 1)[0].isidentifier()
-    ]
-    return not bad, f"not KEY=VALUE: {bad[:3]}" if bad else ""
+    """Each runtime service loads its settings from the file exactly as it will on the host."""
+    from gpugate_runtime.prober_settings import AlertSinkSettings, ProberSettings  # noqa: PLC0415
+    from gpugate_runtime.settings import AuthzSettings, KeysSettings, load_settings  # noqa: PLC0415
+
+    problems = []
+    for cls in (AuthzSettings, KeysSettings, ProberSettings, AlertSinkSettings):
+        try:
+            load_settings(cls, path)
+        except ValidationError as err:
+            problems.append(f"{cls.__name__}: {err}")
+    return not problems, "\n".join(problems)
 
 
 # file pattern -> (tool shown in the verdict, checker)
@@ -129,7 +134,7 @@ CHECKS: list[tuple[str, str, Callable[[Path, Path], tuple[bool, str]]]] = [
     ("systemd/*.service", "systemd-analyze verify", check_systemd_unit),
     ("supervisor/supervisord.conf", "supervisord config parser", check_supervisord),
     ("vllm/launch.json", "gpugate-runtime LaunchSpec", check_launch_spec),
-    ("runtime/gpugate.env", "env-file syntax", check_env_file),
+    ("runtime/gpugate.env", "gpugate-runtime settings", check_env_file),
 ]
 
 

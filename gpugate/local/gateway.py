@@ -21,7 +21,7 @@ import httpx
 from gpugate_runtime.host import PORT_OFFSETS, HostLayout, Ports
 from supervisor.xmlrpc import SupervisorTransport
 
-from gpugate.render import MANIFEST, render_bundle, write_bundle, default_layout
+from gpugate.render import MANIFEST, default_layout, public_url, render_bundle, write_bundle
 from gpugate.spec import Target
 from gpugate.stackfile import Stack
 
@@ -94,12 +94,11 @@ class LocalGateway:
 
     @property
     def url(self) -> str:
-        port = "" if self.spec.ports.https == 443 else f":{self.spec.ports.https}"
-        return f"https://{self.spec.domain}{port}"
+        return public_url(self.spec)
 
     @property
     def ca_file(self) -> Path:
-        return self.layout.state / "caddy" / "pki" / "authorities" / "local" / "root.crt"
+        return self.layout.local_ca_file
 
     @property
     def socket_path(self) -> Path:

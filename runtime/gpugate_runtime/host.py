@@ -85,6 +85,16 @@ class HostLayout:
         return self.secrets / "alert_credential"
 
     @property
+    def caddy_storage(self) -> Path:
+        """Caddy's certificates and keys (ACME account, issued certificates, the internal CA)."""
+        return self.state / "caddy"
+
+    @property
+    def local_ca_file(self) -> Path:
+        """Root certificate of Caddy's internal CA (`tls internal`), which clients of a local stack trust."""
+        return self.caddy_storage / "pki" / "authorities" / "local" / "root.crt"
+
+    @property
     def runtime_env(self) -> Path:
         return self.etc / "runtime" / "gpugate.env"
 
