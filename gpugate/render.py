@@ -87,7 +87,8 @@ def local_paths() -> LocalPaths:
 
     cache = default_cache_dir()
     return LocalPaths(
-        runtime_python=sys.executable,
+        # The venv's own `python`, whichever name (python, python3, a console script) started us.
+        runtime_python=str(Path(sys.prefix) / "bin" / "python"),
         vllm_python=str(venv_python(cache / VENV_NAME)),
         model_dir=str(cache / "models" / MODEL_NAME),
     )
