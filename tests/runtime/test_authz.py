@@ -222,8 +222,9 @@ def test_expired_key_gets_401_saying_expired(authz: AuthzProcess) -> None:
 def test_revoked_key_gets_401_saying_revoked(authz: AuthzProcess) -> None:
     key = authz.key("revoked")
     revoke_key(authz.key_store, key.record.id)
-    response = authz.ask(key.token)
-    assert response.status_code == 401 and "revoked" in error_of(response)["message"]
+    # (authz may have loaded the key before the revocation: the change reaches it within a reload)
+    response = wait_for(lambda: (r := authz.ask(key.token)).status_code == 401 and r, 2, "the revocation")
+    assert "revoked" in error_of(response)["message"]
 
 
 def test_key_over_its_rpm_gets_429_with_retry_after(authz: AuthzProcess) -> None:
