@@ -1,0 +1,250 @@
+"""GcpGateway: one GPU VM on Google Cloud with its network, firewall, identity, static IP and DNS record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_gcp as gcp
+
+from gpugate.catalog import GPUS
+from gpugate.render import USER_DATA, Bundle
+from gpugate.spec import GatewaySpec, Target
+from gpugate.stackfile import Stack
+from infra.network import GCP_IAP_RANGE, SUBNET_CIDR, IngressRule, ingress_rules, public_url
+from infra.secrets import host_secrets, secret_user_data
+
+TYPE_TOKEN = "gpugate:gcp:Gateway"
+# Google's Deep Learning VM images: NVIDIA driver (installed on first boot), CUDA, Docker, cloud-init.
+IMAGE_PROJECT = "deeplearning-platform-release"
+IMAGE_FAMILY = "common-cu124-ubuntu-2204-py310"
+BOOT_DISK_TYPE = "pd-balanced"  # encrypted at rest by Google by default (Google-managed keys)
+# The host may write logs and metrics, nothing else: the access scopes match the two IAM roles.
+SERVICE_ACCOUNT_ROLES = ("roles/logging.logWriter", "roles/monitoring.metricWriter")
+SERVICE_ACCOUNT_SCOPES = (
+    "https://www.googleapis.com/auth/logging.write",
+    "https://www.googleapis.com/auth/monitoring.write",
+)
+NETWORK_TIER = "PREMIUM"
+# SSH through IAP (%h is the instance name); OS Login decides who may log in.
+IAP_PROXY_COMMAND = "gcloud compute start-iap-tunnel %h %p --listen-on-stdin --zone {zone} --project {project}"
+# A label value holds at most 63 characters: the label carries a prefix, metadata the full hash.
+BUNDLE_LABEL_CHARS = 16
+
+
+def machine_type(spec: GatewaySpec) -> str:
+    """The catalog's machine type for gpu.type x gpu.count (the spec refuses others; this is the backstop)."""
+    table = GPUS[spec.gpu.type].gcp_machine_types
+    if spec.gpu.count not in table:
+        allowed = ", ".join(f"{n} ({t})" for n, t in sorted(table.items())) or "none"
+        raise ValueError(f"GCP has no machine with {spec.gpu.count} x {spec.gpu.type}; allowed gpu.count: {allowed}")
+    return table[spec.gpu.count]
+
+
+@dataclass(frozen=True)
+class GcpGatewayArgs:
+    """What the GCP gateway is built from: the spec, and the bundle's user-data and hash."""
+
+    spec: GatewaySpec
+    stack: str
+    user_data: bytes  # the bundle's cloud-init document; holds no secret
+    bundle_sha256: str
+    ingress: tuple[IngressRule, ...]  # derived from the spec by from_bundle
+
+    @classmethod
+    def from_bundle(cls, stack: Stack, bundle: Bundle) -> GcpGatewayArgs:
+        if stack.spec.target is not Target.GCP:
+            raise ValueError(f"stack {stack.name} targets {stack.spec.target}, not gcp")
+        return cls(
+            spec=stack.spec,
+            stack=stack.name,
+            user_data=bundle.files[USER_DATA],
+            bundle_sha256=bundle.bundle_sha256,
+            # Without admin networks SSH comes only through Google's IAP proxy range.
+            ingress=ingress_rules(stack.spec, ssh_fallback=(GCP_IAP_RANGE,)),
+        )
+
+
+class GcpGateway(pulumi.ComponentResource):
+    """A GPU VM behind firewall rules that open 80/443 to the world and SSH to admins or IAP only."""
+
+    url: pulumi.Output[str]
+    public_ip: pulumi.Output[str]
+    ssh_host: pulumi.Output[str]
+    ssh_proxy_command: pulumi.Output[str]
+    bundle_sha256: pulumi.Output[str]
+    user_data: pulumi.Output[str]  # secret
+    vllm_api_key: pulumi.Output[str]  # secret
+
+    def __init__(self, name: str, args: GcpGatewayArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__(TYPE_TOKEN, name, None, opts)
+        spec = args.spec
+        assert spec.vm is not None and spec.zone is not None  # the spec requires both for gcp
+        mtype = machine_type(spec)
+        provider = gcp.Provider(
+            f"{name}-gcp",
+            project=spec.project,
+            region=spec.region,
+            zone=spec.zone,
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        child = pulumi.ResourceOptions(parent=self, provider=provider)
+        invoke = pulumi.InvokeOptions(parent=self, provider=provider)
+        host_tag = f"gpugate-{args.stack}"
+        labels = {"gpugate-stack": args.stack, "gpugate-bundle": args.bundle_sha256[:BUNDLE_LABEL_CHARS]}
+
+        network, subnetwork = self._network(name, spec.vm.network, spec.region, child, invoke)
+        for rule in args.ingress:
+            gcp.compute.Firewall(
+                f"{name}-in-{rule.name}",
+                network=network,
+                direction="INGRESS",
+                allows=[gcp.compute.FirewallAllowArgs(protocol=rule.protocol, ports=[str(rule.port)])],
+                source_ranges=list(rule.sources),
+                target_tags=[host_tag],
+                description=rule.description,
+                opts=child,
+            )
+
+        account = gcp.serviceaccount.Account(
+            f"{name}-sa",
+            account_id=host_tag[:30],
+            display_name=f"gpugate {args.stack} host (logs and metrics only)",
+            opts=child,
+        )
+        for role in SERVICE_ACCOUNT_ROLES:
+            gcp.projects.IAMMember(
+                f"{name}-sa-{role.split('/')[-1]}",
+                project=spec.project,
+                role=role,
+                member=account.email.apply(lambda email: f"serviceAccount:{email}"),
+                opts=child,
+            )
+
+        image = gcp.compute.get_image(family=IMAGE_FAMILY, project=IMAGE_PROJECT, opts=invoke)
+        address = gcp.compute.Address(
+            f"{name}-ip",
+            region=spec.region,
+            address_type="EXTERNAL",
+            network_tier=NETWORK_TIER,
+            labels=labels,
+            opts=child,
+        )
+
+        secrets = host_secrets(spec, name, self)
+        self.vllm_api_key = secrets[0].value
+        self.user_data = secret_user_data(args.user_data, secrets)
+
+        spot = spec.vm.spot
+        instance = gcp.compute.Instance(
+            f"{name}-vm",
+            machine_type=mtype,  # g2/a2/a3 machine types come with their GPUs attached
+            zone=spec.zone,
+            boot_disk=gcp.compute.InstanceBootDiskArgs(
+                auto_delete=True,
+                initialize_params=gcp.compute.InstanceBootDiskInitializeParamsArgs(
+                    image=image.self_link,
+                    size=spec.vm.disk_gib,
+                    type=BOOT_DISK_TYPE,
+                ),
+            ),
+            network_interfaces=[
+                gcp.compute.InstanceNetworkInterfaceArgs(
+                    subnetwork=subnetwork,
+                    access_configs=[
+                        gcp.compute.InstanceNetworkInterfaceAccessConfigArgs(
+                            nat_ip=address.address, network_tier=NETWORK_TIER
+                        )
+                    ],
+                )
+            ],
+            scheduling=gcp.compute.InstanceSchedulingArgs(
+                on_host_maintenance="TERMINATE",  # GPU hosts cannot live-migrate
+                automatic_restart=not spot,  # spot VMs must not restart automatically
+                preemptible=spot,
+                provisioning_model="SPOT" if spot else "STANDARD",
+                instance_termination_action="STOP" if spot else None,
+            ),
+            service_account=gcp.compute.InstanceServiceAccountArgs(
+                email=account.email, scopes=list(SERVICE_ACCOUNT_SCOPES)
+            ),
+            shielded_instance_config=gcp.compute.InstanceShieldedInstanceConfigArgs(
+                enable_vtpm=True,
+                enable_integrity_monitoring=True,
+                enable_secure_boot=False,  # the image's NVIDIA driver is built on first boot, unsigned
+            ),
+            metadata={
+                "user-data": self.user_data,
+                "enable-oslogin": "TRUE",
+                "block-project-ssh-keys": "TRUE",
+                "install-nvidia-driver": "True",
+                "gpugate-bundle-sha256": args.bundle_sha256,
+            },
+            labels=labels,
+            tags=[host_tag],
+            allow_stopping_for_update=True,
+            opts=pulumi.ResourceOptions.merge(
+                child,
+                # cloud-init runs once per instance: new user-data means a new host; the static IP
+                # holds one host at a time, so the old one goes first.
+                pulumi.ResourceOptions(
+                    replace_on_changes=["metadata"],
+                    delete_before_replace=True,
+                    # A newer image in the family alone does not replace a running host.
+                    ignore_changes=["bootDisk.initializeParams.image"],
+                ),
+            ),
+        )
+
+        zone = gcp.dns.get_managed_zone(name=spec.dns_zone, opts=invoke)
+        gcp.dns.RecordSet(
+            f"{name}-dns",
+            managed_zone=zone.name,
+            name=f"{spec.domain}.",
+            type="A",
+            ttl=300,
+            rrdatas=[address.address],
+            opts=child,
+        )
+
+        self.url = pulumi.Output.from_input(public_url(spec))
+        self.public_ip = address.address
+        self.bundle_sha256 = pulumi.Output.from_input(args.bundle_sha256)
+        if spec.admin_cidrs:
+            self.ssh_host = address.address
+            self.ssh_proxy_command = pulumi.Output.from_input("")
+        else:
+            self.ssh_host = instance.name
+            self.ssh_proxy_command = pulumi.Output.from_input(
+                IAP_PROXY_COMMAND.format(zone=spec.zone, project=spec.project)
+            )
+        self.register_outputs(
+            {
+                "url": self.url,
+                "public_ip": self.public_ip,
+                "ssh_host": self.ssh_host,
+                "ssh_proxy_command": self.ssh_proxy_command,
+                "bundle_sha256": self.bundle_sha256,
+            }
+        )
+
+    def _network(
+        self,
+        name: str,
+        existing: str | None,
+        region: str,
+        child: pulumi.ResourceOptions,
+        invoke: pulumi.InvokeOptions,
+    ) -> tuple[pulumi.Output[str], pulumi.Output[str]]:
+        """(network, subnetwork) self-links: a dedicated custom-mode network, or the named existing
+        one with its subnetwork of the same name in the region (the auto-mode convention)."""
+        if existing:
+            network = gcp.compute.get_network(name=existing, opts=invoke)
+            subnetwork = gcp.compute.get_subnetwork(name=existing, region=region, opts=invoke)
+            return pulumi.Output.from_input(network.self_link), pulumi.Output.from_input(subnetwork.self_link)
+        # Custom mode: no default subnets and none of the default network's allow-all rules.
+        network = gcp.compute.Network(f"{name}-net", auto_create_subnetworks=False, opts=child)
+        subnetwork = gcp.compute.Subnetwork(
+            f"{name}-subnet", network=network.id, region=region, ip_cidr_range=SUBNET_CIDR, opts=child
+        )
+        return network.self_link, subnetwork.self_link

@@ -1,0 +1,44 @@
+"""The Pulumi program as a function: a stack in, its gateway component and stack outputs out.
+
+`infra/__main__.py` calls it under `pulumi up`; `gpugate plan` and the tests call it under mocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pulumi
+
+from gpugate.render import render_bundle
+from gpugate.spec import Target
+from gpugate.stackfile import Stack
+
+# What `pulumi stack output` shows for a VM target; none of it is secret.
+OUTPUT_NAMES = ("url", "public_ip", "ssh_host", "ssh_proxy_command", "bundle_sha256")
+
+
+class TargetNotProvisioned(Exception):
+    """The stack's target is not provisioned by this program (yet)."""
+
+
+def gateway(stack: Stack) -> pulumi.ComponentResource:
+    """Build the stack's gateway component from its spec and its rendered bundle."""
+    target = stack.spec.target
+    name = f"gpugate-{stack.name}"
+    if target is Target.AWS:
+        from infra.aws import AwsGateway, AwsGatewayArgs  # noqa: PLC0415 - load one cloud's SDK only
+
+        return AwsGateway(name, AwsGatewayArgs.from_bundle(stack, render_bundle(stack)))
+    if target is Target.GCP:
+        from infra.gcp import GcpGateway, GcpGatewayArgs  # noqa: PLC0415
+
+        return GcpGateway(name, GcpGatewayArgs.from_bundle(stack, render_bundle(stack)))
+    if target is Target.KUBERNETES:
+        raise TargetNotProvisioned("kubernetes target: planned in a later release")
+    raise TargetNotProvisioned(
+        f"the {target} target runs on this machine (`gpugate up`); Pulumi provisions nothing for it"
+    )
+
+
+def stack_outputs(component: pulumi.ComponentResource) -> dict[str, Any]:
+    return {name: getattr(component, name) for name in OUTPUT_NAMES}
