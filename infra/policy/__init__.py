@@ -1,0 +1,1 @@
+"""gpugate's policy pack: the rules in rules.py, served by __main__.py."""

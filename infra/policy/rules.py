@@ -1,0 +1,331 @@
+"""The rules that must never break, as pulumi-policy resource validations.
+
+The same policies serve `pulumi up --policy-pack infra/policy` and the offline plan
+(`gpugate plan`), which calls each `validate` on the inputs its mocks recorded. Inputs
+arrive as the engine sends them to an analyzer: camelCase keys, numbers as floats.
+
+Secretness: under `pulumi up` a validation policy receives secret values already
+unwrapped, so it cannot tell a secret user-data from a plain one. The offline plan
+hands the policies pulumi-policy's secrets-preserving proxy instead, through which
+`secret-user-data` can see whether the user-data is a secret (see README.md).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gpugate_runtime.host import VM_LAYOUT
+from pulumi_policy import (
+    EnforcementLevel,
+    ReportViolation,
+    ResourceValidationArgs,
+    ResourceValidationPolicy,
+    Secret,
+)
+from pulumi_policy.secret import secrets_preserving_proxy
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+from gpugate.catalog import GPUS
+
+WEB_PORTS = frozenset({80, 443})
+SSH_PORT = 22
+# SSH may come from networks of at most this many addresses (a /16); wider is the internet
+# in all but name (0.0.0.0/1 + 128.0.0.0/1 is the whole of it).
+MIN_SSH_PREFIX_V4 = 16
+MIN_SSH_PREFIX_V6 = 48
+SECRET_DIR = f"{VM_LAYOUT.secrets}/"
+SECRET_FILE_MODES = frozenset({"0600", "0400", "600", "400"})
+# How the engine marks a value it does not know yet (during a preview).
+UNKNOWN = "04da6b54-80e4-46f7-96ec-b56ff0331ba9"
+
+AWS_INSTANCE = "aws:ec2/instance:Instance"
+AWS_LAUNCH_TEMPLATE = "aws:ec2/launchTemplate:LaunchTemplate"
+AWS_VOLUME = "aws:ebs/volume:Volume"
+AWS_SG = "aws:ec2/securityGroup:SecurityGroup"
+AWS_SG_RULE = "aws:ec2/securityGroupRule:SecurityGroupRule"
+AWS_SG_INGRESS = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
+GCP_FIREWALL = "gcp:compute/firewall:Firewall"
+GCP_INSTANCE = "gcp:compute/instance:Instance"
+
+# What the offline plan passes as props: pulumi-policy's secrets-preserving proxy. The engine
+# passes another proxy whose values come with their secrets already unwrapped.
+SECRETS_VISIBLE = type(secrets_preserving_proxy({}))
+
+AWS_INSTANCE_TYPES = frozenset(t for gpu in GPUS.values() for t in gpu.aws_instance_types.values())
+GCP_MACHINE_TYPES = frozenset(t for gpu in GPUS.values() for t in gpu.gcp_machine_types.values())
+
+
+@dataclass(frozen=True)
+class Ingress:
+    """One inbound permission, normalised across clouds. ports None means every port."""
+
+    protocol: str  # "tcp", "udp", "icmp", "all", ...
+    ports: tuple[int, int] | None
+    sources: tuple[str, ...]
+
+    def covers(self, port: int) -> bool:
+        if self.protocol not in ("tcp", "all", "-1", "6"):
+            return False
+        return self.ports is None or self.ports[0] <= port <= self.ports[1]
+
+    def only_web(self) -> bool:
+        """True when every port it opens is a web port over TCP."""
+        if self.protocol not in ("tcp", "6") or self.ports is None:
+            return False
+        low, high = self.ports
+        return all(port in WEB_PORTS for port in range(low, high + 1))
+
+    def describe(self) -> str:
+        ports = (
+            "all ports"
+            if self.ports is None
+            else (
+                f"port {self.ports[0]}" if self.ports[0] == self.ports[1] else f"ports {self.ports[0]}-{self.ports[1]}"
+            )
+        )
+        return f"{self.protocol} {ports} from {', '.join(self.sources)}"
+
+
+def _known(value: Any) -> bool:
+    return value is not None and value != UNKNOWN
+
+
+def _port_range(protocol: str, low: Any, high: Any) -> tuple[int, int] | None:
+    if protocol in ("-1", "all") or not _known(low) or not _known(high):
+        return None
+    low, high = int(low), int(high)
+    if low <= 0 and high >= 65535 or (low == -1 and high == -1):
+        return None
+    return (max(low, 0), high)
+
+
+def ingresses(resource_type: str, props: Mapping[str, Any]) -> Iterator[Ingress]:
+    """Every inbound permission a resource grants, whatever form its cloud uses."""
+    if resource_type == AWS_SG_INGRESS:
+        protocol = str(props.get("ipProtocol", "")).lower()
+        sources = tuple(s for s in (props.get("cidrIpv4"), props.get("cidrIpv6")) if _known(s))
+        if sources:
+            yield Ingress(protocol, _port_range(protocol, props.get("fromPort"), props.get("toPort")), sources)
+    elif resource_type == AWS_SG_RULE:
+        if props.get("type") == "ingress":
+            yield from _aws_block(props)
+    elif resource_type == AWS_SG:
+        for block in props.get("ingress") or []:
+            yield from _aws_block(block)
+    elif resource_type == GCP_FIREWALL:
+        if str(props.get("direction") or "INGRESS").upper() != "INGRESS" or props.get("disabled"):
+            return
+        sources = tuple(props.get("sourceRanges") or [])
+        if not sources and not props.get("sourceTags") and not props.get("sourceServiceAccounts"):
+            sources = ("0.0.0.0/0",)  # GCP's default source for an ingress rule without one
+        for allow in props.get("allows") or []:
+            protocol = str(allow.get("protocol", "")).lower()
+            ports = allow.get("ports") or []
+            if not ports:
+                yield Ingress(protocol, None, sources)
+            for spec in ports:
+                low, _, high = str(spec).partition("-")
+                yield Ingress(protocol, (int(low), int(high or low)), sources)
+
+
+def _aws_block(block: Mapping[str, Any]) -> Iterator[Ingress]:
+    protocol = str(block.get("protocol", "")).lower()
+    sources = tuple(list(block.get("cidrBlocks") or []) + list(block.get("ipv6CidrBlocks") or []))
+    if sources:
+        yield Ingress(protocol, _port_range(protocol, block.get("fromPort"), block.get("toPort")), sources)
+
+
+def _is_world(cidr: str) -> bool:
+    try:
+        return ipaddress.ip_network(cidr, strict=False).prefixlen == 0
+    except ValueError:
+        return False
+
+
+def _too_wide_for_ssh(cidr: str) -> bool:
+    try:
+        network = ipaddress.ip_network(cidr, strict=False)
+    except ValueError:
+        return True  # not an address range we can bound: treat as open
+    floor = MIN_SSH_PREFIX_V4 if network.version == 4 else MIN_SSH_PREFIX_V6
+    return network.prefixlen < floor
+
+
+# ---- the rules ------------------------------------------------------------------------------
+
+
+def web_only_from_world(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    for rule in ingresses(args.resource_type, args.props):
+        world = [s for s in rule.sources if _is_world(s)]
+        if world and not rule.only_web():
+            report_violation(
+                f"{args.name} opens {rule.describe()}: only TCP 80 and 443 may be open to {', '.join(world)}",
+                None,
+            )
+
+
+def no_world_ssh(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    for rule in ingresses(args.resource_type, args.props):
+        if not rule.covers(SSH_PORT):
+            continue
+        wide = [s for s in rule.sources if _too_wide_for_ssh(s)]
+        if wide:
+            report_violation(
+                f"{args.name} opens SSH to {', '.join(wide)}: SSH may come only from admin networks of "
+                f"/{MIN_SSH_PREFIX_V4} or narrower (set gpugate:admin_cidrs, or none for SSM / IAP)",
+                None,
+            )
+
+
+def encrypted_disks(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    props = args.props
+    if args.resource_type == AWS_INSTANCE:
+        root = props.get("rootBlockDevice") or {}
+        if root.get("encrypted") is not True:
+            report_violation(f"{args.name}: the root volume must set encrypted: true", None)
+        for device in props.get("ebsBlockDevices") or []:
+            if device.get("encrypted") is not True:
+                report_violation(f"{args.name}: EBS volume {device.get('deviceName', '?')} must be encrypted", None)
+    elif args.resource_type == AWS_VOLUME and props.get("encrypted") is not True:
+        report_violation(f"{args.name}: the EBS volume must set encrypted: true", None)
+    # GCP encrypts every persistent disk at rest with Google-managed keys; nothing to set or check.
+
+
+def imdsv2_required(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    if args.resource_type not in (AWS_INSTANCE, AWS_LAUNCH_TEMPLATE):
+        return
+    options = args.props.get("metadataOptions") or {}
+    if options.get("httpEndpoint") == "disabled":
+        return  # no metadata service at all is stricter still
+    if options.get("httpTokens") != "required":
+        report_violation(f'{args.name}: metadataOptions.httpTokens must be "required" (IMDSv2 only)', None)
+    hops = options.get("httpPutResponseHopLimit")
+    if hops is None or int(hops) != 1:
+        report_violation(
+            f"{args.name}: metadataOptions.httpPutResponseHopLimit must be 1 (containers must not reach IMDS), got {hops}",
+            None,
+        )
+
+
+def mapped_gpu_machines(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    if args.resource_type == AWS_INSTANCE:
+        key, allowed, what = "instanceType", AWS_INSTANCE_TYPES, "instance type"
+    elif args.resource_type == GCP_INSTANCE:
+        key, allowed, what = "machineType", GCP_MACHINE_TYPES, "machine type"
+    else:
+        return
+    kind = args.props.get(key)
+    if _known(kind) and kind not in allowed:
+        report_violation(
+            f"{args.name}: {what} {kind} is not one gpugate maps a GPU to; allowed: {', '.join(sorted(allowed))}", None
+        )
+
+
+def user_data_of(resource_type: str, props: Mapping[str, Any]) -> Any:
+    """The cloud-init document an instance boots with (None when it has none)."""
+    if resource_type == AWS_INSTANCE:
+        return props.get("userData")
+    if resource_type == GCP_INSTANCE:
+        return (props.get("metadata") or {}).get("user-data")
+    return None
+
+
+def _raw(value: Any) -> Any:
+    """The value behind pulumi-policy's secrets-preserving proxy (Secret markers intact), or None for plain values."""
+    try:
+        return value["__target"]
+    except (KeyError, TypeError, IndexError):
+        return None
+
+
+def _is_secret(resource_type: str, props: Mapping[str, Any]) -> bool:
+    raw = _raw(props)
+    if resource_type == AWS_INSTANCE:
+        return isinstance(raw.get("userData"), Secret)
+    metadata = raw.get("metadata")
+    if isinstance(metadata, Secret):
+        return True
+    inner = _raw(metadata)
+    return inner is not None and isinstance(inner.get("user-data"), Secret)
+
+
+def secret_user_data(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    text = user_data_of(args.resource_type, args.props)
+    if not isinstance(text, str) or text == UNKNOWN:
+        return
+    try:
+        document = YAML(typ="safe", pure=True).load(text)
+    except YAMLError:
+        report_violation(f"{args.name}: user-data is not a YAML cloud-config document", None)
+        return
+    secret_files = [
+        entry
+        for entry in (document or {}).get("write_files") or []
+        if isinstance(entry, Mapping) and str(entry.get("path", "")).startswith(SECRET_DIR)
+    ]
+    for entry in secret_files:
+        mode = str(entry.get("permissions", ""))
+        if mode not in SECRET_FILE_MODES:
+            shown = mode or "the default"
+            report_violation(f"{args.name}: {entry['path']} must be written with permissions 0600, not {shown}", None)
+        if str(entry.get("owner", "root:root")) != "root:root":
+            report_violation(f"{args.name}: {entry['path']} must be owned by root:root", None)
+    if secret_files and isinstance(args.props, SECRETS_VISIBLE) and not _is_secret(args.resource_type, args.props):
+        report_violation(
+            f"{args.name}: user-data writes {len(secret_files)} secret file(s) but is not a Pulumi secret; "
+            "wrap it in pulumi.Output.secret",
+            None,
+        )
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A named rule: its description and the validate function pulumi-policy and the plan both call."""
+
+    name: str
+    description: str
+    validate: Any  # (ResourceValidationArgs, ReportViolation) -> None
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "web-only-from-world",
+        "Only TCP 80 and 443 may be open to 0.0.0.0/0 or ::/0 (security groups, their rules, GCP firewalls).",
+        web_only_from_world,
+    ),
+    Rule(
+        "no-world-ssh",
+        f"SSH (22) only from admin networks of /{MIN_SSH_PREFIX_V4} or narrower (or IAP), never from the internet.",
+        no_world_ssh,
+    ),
+    Rule("encrypted-disks", "EC2 root and EBS volumes must be encrypted (GCP disks always are).", encrypted_disks),
+    Rule("imdsv2-required", "EC2 instances require IMDSv2 tokens with a hop limit of 1.", imdsv2_required),
+    Rule(
+        "mapped-gpu-machines",
+        "VMs only of the instance / machine types gpugate's catalog maps GPUs to.",
+        mapped_gpu_machines,
+    ),
+    Rule(
+        "secret-user-data",
+        "Secret files in user-data are root-only 0600, and the user-data carrying them is a Pulumi secret "
+        "(the latter is visible to the offline plan only).",
+        secret_user_data,
+    ),
+)
+
+
+def policies() -> list[ResourceValidationPolicy]:
+    """The rules as pulumi-policy policies, every one mandatory."""
+    return [
+        ResourceValidationPolicy(
+            name=rule.name,
+            description=rule.description,
+            validate=rule.validate,
+            enforcement_level=EnforcementLevel.MANDATORY,
+        )
+        for rule in RULES
+    ]
