@@ -1,0 +1,250 @@
+"""The policy pack: every stack passes it, and a deliberately bad variant of each rule is caught.
+
+The bad variants are real recorded resources with one property changed, fed to the pack's own
+validate functions the way `pulumi up --policy-pack` and `gpugate plan` feed them.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
+import grpc
+import pytest
+from google.protobuf import empty_pb2, json_format, struct_pb2
+from pulumi.runtime.proto import analyzer_pb2, analyzer_pb2_grpc
+
+from gpugate.plan import SECRET_SIG_KEY, evaluate_policies, plan_stack
+from gpugate.stackfile import stack_names
+from infra.offline import Recorded, Run
+from infra.policy.rules import RULES
+from tests.conftest import REPO
+from tests.infra.conftest import of_type, one
+
+AWS_INSTANCE = "aws:ec2/instance:Instance"
+AWS_INGRESS = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
+GCP_INSTANCE = "gcp:compute/instance:Instance"
+FIREWALL = "gcp:compute/firewall:Firewall"
+
+
+def changed(resource: Recorded, change: Callable[[dict], None]) -> Recorded:
+    wire = copy.deepcopy(resource.wire)
+    change(wire)
+    return Recorded(type=resource.type, name=resource.name, urn=resource.urn, custom=True, wire=wire)
+
+
+def broken_rules(resource: Recorded) -> dict[str, list[str]]:
+    """policy name -> messages, for the rules the resource breaks."""
+    found: dict[str, list[str]] = {}
+    for verdict in evaluate_policies([resource]):
+        for violation in verdict.violations:
+            found.setdefault(violation.policy, []).append(violation.message)
+    return found
+
+
+def named(run: Run, type_token: str, name_part: str) -> Recorded:
+    return next(r for r in of_type(run, type_token) if name_part in r.name)
+
+
+@pytest.mark.parametrize("stack", stack_names())
+def test_every_stack_in_stacks_passes_the_policy_pack(stack):
+    report = plan_stack(stack)
+    assert report.violations == []
+    if report.planned:  # VM targets: every rule ran over every resource
+        assert {v.policy for v in report.policies} >= {rule.name for rule in RULES}
+        assert all(v.checked > 5 for v in report.policies)
+
+
+# ---- web-only-from-world -------------------------------------------------------------------
+
+
+def test_a_security_group_rule_opening_another_port_to_the_world_is_caught(staging):
+    http = named(staging, AWS_INGRESS, "in-http")
+    assert broken_rules(http) == {}
+    bad = changed(http, lambda w: w.update(fromPort=8000.0, toPort=8000.0))
+    assert list(broken_rules(bad)) == ["web-only-from-world"]
+    assert "tcp port 8000 from 0.0.0.0/0" in broken_rules(bad)["web-only-from-world"][0]
+
+
+def test_an_inline_security_group_ingress_of_all_traffic_from_ipv6_anywhere_is_caught(staging):
+    group = one(staging, "aws:ec2/securityGroup:SecurityGroup")
+    everything = {"protocol": "-1", "fromPort": 0.0, "toPort": 0.0, "ipv6CidrBlocks": ["::/0"]}
+    bad = changed(group, lambda w: w.update(ingress=[everything]))
+    assert "web-only-from-world" in broken_rules(bad)
+
+
+def test_a_gcp_firewall_without_source_ranges_is_open_to_the_world_and_caught(dev):
+    http = named(dev, FIREWALL, "in-http")
+    bad = changed(
+        http, lambda w: (w.pop("sourceRanges"), w.update(allows=[{"protocol": "tcp", "ports": ["80", "8080-8090"]}]))
+    )
+    assert list(broken_rules(bad)) == ["web-only-from-world"]
+
+
+# ---- no-world-ssh ----------------------------------------------------------------------------
+
+
+def test_ssh_from_anywhere_on_aws_is_caught_by_both_ingress_rules(staging):
+    ssh = named(staging, AWS_INGRESS, "in-ssh")
+    assert broken_rules(ssh) == {}
+    bad = changed(ssh, lambda w: w.update(cidrIpv4="0.0.0.0/0"))
+    assert set(broken_rules(bad)) == {"no-world-ssh", "web-only-from-world"}
+
+
+def test_ssh_from_the_world_split_in_two_halves_is_caught(dev):
+    ssh = named(dev, FIREWALL, "in-ssh")
+    assert broken_rules(ssh) == {}  # the IAP range is Google's proxy, not the world
+    bad = changed(ssh, lambda w: w.update(sourceRanges=["0.0.0.0/1", "128.0.0.0/1"]))
+    assert list(broken_rules(bad)) == ["no-world-ssh"]
+    assert "0.0.0.0/1, 128.0.0.0/1" in broken_rules(bad)["no-world-ssh"][0]
+
+
+def test_a_wide_port_range_that_includes_ssh_from_a_huge_network_is_caught(staging):
+    ssh = named(staging, AWS_INGRESS, "in-ssh")
+    bad = changed(ssh, lambda w: w.update(fromPort=0.0, toPort=65535.0, cidrIpv4="10.0.0.0/8"))
+    assert list(broken_rules(bad)) == ["no-world-ssh"]
+
+
+# ---- encrypted-disks, imdsv2-required, mapped-gpu-machines -------------------------------------
+
+
+def test_an_unencrypted_or_default_root_volume_is_caught(staging):
+    vm = one(staging, AWS_INSTANCE)
+    assert "encrypted-disks" not in broken_rules(vm)
+    plain = changed(vm, lambda w: w["rootBlockDevice"].update(encrypted=False))
+    default = changed(vm, lambda w: w.pop("rootBlockDevice"))
+    assert list(broken_rules(plain)) == ["encrypted-disks"]
+    assert list(broken_rules(default)) == ["encrypted-disks"]
+
+
+def test_imdsv1_or_a_hop_limit_containers_can_cross_is_caught(staging):
+    vm = one(staging, AWS_INSTANCE)
+    v1 = changed(vm, lambda w: w["metadataOptions"].update(httpTokens="optional"))
+    hops = changed(vm, lambda w: w["metadataOptions"].update(httpPutResponseHopLimit=2.0))
+    assert list(broken_rules(v1)) == ["imdsv2-required"]
+    assert "hop" in broken_rules(hops)["imdsv2-required"][0].lower()
+
+
+def test_a_vm_type_the_catalog_does_not_map_is_caught_on_both_clouds(staging, dev):
+    aws = changed(one(staging, AWS_INSTANCE), lambda w: w.update(instanceType="p3.2xlarge"))
+    gcp = changed(one(dev, GCP_INSTANCE), lambda w: w.update(machineType="n1-standard-8"))
+    assert list(broken_rules(aws)) == ["mapped-gpu-machines"]
+    assert list(broken_rules(gcp)) == ["mapped-gpu-machines"]
+
+
+# ---- secret-user-data ------------------------------------------------------------------------
+
+
+def _unwrap_secret(value: dict) -> str:
+    assert SECRET_SIG_KEY in value  # the program sent it as a secret
+    return value["value"]
+
+
+def test_user_data_sent_as_plain_text_is_caught_on_both_clouds(staging, dev):
+    aws = changed(one(staging, AWS_INSTANCE), lambda w: w.update(userData=_unwrap_secret(w["userData"])))
+    gcp = changed(
+        one(dev, GCP_INSTANCE),
+        lambda w: w["metadata"].update({"user-data": _unwrap_secret(w["metadata"]["user-data"])}),
+    )
+    assert list(broken_rules(aws)) == ["secret-user-data"]
+    assert list(broken_rules(gcp)) == ["secret-user-data"]
+    assert "not a Pulumi secret" in broken_rules(aws)["secret-user-data"][0]
+
+
+def test_a_secret_file_readable_by_others_is_caught(staging):
+    vm = one(staging, AWS_INSTANCE)
+
+    def loosen(wire: dict) -> None:
+        text = wire["userData"]["value"]
+        wire["userData"]["value"] = text.replace(
+            "  path: /etc/gpugate/secrets/vllm_api_key\n  permissions: '0600'",
+            "  path: /etc/gpugate/secrets/vllm_api_key\n  permissions: '0644'",
+        )
+        assert wire["userData"]["value"] != text
+
+    assert "0644" in broken_rules(changed(vm, loosen))["secret-user-data"][0]
+
+
+# ---- the pack as the engine sees it ------------------------------------------------------------
+
+
+@pytest.fixture
+def analyzer():
+    """The policy pack started the way `pulumi up --policy-pack infra/policy` starts it, and a client."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "runtime")])}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "infra" / "policy" / "__main__.py")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=REPO / "infra" / "policy",
+    )
+    try:
+        port = int(proc.stdout.readline())
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield analyzer_pb2_grpc.AnalyzerStub(channel)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _analyze(stub, resource: Recorded) -> list[str]:
+    request = analyzer_pb2.AnalyzeRequest(
+        type=resource.type,
+        urn=resource.urn,
+        name=resource.name,
+        properties=json_format.ParseDict(resource.wire, struct_pb2.Struct()),
+    )
+    return sorted(d.policyName for d in stub.Analyze(request).diagnostics)
+
+
+def test_the_pack_serves_every_rule_as_mandatory_to_the_engine(analyzer):
+    info = analyzer.GetAnalyzerInfo(empty_pb2.Empty())
+    assert info.name == "gpugate-security"
+    assert sorted(p.name for p in info.policies) == sorted(rule.name for rule in RULES)
+    assert {p.enforcementLevel for p in info.policies} == {analyzer_pb2.MANDATORY}
+
+
+def test_the_engine_gets_the_same_verdicts_as_the_plan_except_for_secretness(analyzer, staging):
+    ssh = named(staging, AWS_INGRESS, "in-ssh")
+    assert _analyze(analyzer, ssh) == []
+    assert _analyze(analyzer, changed(ssh, lambda w: w.update(cidrIpv4="0.0.0.0/0"))) == [
+        "no-world-ssh",
+        "web-only-from-world",
+    ]
+    # Under `pulumi up` a policy gets secrets unwrapped: it cannot see that user-data is plain text.
+    plain = changed(one(staging, AWS_INSTANCE), lambda w: w.update(userData=_unwrap_secret(w["userData"])))
+    assert _analyze(analyzer, plain) == []
+    assert list(broken_rules(plain)) == ["secret-user-data"]  # the offline plan can
+
+
+# ---- secrets-stay-secret (plan only) -----------------------------------------------------------
+
+
+def test_a_secret_copied_into_a_plain_input_or_output_is_traced_by_the_plan():
+    # given a change that copies the vLLM key into a plain tag and a plain stack output
+    import pulumi
+    import pulumi_aws as aws
+
+    from gpugate.plan import plan
+    from gpugate.stackfile import load_stack
+    from infra.program import gateway
+
+    def build(stack):
+        component = gateway(stack)
+        leaked = pulumi.Output.unsecret(component.vllm_api_key)
+        aws.ec2.Tag(
+            "leak", resource_id="i-0example", key="debug", value=leaked, opts=pulumi.ResourceOptions(parent=component)
+        )
+        component.ssh_proxy_command = leaked
+        return component
+
+    # when planned
+    report = plan(load_stack("staging"), build=build)
+    # then both copies are named, and the plan fails
+    leaks = {(v.resource, v.message.split(" ")[0]) for v in report.violations if v.policy == "secrets-stay-secret"}
+    assert leaks == {("leak", "Tag.value"), ("output ssh_proxy_command", "stack")}
+    assert not report.ok
