@@ -133,6 +133,15 @@ def validate(
     raise typer.Exit(EXIT_CHECK_FAILED if any(not v.ok for v in verdicts) else EXIT_OK)
 
 
+def _mount_plan() -> None:
+    from gpugate.plan import plan_command  # noqa: PLC0415
+
+    app.command("plan")(plan_command)
+
+
+_mount_plan()
+
+
 def run() -> None:  # pragma: no cover - console script entry
     sys.exit(app())
 
