@@ -567,6 +567,11 @@ class JsonLines(logging.Formatter):
 
 
 def configure_logging(settings: AuthzSettings) -> None:
+    # One log record per decision: skip what logging would otherwise gather for each (caller's
+    # file and line, thread, process), a third of a decision's cost. See "Optimization" in the
+    # logging HOWTO.
+    logging._srcfile = None  # noqa: SLF001 - the documented switch
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     settings.log_file.parent.mkdir(parents=True, exist_ok=True)
     handler = WatchedFileHandler(settings.log_file)  # reopens after logrotate moves the file
     handler.setFormatter(JsonLines())

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -74,6 +74,14 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
 
 
 # --- the stub vLLM --------------------------------------------------------------------------------
+
+
+class Upstream(Protocol):
+    """What stands in for vLLM on the stack's vLLM port."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 @dataclass
@@ -197,7 +205,7 @@ class Gateway:
     ports: Ports
     https_port: int
     http_port: int
-    upstream: StubUpstream
+    upstream: Any  # StubUpstream unless running_gateway was given another Upstream
     ca_file: Path
     processes: list[subprocess.Popen] = field(default_factory=list)
 
@@ -248,9 +256,9 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def running_gateway(root: Path) -> Iterator[Gateway]:
-    """Render a copy of the local stack with free ports under root, start stub vLLM, authz and Caddy,
-    and stop all of them on exit."""
+def running_gateway(root: Path, upstream_on: Callable[[int], Upstream] = StubUpstream) -> Iterator[Gateway]:
+    """Render a copy of the local stack with free ports under root, start a stand-in for vLLM
+    (`upstream_on(port)`, a StubUpstream by default), authz and Caddy, and stop them all on exit."""
     base, https_port, http_port = free_internal_base(), free_port(), free_port()
 
     def ports(config: dict[str, Any]) -> None:
@@ -263,8 +271,7 @@ def running_gateway(root: Path) -> Iterator[Gateway]:
     for directory in (layout.logs, layout.state, root / "home"):
         directory.mkdir(parents=True, exist_ok=True)
     ports_ = Ports(base)
-    upstream = StubUpstream(ports_.vllm)
-    upstream.start()
+    upstream = upstream_on(ports_.vllm)
     gateway = Gateway(
         root=root,
         layout=layout,
@@ -272,11 +279,12 @@ def running_gateway(root: Path) -> Iterator[Gateway]:
         https_port=https_port,
         http_port=http_port,
         upstream=upstream,
-        ca_file=layout.state / "caddy" / "pki" / "authorities" / "local" / "root.crt",
+        ca_file=layout.local_ca_file,
     )
     home = str(root / "home")
     base_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home, "XDG_CONFIG_HOME": home, "XDG_DATA_HOME": home}
     try:
+        upstream.start()
         authz_env = {
             **base_env,
             "GPUGATE_ENV_FILE": str(layout.runtime_env),
