@@ -30,6 +30,7 @@ def one_run(label: str, cache: Path, root: Path, base: int) -> dict[str, float]:
     def ports(config):
         config["gpugate:ports"].update({"https": base + 443, "http": base + 80, "internal_base": base})
 
+    root.mkdir(parents=True, exist_ok=True)
     stack = edit_stack("local", root / f"Pulumi.bench{base}.yaml", ports)
     env = {**os.environ, "GPUGATE_CACHE_DIR": str(cache), "GPUGATE_STATE_DIR": str(root / "state")}
     gpugate = [sys.executable, "-m", "gpugate"]
