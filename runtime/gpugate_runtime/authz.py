@@ -90,6 +90,17 @@ _NOT_FOUND = _error("Not found.", "invalid_request_error", "not_found")
 
 
 @dataclass(frozen=True, slots=True)
+class Decision:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    key_id: str
+    outcome: Outcome
+    request_id: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class LiveKey:
     """A key as authz serves it: times as epoch seconds, limits resolved against the stack defaults."""
 
@@ -399,10 +410,8 @@ class Authz:
         for key_id, request_id in self.tail.read():
             self.inflight.release(key_id, request_id)
 
-    def decide(
-        self, headers: Iterable[tuple[bytes, bytes]], final: bool = True
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
-        """Status, headers and body of the answer; None (only when not final) for a key at its
+    def decide(self, headers: Iterable[tuple[bytes, bytes]], final: bool = True) -> Decision | None:
+        """The answer to one /authz request; None (only when not final) for a key at its
         concurrency limit, to be decided again after CONCURRENCY_GRACE_SECONDS."""
         started = time.perf_counter()
         auth = request_id = length = method = None
@@ -451,16 +460,25 @@ class Authz:
         if body:
             headers_out.append((b"content-length", str(len(body)).encode()))
 
-        elapsed = time.perf_counter() - started
-        child = self._children.get((key_id, outcome))
+        return Decision(status, headers_out, body, key_id, outcome, rid, time.perf_counter() - started)
+
+    def record(self, decision: Decision) -> None:
+        """Count and log a decision; called once the answer is on its way to Caddy."""
+        child = self._children.get((decision.key_id, decision.outcome))
         if child is None:
-            child = self._children[(key_id, outcome)] = self._decisions.labels(key_id, outcome.value)
+            child = self._decisions.labels(decision.key_id, decision.outcome.value)
+            self._children[(decision.key_id, decision.outcome)] = child
         child.inc()
-        self._latency.observe(elapsed)
+        self._latency.observe(decision.seconds)
         log.info(
-            {"request_id": rid, "key_id": key_id, "outcome": outcome.value, "status": status, "latency_ms": round(elapsed * 1e3, 3)}
+            {
+                "request_id": decision.request_id,
+                "key_id": decision.key_id,
+                "outcome": decision.outcome.value,
+                "status": decision.status,
+                "latency_ms": round(decision.seconds * 1e3, 3),
+            }
         )
-        return status, headers_out, body
 
     def _check(
         self, auth: bytes | None, length: bytes | None, method: bytes | None, rid: str, final: bool
@@ -525,13 +543,18 @@ class Authz:
         if scope["type"] == "http":
             path = scope["path"]
             if path == "/authz":
-                answer = self.decide(scope["headers"], final=False)
-                if answer is None:
+                decision = self.decide(scope["headers"], final=False)
+                if decision is None:
                     await asyncio.sleep(CONCURRENCY_GRACE_SECONDS)
-                    answer = self.decide(scope["headers"])
-                assert answer is not None
-                status, headers, body = answer
-            elif path == "/metrics":
+                    decision = self.decide(scope["headers"])
+                assert decision is not None
+                try:
+                    await send({"type": "http.response.start", "status": decision.status, "headers": decision.headers})
+                    await send({"type": "http.response.body", "body": decision.body})
+                finally:
+                    self.record(decision)
+                return
+            if path == "/metrics":
                 body = generate_latest(self.registry)
                 status, headers = 200, [(b"content-type", CONTENT_TYPE_LATEST.encode())]
                 headers.append((b"content-length", str(len(body)).encode()))
