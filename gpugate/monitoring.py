@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from gpugate_runtime.host import HostLayout, Ports
 
 from gpugate.spec import GatewaySpec
@@ -32,10 +34,11 @@ def prometheus_config(spec: GatewaySpec, ports: Ports, layout: HostLayout) -> di
     }
 
 
-def alertmanager_config(spec: GatewaySpec, ports: Ports, layout: HostLayout) -> dict:
-    """Routes every alert to the stack's channel; credentials are read from a secret file, never inlined."""
+def alertmanager_config(spec: GatewaySpec, ports: Ports, layout: HostLayout, credential: Path | None = None) -> dict:
+    """Routes every alert to the stack's channel; the credential is read from a secret file, never inlined
+    (`credential`: where Alertmanager finds it; default the host's secret file)."""
     channel = spec.alerts.channel
-    secret = str(layout.alert_secret_file)
+    secret = str(credential or layout.alert_secret_file)
     receiver: dict = {"name": "gateway"}
     if channel.kind == "slack":
         receiver["slack_configs"] = [

@@ -20,6 +20,7 @@ from gpugate_runtime.host import (
     KEY_ID_HEADER,
     REQUEST_ID_HEADER,
     VM_LAYOUT,
+    systemd_credential,
     HostLayout,
     Ports,
 )
@@ -151,6 +152,7 @@ def launch_spec(spec: GatewaySpec, ports: Ports, layout: HostLayout, model_dir: 
         enforce_eager=True if local else spec.vllm.enforce_eager,
         cpu_kv_cache_gib=spec.vllm.cpu_kv_cache_gib or (1 if local else None),
         image=spec.vllm.image,
+        model_cache_dir=None if local else layout.state / "hf",
         host="127.0.0.1",
         port=ports.vllm,
         api_key_file=layout.vllm_key_file,
@@ -186,7 +188,10 @@ def runtime_settings(spec: GatewaySpec, ports: Ports, layout: HostLayout) -> dic
             public_url=public_url(spec),
             model=spec.model.served_name,
             vllm_health_url=f"http://127.0.0.1:{ports.vllm}/health",
-            key_file=layout.prober_key_file,
+            # On VMs the prober runs as `gpugate` and gets its key through systemd's LoadCredential=.
+            key_file=systemd_credential("gpugate-prober", "prober_api_key")
+            if spec.target in (Target.AWS, Target.GCP)
+            else layout.prober_key_file,
             ca_file=layout.local_ca_file if local else None,
             expect_gpu=not local,
         ),
@@ -234,7 +239,9 @@ def render_bundle(stack: Stack, layout: HostLayout | None = None, model_dir: Pat
     files["vllm/launch.json"] = dump_json(launch_spec(spec, ports, layout, model_dir).model_dump(mode="json"))
     files["prometheus/prometheus.yml"] = dump_yaml(prometheus_config(spec, ports, layout), header)
     files[f"prometheus/{RULES_FILE}"] = dump_yaml(rule_groups(spec), header)
-    files["alertmanager/alertmanager.yml"] = dump_yaml(alertmanager_config(spec, ports, layout), header)
+    vm = spec.target in (Target.AWS, Target.GCP)
+    credential = systemd_credential("gpugate-alertmanager", "alert_credential") if vm else None
+    files["alertmanager/alertmanager.yml"] = dump_yaml(alertmanager_config(spec, ports, layout, credential), header)
     settings = runtime_settings(spec, ports, layout)
     files["runtime/gpugate.env"] = template("common/gpugate.env.j2", settings=settings)
 

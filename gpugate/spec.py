@@ -177,6 +177,13 @@ class AlertsSpec(Strict):
     runbook_base_url: AnyHttpUrl = Field(description="base URL of runbooks/, each alert links <base>/<alert-slug>.md")
     repeat_interval: str = Field("4h", pattern=r"^[0-9]+[smh]$")
 
+    @property
+    def needs_credential(self) -> bool:
+        """Slack (webhook URL), PagerDuty (routing key), e-mail (SMTP password), webhook with a bearer token."""
+        if self.channel.kind == "webhook":
+            return self.channel.bearer_token
+        return self.channel.kind in ("slack", "pagerduty", "email")
+
 
 class TlsSpec(Strict):
     mode: Literal["acme", "internal"] = Field(description="ACME (public certificate) or Caddy's internal CA (local)")

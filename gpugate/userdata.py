@@ -42,12 +42,25 @@ def user_data_document(bundle: "Bundle", layout: HostLayout) -> dict:
     image = next(
         (line for line in bundle.files["vllm/launch.json"].decode().splitlines() if '"image"' in line), ""
     ).split('"')[-2:-1]
+    venv = "/opt/gpugate/venv"
+    state, logs = str(layout.state), str(layout.logs)
     runcmd: list[list[str] | str] = [
-        ["useradd", "--system", "--home-dir", str(layout.state), "--shell", "/usr/sbin/nologin", "gpugate"],
-        ["install", "-d", "-m", "0750", "-o", "gpugate", "-g", "gpugate", str(layout.state), str(layout.logs)],
+        ["useradd", "--system", "--home-dir", state, "--shell", "/usr/sbin/nologin", "gpugate"],
+        # Caddy writes the access log authz reads; Prometheus' data lives under the state dir.
+        ["usermod", "-aG", "gpugate", "caddy"],
+        ["usermod", "-aG", "gpugate", "prometheus"],
+        ["install", "-d", "-m", "0770", "-o", "root", "-g", "gpugate", state, logs],
+        ["install", "-d", "-m", "0700", "-o", "caddy", "-g", "caddy", str(layout.caddy_storage)],
+        ["install", "-d", "-m", "0700", "-o", "prometheus", "-g", "prometheus", f"{state}/prometheus", f"{state}/alertmanager"],
         ["install", "-d", "-m", "0700", str(layout.secrets)],
-        ["python3", "-m", "venv", "/opt/gpugate/venv"],
-        ["/opt/gpugate/venv/bin/pip", "install", "--no-cache-dir", f"gpugate-runtime=={runtime_version}"],
+        ["python3", "-m", "venv", venv],
+        [f"{venv}/bin/pip", "install", "--no-cache-dir", f"gpugate-runtime[gpu]=={runtime_version}"],
+        # The prober's own client key: created once, as the user authz reads the key store as.
+        (
+            f"test -s {layout.prober_key_file} || (umask 077; runuser -u gpugate -- {venv}/bin/python -m gpugate_runtime"
+            f" keys create prober --store {layout.key_store} --json"
+            f" | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"key\"])' > {layout.prober_key_file})"
+        ),
     ]
     if image:
         runcmd.append(["docker", "pull", image[0]])

@@ -34,11 +34,7 @@ class HostSecret:
 
 
 def needs_alert_credential(spec: GatewaySpec) -> bool:
-    """Slack (webhook URL), PagerDuty (routing key), e-mail (SMTP password) and a webhook with a bearer token."""
-    channel = spec.alerts.channel
-    if channel.kind == "webhook":
-        return channel.bearer_token
-    return channel.kind in ("slack", "pagerduty", "email")
+    return spec.alerts.needs_credential
 
 
 def host_secrets(spec: GatewaySpec, name: str, parent: pulumi.Resource) -> list[HostSecret]:

@@ -108,3 +108,9 @@ class HostLayout:
 
 
 VM_LAYOUT = HostLayout(Path("/"))
+
+
+def systemd_credential(unit: str, name: str) -> Path:
+    """Where systemd's `LoadCredential=name:...` puts a secret for a service that runs as its own user:
+    the secret file stays root-only, and only that unit can read its copy."""
+    return Path("/run/credentials") / f"{unit}.service" / name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -74,9 +75,29 @@ def vllm_args(spec: LaunchSpec) -> list[str]:
     return args
 
 
+CONTAINER_NAME = "gpugate-vllm"
+CONTAINER_CACHE = "/root/.cache/huggingface"
+
+
 def build_argv(spec: LaunchSpec, python: Path) -> list[str]:
-    """The full command line: `<python> -m vllm.entrypoints.openai.api_server <args>`."""
+    """The full command line: `<python> -m vllm.entrypoints.openai.api_server <args>` on the CPU build;
+    on GPU hosts with a pinned image, `docker run` of that image with the same vLLM arguments."""
+    if spec.image:
+        return container_argv(spec)
     return [str(python), "-m", VLLM_MODULE, *vllm_args(spec)]
+
+
+def container_argv(spec: LaunchSpec) -> list[str]:
+    """`docker run` of the pinned vLLM image: host network (vLLM still binds 127.0.0.1 only), all GPUs,
+    the key passed by name so docker copies it from our environment (never on the command line)."""
+    argv = [
+        shutil.which("docker") or "/usr/bin/docker", "run", "--rm", "--name", CONTAINER_NAME,
+        "--gpus", "all", "--network", "host", "--ipc", "host",
+        "-e", VLLM_API_KEY_ENV, "-e", "VLLM_NO_USAGE_STATS",
+    ]  # fmt: skip
+    if spec.model_cache_dir is not None:
+        argv += ["-v", f"{spec.model_cache_dir}:{CONTAINER_CACHE}"]
+    return [*argv, spec.image, *vllm_args(spec)]
 
 
 def read_api_key(path: Path) -> str:
@@ -220,7 +241,9 @@ def run(
     if report is not None and not report.fits:
         typer.echo(f"error: {launch.served_model_name} {report.message}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT)
-    if check:
+    if check and launch.image:
+        log.info("argument check skipped: vLLM runs inside %s and checks its own arguments at start", launch.image)
+    elif check:
         try:
             check_args(argv, interpreter)
         except LaunchError as exc:

@@ -32,6 +32,9 @@ class LaunchSpec(BaseModel):
     enforce_eager: bool = False
     cpu_kv_cache_gib: PositiveInt | None = Field(None, description="VLLM_CPU_KVCACHE_SPACE on the CPU build")
     image: str | None = Field(None, description="vLLM container image pinned by digest (GPU targets)")
+    model_cache_dir: Path | None = Field(
+        None, description="host directory the container keeps downloaded weights in (GPU targets), so a restart does not re-download"
+    )
     host: str = "127.0.0.1"
     port: PositiveInt
     api_key_file: Path = Field(description="file holding vLLM's internal API key")

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from gpugate_runtime import launcher
-from gpugate_runtime.launcher import LaunchError, app, build_argv, build_env, check_args
+from gpugate_runtime.launcher import CONTAINER_CACHE, LaunchError, app, build_argv, build_env, check_args
 from gpugate_runtime.launchspec import LaunchSpec
 from typer.testing import CliRunner
 
@@ -213,3 +213,27 @@ def test_real_vllm_parser_rejects_an_unknown_flag_and_names_it(key_file: Path, v
 
     with pytest.raises(LaunchError, match="--disable-log-requests"):
         check_args(argv, vllm_python)
+
+
+IMAGE = "vllm/vllm-openai@sha256:" + "ab" * 32
+
+
+def test_gpu_host_runs_the_pinned_image_with_the_key_passed_by_name_only(key_file: Path) -> None:
+    # given a GPU launch spec with a pinned image and a model cache on the host
+    spec = gpu_spec(key_file, image=IMAGE, model_cache_dir=Path("/var/lib/gpugate/hf"))
+    env = build_env(spec, base={})
+    # when the launcher builds the command
+    argv = build_argv(spec, VLLM_PYTHON)
+    # then docker runs exactly that digest with all GPUs, the same vLLM flags, and no key on argv
+    assert argv[1:3] == ["run", "--rm"] and IMAGE in argv
+    assert argv[argv.index("--gpus") + 1] == "all"
+    assert "-e" in argv and "VLLM_API_KEY" in argv and env["VLLM_API_KEY"] not in " ".join(argv)
+    assert f"/var/lib/gpugate/hf:{CONTAINER_CACHE}" in argv
+    vllm_part = argv[argv.index(IMAGE) + 1 :]
+    assert flag_value(vllm_part, "--host") == "127.0.0.1"
+    assert flag_value(vllm_part, "--revision") == "a09a35458c702b33eeacc393d103063234e8bc28"
+
+
+def test_cpu_spec_without_image_runs_the_local_interpreter(key_file: Path) -> None:
+    argv = build_argv(cpu_spec(key_file), VLLM_PYTHON)
+    assert argv[0] == str(VLLM_PYTHON) and "docker" not in argv[0]
