@@ -152,6 +152,19 @@ class TokenBuckets:
         return (1.0 - tokens) / rate
 
 
+# Concurrency limits. forward_auth only sees a request start, so authz cannot tell by itself when
+# one ends. Caddy can: it writes the access-log entry as a request finishes (streaming or not,
+# answered, failed upstream or cut by the client), and the Caddyfile puts "<key id> <request id>"
+# in that entry. So an allowed request takes a slot of its key under (key id, request id), and the
+# slot comes back when AccessLogTail reads that entry (every access_log_poll_seconds, and at once
+# when a key is at its limit, since the line can trail a fast client's next request by a moment).
+# What this cannot see: entries lost with a crash or kill of Caddy (a slot then lives until
+# inflight_ttl_seconds), slots of requests in flight across an authz restart (forgotten: the key
+# may briefly exceed its limit), and no slots are taken while the log cannot be read (a limit that
+# nothing can release would lock every key out). tests/e2e/test_gateway_proxy.py proves it with
+# real Caddy.
+
+
 class Inflight:
     """Requests of each key that authz allowed and whose access-log entry has not arrived yet.
 
