@@ -268,8 +268,10 @@ def running_gateway(root: Path, upstream_on: Callable[[int], Upstream] = StubUps
     layout = HostLayout(root / "host")
     bundle = render_bundle(load_stack(stack_file), layout)
     write_bundle(bundle, layout.etc)
+    # What host preparation creates (user-data on VMs): logs, state and Caddy's own 0700 storage.
     for directory in (layout.logs, layout.state, root / "home"):
         directory.mkdir(parents=True, exist_ok=True)
+    layout.caddy_storage.mkdir(mode=0o700, parents=True, exist_ok=True)
     ports_ = Ports(base)
     upstream = upstream_on(ports_.vllm)
     gateway = Gateway(
