@@ -53,6 +53,9 @@ def user_data_document(bundle: "Bundle", layout: HostLayout) -> dict:
         ["install", "-d", "-m", "0700", "-o", "caddy", "-g", "caddy", str(layout.caddy_storage)],
         ["install", "-d", "-m", "0700", "-o", "prometheus", "-g", "prometheus", f"{state}/prometheus", f"{state}/alertmanager"],
         ["install", "-d", "-m", "0700", str(layout.secrets)],
+        # authz (user gpugate) follows Caddy's access log to release concurrency slots; Caddy keeps
+        # an existing file's owner and mode, also when it rolls the log.
+        ["install", "-m", "0640", "-o", "caddy", "-g", "gpugate", "/dev/null", f"{logs}/access.log"],
         ["python3", "-m", "venv", venv],
         [f"{venv}/bin/pip", "install", "--no-cache-dir", f"gpugate-runtime[gpu]=={runtime_version}"],
         # The prober's own client key: created once, as the user authz reads the key store as.

@@ -232,7 +232,7 @@ class LocalGateway:
             )
 
     def _prepare_dirs_and_secrets(self) -> None:
-        for directory in (self.layout.state, self.layout.logs, self.layout.etc):
+        for directory in (self.layout.state, self.layout.logs, self.layout.etc, self.layout.caddy_storage):
             directory.mkdir(parents=True, exist_ok=True)
         self.layout.secrets.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.layout.secrets, 0o700)
