@@ -188,10 +188,10 @@ def check_chat(target: SmokeTarget, model: str) -> SmokeCheck:
                 model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=CHAT_MAX_TOKENS
             )
         seconds = time.monotonic() - started
-        tokens = reply.usage.completion_tokens if reply.usage else 0
-        if not reply.choices or tokens < 1:
-            return False, f"no completion tokens in {seconds:.2f} s"
-        return seconds <= target.latency_slo_s, f"{tokens} tokens in {seconds:.2f} s"
+        if not reply.choices or not reply.choices[0].message.content:
+            return False, f"an empty answer in {seconds:.2f} s"
+        tokens = f"{reply.usage.completion_tokens} tokens" if reply.usage else "an answer"
+        return seconds <= target.latency_slo_s, f"{tokens} in {seconds:.2f} s"
 
     return _timed(CHAT, threshold, body)
 
