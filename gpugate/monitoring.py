@@ -6,6 +6,7 @@ from pathlib import Path
 
 from gpugate_runtime.host import HostLayout, Ports
 
+from gpugate.alerts import inhibit_rules
 from gpugate.spec import GatewaySpec
 
 RULES_FILE = "rules/gpugate.rules.yml"
@@ -17,8 +18,8 @@ def prometheus_config(spec: GatewaySpec, ports: Ports, layout: HostLayout) -> di
 
     return {
         "global": {
-            "scrape_interval": "15s",
-            "evaluation_interval": "15s",
+            "scrape_interval": spec.monitoring.scrape_interval,
+            "evaluation_interval": spec.monitoring.evaluation_interval,
             "external_labels": {"gpugate_stack_domain": spec.domain},
         },
         "rule_files": [str(layout.etc / "prometheus" / RULES_FILE)],
@@ -83,16 +84,10 @@ def alertmanager_config(spec: GatewaySpec, ports: Ports, layout: HostLayout, cre
         "route": {
             "receiver": "gateway",
             "group_by": ["alertname", "severity"],
-            "group_wait": "30s",
-            "group_interval": "5m",
+            "group_wait": spec.monitoring.group_wait,
+            "group_interval": spec.monitoring.group_interval,
             "repeat_interval": spec.alerts.repeat_interval,
         },
-        "inhibit_rules": [
-            # When vLLM or the proxy is down, the symptoms it causes should not page too.
-            {
-                "source_matchers": ['alertname=~"VllmDown|GatewayDown"'],
-                "target_matchers": ['alertname=~"ProberFailing|GatewayHighErrorBudgetBurn|GatewayHighLatency"'],
-            }
-        ],
+        "inhibit_rules": inhibit_rules(),
         "receivers": [receiver],
     }

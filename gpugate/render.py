@@ -253,7 +253,10 @@ def render_bundle(stack: Stack, layout: HostLayout | None = None, model_dir: Pat
         from gpugate.userdata import user_data  # noqa: PLC0415 - VM targets only
 
         files[USER_DATA] = user_data(bundle, layout, header)
-    # kubernetes: the Kubernetes objects are rendered by the Kubernetes target (issue 8).
+    else:  # kubernetes: every object the program creates, one YAML file each (gpugate/kube.py)
+        from gpugate.kube import manifest_files  # noqa: PLC0415 - kubernetes target only
+
+        files.update(manifest_files(stack, layout, files))
 
     files[MANIFEST] = dump_json(
         {

@@ -19,6 +19,10 @@ TLS_CERT_NOT_AFTER = "gpugate_tls_cert_not_after_timestamp_seconds"
 GPU_MEMORY_USED = "gpugate_gpu_memory_used_bytes"  # labels: gpu
 GPU_MEMORY_TOTAL = "gpugate_gpu_memory_total_bytes"  # labels: gpu
 
+# NVIDIA DCGM exporter (Kubernetes target: GPU nodes run it; the prober does not run there). MiB.
+DCGM_FB_USED = "DCGM_FI_DEV_FB_USED"  # labels: gpu, UUID, Hostname, modelName
+DCGM_FB_FREE = "DCGM_FI_DEV_FB_FREE"  # labels: gpu, UUID, Hostname, modelName
+
 # vLLM (0.32, CPU and GPU builds)
 VLLM_RUNNING = "vllm:num_requests_running"
 VLLM_WAITING = "vllm:num_requests_waiting"
@@ -29,4 +33,7 @@ VLLM_TTFT = "vllm:time_to_first_token_seconds"
 
 # Caddy 2.6
 CADDY_REQUEST_DURATION = "caddy_http_request_duration_seconds"  # labels: server, handler, code, method
-CADDY_REQUESTS = "caddy_http_requests_total"
+CADDY_REQUESTS = "caddy_http_requests_total"  # labels: server, handler; every request, errors included
+# Caddy 2.6 counts a request that ends in a handler error (e.g. reverse_proxy cannot reach vLLM: 502)
+# here and NOT in CADDY_REQUEST_DURATION, so a 5xx ratio needs both.
+CADDY_REQUEST_ERRORS = "caddy_http_request_errors_total"  # labels: server, handler

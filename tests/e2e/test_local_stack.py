@@ -2,100 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import edit_stack, run_gpugate
-from tests.e2e.conftest import find_free_port
+from tests.e2e.local_stack import RunningStack, running_local_stack, wait_until
 
 pytestmark = pytest.mark.e2e
-
-UP_TIMEOUT_S = 900
-
-
-@dataclass
-class RunningStack:
-    stack_file: Path
-    env: dict[str, str]
-    url: str
-    ca_file: Path
-    key: str
-    model: str
-    ports: dict[str, int]
-    state: Path
-
-    def gpugate(self, *args: str, timeout: float = UP_TIMEOUT_S):
-        return run_gpugate(*args, "--stack", str(self.stack_file), env=self.env, timeout=timeout)
-
-    def client(self, key: str | None = None) -> openai.OpenAI:
-        return openai.OpenAI(
-            base_url=f"{self.url}/v1", api_key=key or self.key, max_retries=0, timeout=60,
-            http_client=httpx.Client(verify=str(self.ca_file)),
-        )
-
-    def status(self) -> dict:
-        return json.loads(self.gpugate("status", "--json", timeout=60).stdout)
-
-    def pid_of(self, service: str) -> int:
-        return next(s["pid"] for s in self.status()["services"] if s["name"] == service)
-
-    def vllm_metric(self, name: str) -> float:
-        text = httpx.get(f"http://127.0.0.1:{self.ports['vllm']}/metrics", timeout=5).text
-        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " ")]
-        return sum(values)
-
-    def prometheus(self, query: str) -> list[dict]:
-        response = httpx.get(f"http://127.0.0.1:{self.ports['prometheus']}/api/v1/query", params={"query": query}, timeout=10)
-        return response.json()["data"]["result"]
-
-
-def _wait(predicate, timeout: float, interval: float = 0.5, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, vllm_python, smollm_dir) -> Iterator[RunningStack]:
-    """A copy of the local stack on free ports with its own state dir, brought up by `gpugate up`."""
-    root = tmp_path_factory.mktemp("local-stack")
-    https, http = find_free_port(), find_free_port()
-    base = 23000 + (os.getpid() % 200) * 10
-
-    def ports(config):
-        config["gpugate:ports"]["https"] = https
-        config["gpugate:ports"]["http"] = http
-        config["gpugate:ports"]["internal_base"] = base
-
-    stack_file = edit_stack("local", root / "Pulumi.e2e.yaml", ports)
-    env = {**os.environ, "GPUGATE_STATE_DIR": str(root / "state")}
-    result = run_gpugate("up", "--stack", str(stack_file), env=env, timeout=UP_TIMEOUT_S)
-    assert result.returncode == 0, result.stdout + result.stderr
-    key = re.search(r"\b(ggk_[A-Za-z0-9_-]+)", result.stdout).group(1)
-    ca_file = Path(re.search(r"CA file\s+(\S+)", result.stdout).group(1))
-    running = RunningStack(
-        stack_file=stack_file, env=env, url=f"https://localhost:{https}", ca_file=ca_file, key=key,
-        model="smollm2-135m-instruct", state=root / "state" / "e2e",
-        ports={"vllm": base, "authz": base + 1, "prober": base + 2, "prometheus": base + 3, "alertmanager": base + 4},
-    )
-    running.up_output = result.stdout  # type: ignore[attr-defined]
-    try:
+    with running_local_stack(tmp_path_factory.mktemp("local-stack")) as running:
         yield running
-    finally:
-        run_gpugate("down", "--stack", str(stack_file), env=env, timeout=120)
 
 
 def test_up_prints_endpoint_ca_key_and_examples(stack):
@@ -126,7 +51,7 @@ def test_requests_without_a_valid_key_are_refused_and_never_reach_vllm(stack):
     for key in ("not-a-key", "ggk_00000000_" + "x" * 43):
         with pytest.raises(openai.AuthenticationError):
             stack.client(key).models.list()
-    no_auth = httpx.get(f"{stack.url}/v1/models", verify=str(stack.ca_file), timeout=10)
+    no_auth = httpx.get(f"{stack.url}/v1/models", verify=stack.tls(), timeout=10)
     assert no_auth.status_code == 401
     assert stack.vllm_metric("vllm:request_success_total") == before
 
@@ -142,7 +67,7 @@ def test_stream_closed_by_the_client_is_aborted_in_vllm_within_5_s(stack):
             break
     assert stack.vllm_metric("vllm:num_requests_running") >= 1
     stream.close()
-    _wait(lambda: stack.vllm_metric("vllm:num_requests_running") == 0, 5, 0.2, "vLLM to abort the closed stream")
+    wait_until(lambda: stack.vllm_metric("vllm:num_requests_running") == 0, 5, 0.2, "vLLM to abort the closed stream")
 
 
 def test_second_up_with_nothing_changed_is_a_fast_no_op(stack):
@@ -171,9 +96,9 @@ def test_killed_vllm_is_restarted_and_the_outage_is_seen(stack):
     old = stack.pid_of("vllm")
     os.kill(old, signal.SIGKILL)
     # the prober goes red ...
-    _wait(lambda: any(c["check"] == "vllm_health" and c["ok"] is False for c in stack.status()["checks"]), 60, 1, "prober red")
+    wait_until(lambda: any(c["check"] == "vllm_health" and c["ok"] is False for c in stack.status()["checks"]), 60, 1, "prober red")
     # ... the supervisor restarts vLLM and the prober goes green again
-    _wait(lambda: stack.status()["healthy"], 300, 2, "stack healthy again")
+    wait_until(lambda: stack.status()["healthy"], 300, 2, "stack healthy again")
     assert stack.pid_of("vllm") != old
     # and Prometheus recorded the outage
     outage = stack.prometheus('min_over_time(gpugate_probe_success{check="vllm_health"}[10m])')

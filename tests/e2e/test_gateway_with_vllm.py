@@ -1,0 +1,173 @@
+"""Keys at the gateway in front of REAL vLLM: refusals never reach it, limits, rotation under load, revocation, privacy."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from gpugate_runtime.keys import create_key, utcnow
+
+from tests.e2e.local_stack import running_local_stack, wait_until
+
+pytestmark = pytest.mark.e2e
+
+CANARY = "zebra-canary-5f1c2e9a-never-logged"
+ROTATION_CLIENTS = 16
+ROTATION_SECONDS = 8
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, vllm_python, smollm_dir):
+    with running_local_stack(tmp_path_factory.mktemp("gateway-vllm")) as running:
+        yield running
+
+
+def _chat(client: openai.OpenAI, model: str, text: str = "Hi", max_tokens: int = 1):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}], max_tokens=max_tokens)
+
+
+def _vllm_requests(stack) -> float:
+    """Requests vLLM has finished or is working on: must not move for a refused request."""
+    return stack.vllm_metric("vllm:request_success_total") + stack.vllm_metric("vllm:num_requests_running")
+
+
+def test_refused_keys_get_401_and_vllm_never_sees_the_request(stack):
+    # given a revoked key, an expired key, an unknown key and a malformed one
+    revoked = stack.keys("create", "to-revoke")
+    stack.keys("revoke", revoked["id"])
+    expired = create_key(stack.key_store, "expired", expires=timedelta(hours=1), now=utcnow() - timedelta(hours=2))
+    unknown = "ggk_0123456789ab_" + "0" * 64
+    time.sleep(1.5)  # authz re-reads the store within its reload interval
+    before = _vllm_requests(stack)
+    # when each calls the API through the gateway
+    for key in (revoked["key"], expired.token, unknown, "sk-malformed"):
+        with pytest.raises(openai.AuthenticationError) as refused:
+            _chat(stack.client(key), stack.model)
+        # then the answer is an OpenAI-style 401 ...
+        assert refused.value.status_code == 401
+        assert refused.value.body["code"] == "invalid_api_key"
+    missing = httpx.post(f"{stack.url}/v1/chat/completions", json={"model": stack.model, "messages": []},
+                         verify=stack.tls(), timeout=10)
+    assert missing.status_code == 401
+    # ... and vLLM's counters did not move
+    assert _vllm_requests(stack) == before
+
+
+def test_key_over_its_rate_limit_gets_429_with_retry_after(stack):
+    limited = stack.keys("create", "slow-client", "--rpm", "2")
+    time.sleep(1.5)
+    client = stack.client(limited["key"])
+    _chat(client, stack.model)
+    _chat(client, stack.model)
+    with pytest.raises(openai.RateLimitError) as limited_error:
+        _chat(client, stack.model)
+    assert int(limited_error.value.response.headers["Retry-After"]) >= 1
+
+
+def test_rotation_while_16_clients_keep_sending_fails_no_request(stack):
+    # given a key in use by 16 clients at once
+    old = stack.keys("create", "busy-team", "--max-concurrent", "64", "--rpm", "100000")
+    time.sleep(1.5)
+    keys = {"old": old["key"]}
+    results: Counter = Counter()
+    errors: list[str] = []
+    lock = threading.Lock()
+    stop = time.monotonic() + ROTATION_SECONDS
+
+    def client_loop(index: int) -> None:
+        sent = 0
+        while time.monotonic() < stop and sent < 400:
+            which = "new" if ("new" in keys and index % 2) else "old"
+            try:
+                stack.client(keys[which]).models.list()
+                with lock:
+                    results[which] += 1
+            except openai.APIError as err:
+                with lock:
+                    errors.append(f"{which}: {err}")
+            sent += 1
+
+    with concurrent.futures.ThreadPoolExecutor(ROTATION_CLIENTS) as pool:
+        futures = [pool.submit(client_loop, i) for i in range(ROTATION_CLIENTS)]
+        time.sleep(ROTATION_SECONDS / 3)
+        # when the key is rotated mid-traffic, half the clients switching to the new key
+        rotated = stack.keys("rotate", "busy-team", "--overlap", "1h")
+        keys["new"] = rotated["key"]
+        for future in futures:
+            future.result(timeout=ROTATION_SECONDS + 60)
+    # then not a single request failed, and both keys carried traffic
+    assert errors == []
+    assert results["old"] > 0 and results["new"] > 0
+
+
+def test_revoked_key_is_rejected_within_two_seconds(stack):
+    key = stack.keys("create", "leaky")
+    time.sleep(1.5)
+    client = stack.client(key["key"])
+    client.models.list()
+    stack.keys("revoke", key["id"])
+    revoked_at = time.monotonic()
+
+    def refused() -> bool:
+        try:
+            client.models.list()
+            return False
+        except openai.AuthenticationError:
+            return True
+
+    wait_until(refused, 2, 0.1, "the revoked key to be refused")
+    assert time.monotonic() - revoked_at <= 2
+
+
+def test_corrupt_key_store_keeps_the_previous_keys_serving(stack):
+    good = stack.keys("create", "survivor")
+    time.sleep(1.5)
+    stack.client(good["key"]).models.list()
+    saved = stack.key_store.read_bytes()
+    failures_before = _authz_metric(stack, "gpugate_keystore_reload_failures_total")
+    try:
+        stack.key_store.write_text('{"keys": [ this is not json')
+        wait_until(lambda: _authz_metric(stack, "gpugate_keystore_reload_failures_total") > failures_before, 10, 0.2,
+                   "authz to notice the bad store")
+        # the keys it had keep working
+        assert _chat(stack.client(good["key"]), stack.model).choices
+    finally:
+        stack.key_store.write_bytes(saved)
+
+
+def _authz_metric(stack, name: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{stack.ports['authz']}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_prompt_and_completion_text_appear_in_no_log_metric_or_state_file(stack):
+    # given prompts carrying a canary, plain and streamed, and a refused one
+    client = stack.client()
+    reply = _chat(client, stack.model, f"Repeat exactly: {CANARY}", max_tokens=24)
+    for _ in client.chat.completions.create(
+        model=stack.model, messages=[{"role": "user", "content": f"Say {CANARY}"}], max_tokens=8, stream=True
+    ):
+        pass
+    with pytest.raises(openai.AuthenticationError):
+        _chat(stack.client("ggk_0123456789ab_" + "1" * 64), stack.model, CANARY)
+    completion_words = [w for w in (reply.choices[0].message.content or "").split() if len(w) > 12 and w != CANARY]
+    time.sleep(2)  # let every service flush its logs
+    # then neither the canary nor the client's key is in any file under the stack's state, logs or config ...
+    needles = [CANARY.encode(), stack.key.encode(), *[w.encode() for w in completion_words]]
+    hits = []
+    for path in Path(stack.state).rglob("*"):
+        if path.is_file() and path.stat().st_size < 512 * 1024 * 1024:
+            data = path.read_bytes()
+            hits += [f"{path}: {n[:20]!r}" for n in needles if n in data]
+    assert hits == []
+    # ... nor in any service's metrics
+    for name in ("vllm", "authz", "prober", "caddy_metrics"):
+        text = httpx.get(f"http://127.0.0.1:{stack.ports[name]}/metrics", timeout=5).text
+        assert CANARY not in text and stack.key not in text, name
