@@ -249,12 +249,71 @@ class ReplicaSpec(Strict):
         return self
 
 
+class KubeImages(Strict):
+    """Container images of the Kubernetes target besides vLLM's, each pinned by digest."""
+
+    caddy: str = Field(pattern=DIGEST_PATTERN, description="Caddy 2.6+ (the public entry), e.g. caddy:2.6.2 pinned by digest")
+    runtime: str = Field(
+        pattern=DIGEST_PATTERN, description="image with gpugate-runtime installed (authz, prober), pinned by digest"
+    )
+    dcgm_exporter: str = Field(pattern=DIGEST_PATTERN, description="NVIDIA DCGM exporter (GPU metrics), pinned by digest")
+    device_plugin: str | None = Field(
+        None,
+        pattern=DIGEST_PATTERN,
+        description="NVIDIA device plugin, pinned by digest; required on EKS (GKE installs its own)",
+    )
+
+
+class KubeAutoscaling(Strict):
+    """How the vLLM replicas follow load: KEDA scales on vLLM's queue depth per replica."""
+
+    waiting_per_replica: int = Field(
+        2, ge=1, le=1000, description="vLLM requests waiting (queued) per replica that the autoscaler aims for"
+    )
+    scale_down_stabilization_seconds: int = Field(
+        600, ge=0, le=3600, description="how long the queue must stay low before a replica is removed"
+    )
+    drain_seconds: int = Field(
+        300, ge=30, le=3600, description="how long a replica being removed may finish its in-flight streams"
+    )
+
+
 class KubernetesSpec(Strict):
     provider: Literal["gke", "eks", "existing"]
     version: str = Field(pattern=r"^1\.[0-9]{2}$", description="Kubernetes minor version, e.g. 1.30")
     namespace: str = Field("gpugate", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-    replicas: ReplicaSpec = Field(description="vLLM replicas (one GPU node each); prod runs at least 2")
+    replicas: ReplicaSpec = Field(
+        description="vLLM replicas, one GPU node each: the GPU node pool scales between the same bounds"
+    )
     cluster_name: str | None = Field(None, description="name of the cluster to create, or of the existing one")
+    images: KubeImages
+    proxy_replicas: int = Field(2, ge=1, le=50, description="Caddy + authz + prober pods (the public entry)")
+    autoscaling: KubeAutoscaling = KubeAutoscaling()
+    cert_storage_class: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$",
+        description="ReadWriteMany storage class the proxy replicas share Caddy's ACME certificates on; "
+        "default standard-rwx (Filestore) on GKE, efs-sc (EFS, created by the program) on EKS; required for existing",
+    )
+    cert_storage_gib: int = Field(
+        1024, ge=1, le=65536, description="size of the certificate volume (Filestore's smallest is 1024; EFS ignores it)"
+    )
+    install_addons: bool = Field(
+        True, description="install KEDA and kube-prometheus-stack with Helm; false when the cluster already runs them"
+    )
+    prometheus_release: str = Field(
+        "kube-prometheus-stack",
+        pattern=r"^[a-z0-9]([-a-z0-9]{0,51}[a-z0-9])?$",
+        description="`release` label kube-prometheus-stack selects ServiceMonitors and PrometheusRules by",
+    )
+
+    @model_validator(mode="after")
+    def _provider_needs(self) -> Self:
+        if self.provider == "eks" and self.images.device_plugin is None:
+            raise ValueError("images.device_plugin: EKS needs the NVIDIA device plugin image pinned by digest")
+        if self.provider == "existing" and self.cert_storage_class is None:
+            raise ValueError("cert_storage_class: an existing cluster needs a ReadWriteMany storage class for certificates")
+        return self
 
 
 class GatewaySpec(Strict):
