@@ -295,7 +295,8 @@ def test_without_apply_nothing_is_written_but_the_pin_and_bundle_diff_are_shown(
     assert repo.prod.read_bytes() == repo.prod_original and not repo.log.exists()
     assert "dry run" in result.output
     assert "gpugate:vllm.image" in result.output  # the pins table
-    assert "bundle diff (1 files):" in result.output
+    # vllm/launch.json, and on the Kubernetes target the vLLM Deployment that carries the same pins
+    assert "bundle diff (2 files):" in result.output
     assert f'+  "revision": "{NEW_REVISION}",' in result.output
 
 
