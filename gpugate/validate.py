@@ -24,7 +24,6 @@ from gpugate_runtime.launchspec import LaunchSpec
 from pydantic import ValidationError
 
 from gpugate.kube import check_manifest as check_kubernetes
-from gpugate.kube import check_manifest as check_kubernetes
 from gpugate.render import MANIFEST, Bundle, render_bundle, write_bundle
 from gpugate.stackfile import Stack
 
@@ -137,7 +136,6 @@ CHECKS: list[tuple[str, str, Callable[[Path, Path], tuple[bool, str]]]] = [
     ("supervisor/supervisord.conf", "supervisord config parser", check_supervisord),
     ("vllm/launch.json", "gpugate-runtime LaunchSpec", check_launch_spec),
     ("runtime/gpugate.env", "gpugate-runtime settings", check_env_file),
-    ("kubernetes/*.yaml", "kubernetes-validate + CRD models", check_kubernetes),
     ("kubernetes/*.yaml", "kubernetes-validate + CRD models", check_kubernetes),
 ]
 
