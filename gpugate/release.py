@@ -9,7 +9,7 @@ import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from gpugate_runtime import __version__ as runtime_version
 from pydantic import BaseModel, ConfigDict, Field
@@ -207,7 +207,3 @@ def current_promotion(entries: list[LogEntry], stack: str) -> LogEntry | None:
 
 def now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
-
-
-def dump_record(data: Any) -> str:
-    return json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"

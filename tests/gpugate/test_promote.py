@@ -115,7 +115,7 @@ def staging_monitoring(tmp_path_factory) -> Iterator[dict[str, Monitoring]]:
                 )
             )
             rules = (
-                "groups:\n- name: staging\n  rules:\n  - alert: GatewayVllmDown\n    expr: vector(1)\n"
+                "groups:\n- name: staging\n  rules:\n  - alert: VllmDown\n    expr: vector(1)\n"
                 "    labels: {severity: page}\n    annotations: {summary: vLLM is down}\n"
                 if name == "troubled"
                 else "groups: []\n"
@@ -324,13 +324,13 @@ def test_a_smoke_record_of_an_older_release_does_not_count(repo, staging_monitor
 
 
 def test_a_firing_alert_on_staging_blocks_with_its_name(repo, staging_monitoring):
-    # given staging's Prometheus fires GatewayVllmDown into its Alertmanager
+    # given staging's Prometheus fires VllmDown into its Alertmanager
     result = promote(repo, staging_monitoring["troubled"], "--apply")
     # then the alerts gate names the alert, what it needs, and the runbook to follow
     assert result.exit_code == 1
     line = next(line for line in result.output.splitlines() if line.startswith("BLOCKED by staging-alerts-soak"))
-    assert "GatewayVllmDown (severity page) fired in the window" in line
-    assert "GatewayVllmDown active in Alertmanager since" in line
+    assert "VllmDown (severity page) fired in the window" in line
+    assert "VllmDown active in Alertmanager since" in line
     assert f"(needs: no alert firing in the last {SOAK}, none active in Alertmanager)" in line
     assert repo.prod.read_bytes() == repo.prod_original
 
