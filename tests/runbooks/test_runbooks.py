@@ -27,6 +27,7 @@ PROCEDURES = (
     "renew-tls",
     "incident-response",
 )
+ON_CALL = REPO_ROOT / "docs" / "on-call.md"
 HELP_TIMEOUT_S = 60
 # Wide enough that typer's help never folds or cuts an option name.
 WIDE = {**os.environ, "COLUMNS": "200", "TERMINAL_WIDTH": "200", "NO_COLOR": "1"}
@@ -81,9 +82,10 @@ def project_commands(line: str) -> list[list[str]]:
 
 
 def all_commands() -> dict[tuple[str, ...], set[str]]:
-    """Command path (the words before its first option) -> the long options it is used with, over every runbook."""
+    """Command path (the words before its first option) -> the long options it is used with, over every
+    runbook and the on-call checklist."""
     found: dict[tuple[str, ...], set[str]] = {}
-    for path in sorted(RUNBOOKS_DIR.glob("*.md")):
+    for path in [*sorted(RUNBOOKS_DIR.glob("*.md")), ON_CALL]:
         for line in code_lines(path.read_text()):
             for tokens in project_commands(line):
                 words = []
@@ -144,6 +146,15 @@ def test_incident_response_states_the_no_content_logs_policy_and_how_to_find_a_r
     text = (RUNBOOKS_DIR / "incident-response.md").read_text()
     assert "**What we can see**" in text and "**What we cannot see, by design:**" in text
     assert "X-Request-Id" in text and "grep REQUEST_ID" in text
+
+
+@pytest.mark.parametrize("stack", stack_names())
+def test_the_on_call_checklist_names_each_stacks_alert_channel(stack):
+    channel = load_stack(stack).spec.alerts.channel
+    row = next((line for line in ON_CALL.read_text().splitlines() if line.startswith(f"| `{stack}` |")), "")
+    assert f"`{channel.kind}`" in row, f"docs/on-call.md has no row for {stack} naming its {channel.kind} channel"
+    if channel.kind == "slack":
+        assert channel.channel in row
 
 
 def test_runbooks_name_project_commands_at_all():
