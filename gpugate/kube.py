@@ -296,14 +296,15 @@ def _exec_http_probe(url: str) -> list[str]:
     return ["python", "-c", f"import urllib.request; urllib.request.urlopen({url!r}, timeout=3)"]
 
 
-def _drain_script(port: int, drain_seconds: int) -> str:
-    """vLLM's preStop: wait until its endpoint is gone everywhere, then until it runs and queues
-    nothing (or the drain budget is spent), so SIGTERM never cuts a stream."""
+def drain_script(port: int, drain_seconds: int, settle_seconds: int = ENDPOINT_PROPAGATION_SECONDS) -> str:
+    """vLLM's preStop (Python, run by the image's python3): wait until its endpoint is gone
+    everywhere, then until it runs and queues nothing (or the drain budget is spent), so the
+    SIGTERM that follows never cuts a stream."""
     busy = (m.VLLM_RUNNING, m.VLLM_WAITING)
     return (
         "import time, urllib.request\n"
-        f"time.sleep({ENDPOINT_PROPAGATION_SECONDS})\n"
-        f"deadline = time.monotonic() + {drain_seconds - ENDPOINT_PROPAGATION_SECONDS}\n"
+        f"time.sleep({settle_seconds})\n"
+        f"deadline = time.monotonic() + {drain_seconds - settle_seconds}\n"
         "while time.monotonic() < deadline:\n"
         "    try:\n"
         f"        text = urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=3).read().decode()\n"
@@ -495,7 +496,7 @@ def _vllm_deployment(b: Build) -> dict[str, Any]:
         },
         "readinessProbe": {"httpGet": health, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3},
         "livenessProbe": {"httpGet": health, "periodSeconds": 15, "timeoutSeconds": 5, "failureThreshold": 4},
-        "lifecycle": {"preStop": {"exec": {"command": ["python3", "-c", _drain_script(ports.vllm, drain)]}}},
+        "lifecycle": {"preStop": {"exec": {"command": ["python3", "-c", drain_script(ports.vllm, drain)]}}},
         "securityContext": {**_restricted(), "runAsUser": 1000, "runAsGroup": 1000},
         "volumeMounts": [
             {"name": "model-cache", "mountPath": "/models"},

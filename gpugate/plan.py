@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from gpugate_runtime.capacity import CapacityReport, CpuBudget, GpuBudget, ModelArch, plan_capacity
 from gpugate_runtime.host import VM_LAYOUT, Ports
-from pydantic import BaseModel, ConfigDict, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
@@ -71,6 +71,26 @@ class ResourceRow(BaseModel):
     properties: dict[str, str]
 
 
+class ScalingReport(BaseModel):
+    """How far one Kubernetes stack scales: per vLLM replica (from the KV-cache plan), and at the
+    autoscaler's bounds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    replicas_min: int
+    replicas_max: int
+    gpu_nodes_max: int
+    kv_tokens_per_replica: int
+    max_num_seqs: int = Field(description="sequences one replica batches at once at most (vLLM --max-num-seqs)")
+    full_length_sequences_per_replica: float = Field(description="max_model_len requests one replica's KV cache holds")
+    tokens_per_sequence_at_max_num_seqs: int = Field(description="KV tokens each sequence may hold when max_num_seqs run")
+    queue_target_per_replica: int
+    kv_tokens_at_min: int
+    kv_tokens_at_max: int
+    sequences_at_min: int
+    sequences_at_max: int
+
+
 class PlanReport(BaseModel):
     """What `pulumi up` would create for a stack, and whether it may."""
 
@@ -83,7 +103,9 @@ class PlanReport(BaseModel):
     resources: list[ResourceRow] = []
     policies: list[Verdict] = []
     capacity: CapacityReport | None = None
+    scaling: ScalingReport | None = None
     cost: CostEstimate | None = None
+    cost_at_max: CostEstimate | None = Field(None, description="Kubernetes: the month at replicas.max (cost is at replicas.min)")
     user_data_bytes: int | None = None
     user_data_limit_bytes: int = USER_DATA_LIMIT_BYTES
     outputs: dict[str, str] = {}
@@ -134,34 +156,52 @@ class PlanReport(BaseModel):
             parts.append(
                 Text("capacity: ") + Text(self.capacity.message, style=None if self.capacity.fits else "bold red")
             )
-        if self.cost is not None:
-            table = Table(
-                "item",
-                "unit price",
-                "per month",
-                "source",
-                title=f"cost ({self.cost.currency}, "
-                f"{self.cost.hours_per_month} h/month, list prices as of {self.cost.prices_as_of}; re-check)",
-                title_justify="left",
-            )
-            for line in self.cost.lines:
-                table.add_row(
-                    line.item,
-                    f"{line.unit_usd:g}/{line.unit}",
-                    f"{line.monthly_usd:,.2f}",
-                    Text(f"{line.source} [{line.confidence} confidence]"),
+        if self.scaling is not None:
+            sc = self.scaling
+            parts.append(
+                Text(
+                    f"scaling: {sc.replicas_min}..{sc.replicas_max} vLLM replicas (GPU nodes up to {sc.gpu_nodes_max}); "
+                    f"per replica {sc.kv_tokens_per_replica:,} KV tokens, up to {sc.max_num_seqs} sequences at once "
+                    f"({sc.tokens_per_sequence_at_max_num_seqs:,} tokens each), {sc.full_length_sequences_per_replica:.2f} "
+                    f"at full length; KEDA holds {sc.queue_target_per_replica} waiting per replica; "
+                    f"{sc.sequences_at_min:,} sequences at min, {sc.sequences_at_max:,} at max"
                 )
-            total = "unknown" if self.cost.monthly_usd is None else f"{self.cost.monthly_usd:,.2f}"
-            table.add_row(Text("total", style="bold"), "", Text(total, style="bold"), f"excludes {self.cost.excludes}")
-            parts.append(table)
-            for item in self.cost.missing:
-                parts.append(Text(f"no price in gpugate/prices.toml for {item}", style="yellow"))
-            if self.cost.alternative:
-                parts.append(Text(f"alternative {self.cost.alternative}"))
+            )
+        at_min = " at replicas.min" if self.cost_at_max is not None else ""
+        for label, estimate_ in ((at_min, self.cost), (" at replicas.max", self.cost_at_max)):
+            parts += _cost_table(estimate_, label) if estimate_ is not None else []
         for warning in self.warnings:
             parts.append(Text(f"warning: {warning}", style="yellow"))
         parts.append(Text.from_markup("[bold green]plan ok[/]" if self.ok else "[bold red]plan failed[/]"))
         return Group(*parts)
+
+
+def _cost_table(cost: CostEstimate, label: str = "") -> list[Any]:
+    """One month's cost for people: a line per item with its unit price and source, then the total."""
+    table = Table(
+        "item",
+        "unit price",
+        "per month",
+        "source",
+        title=f"cost{label} ({cost.currency}, "
+        f"{cost.hours_per_month} h/month, list prices as of {cost.prices_as_of}; re-check)",
+        title_justify="left",
+    )
+    for line in cost.lines:
+        table.add_row(
+            line.item,
+            f"{line.unit_usd:g}/{line.unit}",
+            f"{line.monthly_usd:,.2f}",
+            Text(f"{line.source} [{line.confidence} confidence]"),
+        )
+    total = "unknown" if cost.monthly_usd is None else f"{cost.monthly_usd:,.2f}"
+    table.add_row(Text("total", style="bold"), "", Text(total, style="bold"), f"excludes {cost.excludes}")
+    parts: list[Any] = [table]
+    for item in cost.missing:
+        parts.append(Text(f"no price in gpugate/prices.toml for {item}", style="yellow"))
+    if cost.alternative:
+        parts.append(Text(f"alternative {cost.alternative}"))
+    return parts
 
 
 def _importable_infra() -> None:
@@ -296,7 +336,38 @@ ROLES = {
     "gcp:projects/iAMMember:IAMMember": "identity",
     "random:index/randomPassword:RandomPassword": "secret",
 }
-ROLE_ORDER = ("component", "provider", "network", "firewall", "identity", "secret", "gpu-vm", "static-ip", "dns-record")
+ROLES.update(
+    {
+        "gcp:container/cluster:Cluster": "cluster",
+        "aws:eks/cluster:Cluster": "cluster",
+        "aws:eks/addon:Addon": "cluster",
+        "gcp:container/nodePool:NodePool": "node-pool",
+        "aws:eks/nodeGroup:NodeGroup": "node-pool",
+        "kubernetes:helm.sh/v3:Release": "addon",
+        "aws:efs/fileSystem:FileSystem": "storage",
+        "aws:efs/mountTarget:MountTarget": "storage",
+        "kubernetes:storage.k8s.io/v1:StorageClass": "storage",
+    }
+)
+ROLE_ORDER = (
+    "component",
+    "provider",
+    "network",
+    "firewall",
+    "identity",
+    "secret",
+    "cluster",
+    "node-pool",
+    "addon",
+    "storage",
+    "gpu-vm",
+    "workload",
+    "static-ip",
+    "dns-record",
+)
+KUBE_PREFIX = "kubernetes:"
+GKE_POOL = "gcp:container/nodePool:NodePool"
+EKS_GROUP = "aws:eks/nodeGroup:NodeGroup"
 KEY_PROPERTIES = {
     AWS_INSTANCE: ("instanceType", "ami", "rootBlockDevice", "metadataOptions", "instanceMarketOptions", "userData"),
     GCP_INSTANCE: ("machineType", "zone", "bootDisk", "scheduling", "serviceAccount", "metadata"),
@@ -317,6 +388,23 @@ KEY_PROPERTIES = {
     "random:index/randomPassword:RandomPassword": ("length",),
     "pulumi:providers:aws": ("region",),
     "pulumi:providers:gcp": ("project", "region", "zone"),
+    "gcp:container/cluster:Cluster": ("name", "location", "minMasterVersion", "datapathProvider", "masterAuthorizedNetworksConfig"),
+    "aws:eks/cluster:Cluster": ("name", "version", "vpcConfig"),
+    GKE_POOL: ("autoscaling",),
+    EKS_GROUP: ("amiType", "instanceTypes", "scalingConfig", "taints", "labels"),
+    "kubernetes:helm.sh/v3:Release": ("chart", "version", "namespace"),
+}
+# The Kubernetes objects' properties worth a glance; the full objects are in the bundle (kubernetes/*.yaml).
+KUBE_SUMMARY = {
+    "Deployment": lambda p: {"replicas": (p.get("spec") or {}).get("replicas")},
+    "Service": lambda p: {
+        "type": (p.get("spec") or {}).get("type"),
+        "ports": [port.get("port") for port in (p.get("spec") or {}).get("ports") or []],
+    },
+    "ScaledObject": lambda p: {
+        "replicas": "{:g}..{:g}".format((p.get("spec") or {}).get("minReplicaCount", 0), (p.get("spec") or {}).get("maxReplicaCount", 0)),
+        "query": ((p.get("spec") or {}).get("triggers") or [{}])[0].get("metadata", {}).get("query"),
+    },
 }
 
 
@@ -346,6 +434,17 @@ def inventory(resources: list[Recorded]) -> list[ResourceRow]:
         )
         keys = KEY_PROPERTIES.get(res.type, ())
         shown = {k: _show(props[k], res.wire.get(k)) for k in keys if k in props and props[k] not in (None, "", [], {})}
+        if res.type == GKE_POOL:
+            config = props.get("nodeConfig") or {}
+            picked = {k: config[k] for k in ("machineType", "guestAccelerators", "taints", "labels", "diskSizeGb") if k in config}
+            shown = {**{k: _show(v, None) for k, v in picked.items()}, **shown}
+        if res.type.startswith(KUBE_PREFIX) and res.custom and res.type not in ROLES:
+            role = "secret" if res.type.endswith(":Secret") else "workload"
+            kind = res.type.rsplit(":", 1)[-1]
+            summary = KUBE_SUMMARY.get(kind, lambda p: {})(props)
+            namespace = (props.get("metadata") or {}).get("namespace")
+            shown = {"namespace": str(namespace)} if namespace else {}
+            shown.update({k: _show(v, None) for k, v in summary.items() if v not in (None, "", [])})
         rows.append(ResourceRow(type=res.type, name=res.name, role=role, properties=shown))
     # Registration order varies from run to run (it is asynchronous): show a stable one.
     return sorted(rows, key=lambda row: (ROLE_ORDER.index(row.role), row.type, row.name))
@@ -400,6 +499,124 @@ def cost(spec: GatewaySpec, resources: list[Recorded]) -> CostEstimate | None:
     )
 
 
+def scaling(spec: GatewaySpec, fit: CapacityReport) -> ScalingReport | None:
+    """Per-replica capacity from the KV-cache plan, and the totals at the autoscaler's bounds."""
+    kube = spec.kubernetes
+    if kube is None:
+        return None
+    from gpugate.kube import gpu_node_max  # noqa: PLC0415
+
+    low, high = kube.replicas.min, kube.replicas.max
+    return ScalingReport(
+        replicas_min=low,
+        replicas_max=high,
+        gpu_nodes_max=gpu_node_max(kube),
+        kv_tokens_per_replica=fit.kv_tokens,
+        max_num_seqs=fit.max_num_seqs,
+        full_length_sequences_per_replica=round(fit.max_concurrency, 2),
+        tokens_per_sequence_at_max_num_seqs=fit.kv_tokens // fit.max_num_seqs,
+        queue_target_per_replica=kube.autoscaling.waiting_per_replica,
+        kv_tokens_at_min=fit.kv_tokens * low,
+        kv_tokens_at_max=fit.kv_tokens * high,
+        sequences_at_min=fit.max_num_seqs * low,
+        sequences_at_max=fit.max_num_seqs * high,
+    )
+
+
+def _price(table: dict[str, Any], *keys: str) -> dict[str, Any] | None:
+    node: Any = table
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def kubernetes_cost(spec: GatewaySpec, resources: list[Recorded], gpu_nodes: int) -> CostEstimate | None:
+    """A month of the cluster with `gpu_nodes` GPU nodes: GPU and system nodes with their disks, the
+    control plane, the certificate volume, the load balancer, its addresses and the DNS zone."""
+    from gpugate.prices import CostLine, price_table  # noqa: PLC0415
+
+    pools = [r for r in resources if r.type in (GKE_POOL, EKS_GROUP)]
+    if not pools or spec.region is None:
+        return None
+    table = price_table()
+    meta = table["meta"]
+    hours = int(meta["hours_per_month"])
+    gke = pools[0].type == GKE_POOL
+    cloud, region = ("gcp", spec.region) if gke else ("aws", spec.region)
+    lines: list[CostLine] = []
+    missing: list[str] = []
+
+    def add(item: str, entry: dict[str, Any] | None, rate_key: str, quantity: float, unit: str, what: str) -> None:
+        if entry is None or rate_key not in entry:
+            missing.append(what)
+            return
+        per_month = entry[rate_key] * (hours if unit == "hour" else 1)
+        lines.append(
+            CostLine(
+                item=item,
+                quantity=quantity,
+                unit=unit,
+                unit_usd=entry[rate_key],
+                monthly_usd=round(per_month * quantity, 2),
+                source=entry["source"],
+                confidence=entry.get("confidence", "low"),
+            )
+        )
+
+    disk_type = "pd-balanced" if gke else "gp3"
+    disk = _price(table, cloud, region, "disk", disk_type)
+    for pool in pools:
+        props = pool.props
+        if gke:
+            config = props.get("nodeConfig") or {}
+            machine, disk_gib = config.get("machineType"), float(config.get("diskSizeGb") or 100)
+            gpu = bool(config.get("guestAccelerators"))
+            floor = (props.get("autoscaling") or {}).get("totalMinNodeCount")
+            entry = _price(table, cloud, region, "machine", str(machine))
+        else:
+            machine, disk_gib = (props.get("instanceTypes") or ["?"])[0], float(props.get("diskSize") or 20)
+            gpu = "NVIDIA" in str(props.get("amiType"))
+            floor = (props.get("scalingConfig") or {}).get("minSize")
+            entry = _price(table, cloud, region, "instance", str(machine))
+        count = gpu_nodes if gpu else int(floor or 1)
+        role = "GPU" if gpu else "system"
+        add(f"{machine} x {count} ({role} nodes, on-demand)", entry, "on_demand_hour", count, "hour", f"{machine} in {region}")
+        add(f"{disk_type} {disk_gib:g} GiB x {count} ({role} node disks)", disk, "gb_month", disk_gib * count, "GB-month", f"{disk_type} in {region}")
+
+    plane = _price(table, cloud, "gke" if gke else "eks")
+    add("control plane (1 cluster)", plane, "cluster_hour", 1, "hour", "control plane fee")
+    claims = [r for r in resources if r.type == "kubernetes:core/v1:PersistentVolumeClaim"]
+    for claim in claims:
+        claim_spec = claim.props.get("spec") or {}
+        size = float(str(((claim_spec.get("resources") or {}).get("requests") or {}).get("storage", "0")).removesuffix("Gi"))
+        entry = _price(table, cloud, region, "filestore", "basic-hdd") if gke else _price(table, cloud, region, "efs", "standard")
+        billed = max(size, float((entry or {}).get("min_gib", 0))) if gke else float((entry or {}).get("min_gib", 1))
+        kind = "Filestore basic HDD" if gke else "EFS standard (data stored)"
+        add(f"{kind} {billed:g} GiB (shared certificates)", entry, "gb_month", billed, "GB-month", f"{kind} in {region}")
+    if gke:
+        # One forwarding rule carries both ports of the LoadBalancer Service.
+        add("load balancer forwarding rule (80, 443)", _price(table, cloud, region, "forwarding_rule"), "hour", 1, "hour", "forwarding rule")
+    else:
+        add("network load balancer", _price(table, cloud, region, "nlb"), "hour", 1, "hour", "NLB")
+    ips = sum(r.type in ("gcp:compute/address:Address", "aws:ec2/eip:Eip") for r in resources)
+    add(f"static public IPv4 x {ips}", _price(table, cloud, region, "static_ip"), "hour", ips, "hour", f"static IP in {region}")
+    if any(r.type in ("aws:route53/record:Record", "gcp:dns/recordSet:RecordSet") for r in resources):
+        zone = _price(table, cloud, "dns_zone")
+        add("DNS zone x 1 (existing; shared by every stack in it)", zone, "month", 1, "zone-month", "DNS zone")
+    total = None if missing else round(sum(line.monthly_usd for line in lines), 2)
+    return CostEstimate(
+        currency=meta["currency"],
+        hours_per_month=hours,
+        prices_as_of=str(meta["as_of"]),
+        lines=lines,
+        missing=missing,
+        monthly_usd=total,
+        excludes="egress, load-balancer data processing, Filestore/EFS operations, logging/monitoring beyond the free tier, taxes, discounts",
+    )
+
+
 # ---- entry points ---------------------------------------------------------------------------
 
 
@@ -408,12 +625,8 @@ def plan(stack: Stack, build: Any = None) -> PlanReport:
     spec = stack.spec
     warnings: list[str] = []
     fit = capacity(spec)
-    if spec.target not in (Target.AWS, Target.GCP):
-        note = (
-            "kubernetes target: planned in a later release"
-            if spec.target is Target.KUBERNETES
-            else "local target: runs on this machine with `gpugate up`; Pulumi provisions nothing"
-        )
+    if spec.target not in (Target.AWS, Target.GCP, Target.KUBERNETES):
+        note = "local target: runs on this machine with `gpugate up`; Pulumi provisions nothing"
         return PlanReport(stack=stack.name, target=str(spec.target), planned=False, note=note, capacity=fit)
 
     _importable_infra()
@@ -430,15 +643,24 @@ def plan(stack: Stack, build: Any = None) -> PlanReport:
             "(the plan used a stand-in of 128 characters)"
         )
     outputs = {name: ("[secret]" if secret else str(value)) for name, (value, secret) in run.outputs.items()}
+    kube = spec.kubernetes
+    note = "addresses, ids and the AMI / image are stand-ins; the cloud decides them at `pulumi up`"
+    if kube is not None:
+        note = (
+            "addresses, ids and the cluster's endpoint are stand-ins; every Kubernetes object is in the bundle "
+            f"(gpugate render --stack {stack.name}: kubernetes/*.yaml)"
+        )
     return PlanReport(
         stack=stack.name,
         target=str(spec.target),
         planned=True,
-        note="addresses, ids and the AMI / image are stand-ins; the cloud decides them at `pulumi up`",
+        note=note,
         resources=inventory(run.resources),
         policies=verdicts,
         capacity=fit,
-        cost=cost(spec, run.resources),
+        scaling=scaling(spec, fit),
+        cost=kubernetes_cost(spec, run.resources, kube.replicas.min) if kube else cost(spec, run.resources),
+        cost_at_max=kubernetes_cost(spec, run.resources, kube.replicas.max) if kube else None,
         user_data_bytes=user_data_size(run.resources),
         outputs=outputs,
         warnings=warnings,

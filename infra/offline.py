@@ -25,6 +25,8 @@ from infra.program import gateway, stack_outputs
 PROJECT = "gpugate"
 # Stand-ins for values only the cloud knows; documentation address ranges (RFC 5737).
 PLACEHOLDER_IPS = ("198.51.100.10", "198.51.100.11")
+PLACEHOLDER_API_IP = "192.0.2.10"  # a cluster's API server (RFC 5737)
+PLACEHOLDER_CA = "cGxhbm5lZC1jbHVzdGVyLWNh"  # base64 of "planned-cluster-ca"
 # Secrets the plan feeds the program. Each is a recognisable canary as long as the longest real
 # value it stands for, so the user-data size is measured honestly and any plain copy is found.
 VLLM_KEY_CANARY_PREFIX = "gpugateplancanaryvllmkey"
@@ -111,6 +113,11 @@ class PlanMocks(pulumi.runtime.Mocks):
             state.update(publicIp=next(self._ips), allocationId=f"eipalloc-{short}")
         elif args.typ == "gcp:compute/address:Address":
             state.update(address=next(self._ips), name=args.name)
+        elif args.typ == "gcp:container/cluster:Cluster":
+            state.update(endpoint=PLACEHOLDER_API_IP, masterAuth={"clusterCaCertificate": PLACEHOLDER_CA})
+        elif args.typ == "aws:eks/cluster:Cluster":
+            endpoint = f"https://{short.upper()}.gr7.{self.spec.region}.eks.amazonaws.com"
+            state.update(endpoint=endpoint, certificateAuthority={"data": PLACEHOLDER_CA}, arn=f"arn:aws:eks::000000000000:cluster/{args.name}")
         elif args.typ == "gcp:serviceaccount/account:Account":
             state["email"] = f"{args.inputs['accountId']}@{project}.iam.gserviceaccount.com"
         elif args.typ.startswith("gcp:compute/"):

@@ -34,11 +34,14 @@ def gateway(stack: Stack) -> pulumi.ComponentResource:
 
         return GcpGateway(name, GcpGatewayArgs.from_bundle(stack, render_bundle(stack)))
     if target is Target.KUBERNETES:
-        raise TargetNotProvisioned("kubernetes target: planned in a later release")
+        from infra.kubernetes import KubernetesGateway, KubernetesGatewayArgs  # noqa: PLC0415
+
+        return KubernetesGateway(name, KubernetesGatewayArgs.from_bundle(stack, render_bundle(stack)))
     raise TargetNotProvisioned(
         f"the {target} target runs on this machine (`gpugate up`); Pulumi provisions nothing for it"
     )
 
 
 def stack_outputs(component: pulumi.ComponentResource) -> dict[str, Any]:
-    return {name: getattr(component, name) for name in OUTPUT_NAMES}
+    """The component's outputs: the VM set, or the set its class names (Kubernetes: cluster, namespace, kubeconfig)."""
+    return {name: getattr(component, name) for name in getattr(component, "OUTPUTS", OUTPUT_NAMES)}

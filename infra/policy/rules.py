@@ -13,6 +13,7 @@ hands the policies pulumi-policy's secrets-preserving proxy instead, through whi
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,26 @@ AWS_SG_RULE = "aws:ec2/securityGroupRule:SecurityGroupRule"
 AWS_SG_INGRESS = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
 GCP_FIREWALL = "gcp:compute/firewall:Firewall"
 GCP_INSTANCE = "gcp:compute/instance:Instance"
+GKE_CLUSTER = "gcp:container/cluster:Cluster"
+GKE_NODE_POOL = "gcp:container/nodePool:NodePool"
+EKS_CLUSTER = "aws:eks/cluster:Cluster"
+EKS_NODE_GROUP = "aws:eks/nodeGroup:NodeGroup"
+K8S_SERVICE = "kubernetes:core/v1:Service"
+K8S_SECRET = "kubernetes:core/v1:Secret"
+K8S_CONFIG_MAP = "kubernetes:core/v1:ConfigMap"
+K8S_WORKLOADS = (
+    "kubernetes:apps/v1:Deployment",
+    "kubernetes:apps/v1:DaemonSet",
+    "kubernetes:apps/v1:StatefulSet",
+    "kubernetes:batch/v1:Job",
+    "kubernetes:core/v1:Pod",
+)
+# GPU node pools carry this taint, so that nothing but GPU workloads lands on (and pays for) a GPU node.
+GPU_TAINT_KEY = "nvidia.com/gpu"
+# Names of settings that hold a secret: they must come from a Secret, never a literal or a ConfigMap.
+SECRET_NAME = re.compile(r"(KEY|TOKEN|PASSWORD|PASSWD|SECRET|CREDENTIAL)S?$", re.IGNORECASE)
+# GCP machine families whose machines always carry GPUs; EKS AMI types for GPU nodes.
+GPU_MACHINE_FAMILIES = ("a2-", "a3-", "a4-", "g2-", "g4-")
 
 # What the offline plan passes as props: pulumi-policy's secrets-preserving proxy. The engine
 # passes another proxy whose values come with their secrets already unwrapped.
@@ -116,6 +137,17 @@ def ingresses(resource_type: str, props: Mapping[str, Any]) -> Iterator[Ingress]
     elif resource_type == AWS_SG:
         for block in props.get("ingress") or []:
             yield from _aws_block(block)
+    elif resource_type == K8S_SERVICE:
+        spec = props.get("spec") or {}
+        if spec.get("type") != "LoadBalancer":
+            return
+        # A LoadBalancer Service is open to the world unless it names source ranges.
+        sources = tuple(spec.get("loadBalancerSourceRanges") or ("0.0.0.0/0",))
+        for port in spec.get("ports") or []:
+            protocol = str(port.get("protocol") or "TCP").lower()
+            if _known(port.get("port")):
+                number = int(port["port"])
+                yield Ingress(protocol, (number, number), sources)
     elif resource_type == GCP_FIREWALL:
         if str(props.get("direction") or "INGRESS").upper() != "INGRESS" or props.get("disabled"):
             return
@@ -213,16 +245,109 @@ def imdsv2_required(args: ResourceValidationArgs, report_violation: ReportViolat
 
 def mapped_gpu_machines(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
     if args.resource_type == AWS_INSTANCE:
-        key, allowed, what = "instanceType", AWS_INSTANCE_TYPES, "instance type"
+        kinds, allowed, what = [args.props.get("instanceType")], AWS_INSTANCE_TYPES, "instance type"
     elif args.resource_type == GCP_INSTANCE:
-        key, allowed, what = "machineType", GCP_MACHINE_TYPES, "machine type"
+        kinds, allowed, what = [args.props.get("machineType")], GCP_MACHINE_TYPES, "machine type"
+    elif gpu_node_pool(args.resource_type, args.props):
+        if args.resource_type == GKE_NODE_POOL:
+            kinds, allowed, what = [(args.props.get("nodeConfig") or {}).get("machineType")], GCP_MACHINE_TYPES, "machine type"
+        else:
+            kinds, allowed, what = list(args.props.get("instanceTypes") or []), AWS_INSTANCE_TYPES, "instance type"
     else:
         return
-    kind = args.props.get(key)
-    if _known(kind) and kind not in allowed:
+    for kind in kinds:
+        if _known(kind) and kind not in allowed:
+            report_violation(
+                f"{args.name}: {what} {kind} is not one gpugate maps a GPU to; allowed: {', '.join(sorted(allowed))}",
+                None,
+            )
+
+
+def gpu_node_pool(resource_type: str, props: Mapping[str, Any]) -> bool:
+    """A GKE node pool with accelerators or of a GPU machine family, or an EKS node group on a GPU AMI."""
+    if resource_type == GKE_NODE_POOL:
+        config = props.get("nodeConfig") or {}
+        machine = str(config.get("machineType") or "")
+        return bool(config.get("guestAccelerators")) or machine.startswith(GPU_MACHINE_FAMILIES)
+    if resource_type == EKS_NODE_GROUP:
+        ami = str(props.get("amiType") or "")
+        return "NVIDIA" in ami or "GPU" in ami
+    return False
+
+
+def gpu_pools_tainted(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    if not gpu_node_pool(args.resource_type, args.props):
+        return
+    if args.resource_type == GKE_NODE_POOL:
+        taints = (args.props.get("nodeConfig") or {}).get("taints") or []
+    else:
+        taints = args.props.get("taints") or []
+    if not any(t.get("key") == GPU_TAINT_KEY and str(t.get("effect", "")).upper() == "NO_SCHEDULE" for t in taints):
         report_violation(
-            f"{args.name}: {what} {kind} is not one gpugate maps a GPU to; allowed: {', '.join(sorted(allowed))}", None
+            f"{args.name}: a GPU node pool must carry the {GPU_TAINT_KEY} NoSchedule taint, so that only GPU workloads land on it",
+            None,
         )
+
+
+def _containers(props: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    spec = props.get("spec") or {}
+    pod = spec if "containers" in spec else ((spec.get("template") or {}).get("spec") or {})
+    if "jobTemplate" in spec:
+        pod = ((spec["jobTemplate"].get("spec") or {}).get("template") or {}).get("spec") or {}
+    for key in ("initContainers", "containers"):
+        yield from pod.get(key) or []
+
+
+def kubernetes_secrets(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    """Secrets reach pods from Secrets only; in the plan, a Secret's data is also a Pulumi secret."""
+    props = args.props
+    if args.resource_type in K8S_WORKLOADS:
+        for container in _containers(props):
+            for env in container.get("env") or []:
+                if SECRET_NAME.search(str(env.get("name", ""))) and env.get("value") not in (None, ""):
+                    report_violation(
+                        f"{args.name}: container {container.get('name')} sets {env['name']} as a literal; "
+                        "take it from a Secret (valueFrom.secretKeyRef)",
+                        None,
+                    )
+    elif args.resource_type == K8S_CONFIG_MAP:
+        for key in props.get("data") or {}:
+            if SECRET_NAME.search(str(key).replace(".", "_").replace("-", "_")):
+                report_violation(f"{args.name}: ConfigMap key {key} names a secret; secrets go in a Secret", None)
+    elif args.resource_type == K8S_SECRET and isinstance(props, SECRETS_VISIBLE):
+        raw = _raw(props)
+        for field in ("stringData", "data"):
+            value = raw.get(field)
+            if value is None or isinstance(value, Secret):
+                continue
+            plain = [k for k, v in (_raw(value) or {}).items() if not isinstance(v, Secret)]
+            if plain:
+                report_violation(
+                    f"{args.name}: Secret {field} {', '.join(sorted(plain))} is not a Pulumi secret; "
+                    "wrap it in pulumi.Output.secret",
+                    None,
+                )
+
+
+def cluster_api_not_public(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    """A cluster's API server answers only the admin networks (or only inside its network)."""
+    props = args.props
+    if args.resource_type == GKE_CLUSTER:
+        config = props.get("masterAuthorizedNetworksConfig")
+        if not config:
+            report_violation(f"{args.name}: set masterAuthorizedNetworksConfig (the admin networks) on the cluster", None)
+            return
+        wide = [b.get("cidrBlock") for b in config.get("cidrBlocks") or [] if _is_world(str(b.get("cidrBlock")))]
+    elif args.resource_type == EKS_CLUSTER:
+        vpc = props.get("vpcConfig") or {}
+        if vpc.get("endpointPublicAccess") is False:
+            return
+        # EKS opens a public endpoint to 0.0.0.0/0 unless told otherwise.
+        wide = [c for c in vpc.get("publicAccessCidrs") or ["0.0.0.0/0"] if _is_world(str(c))]
+    else:
+        return
+    if wide:
+        report_violation(f"{args.name}: the Kubernetes API is open to {', '.join(map(str, wide))}; allow the admin networks only", None)
 
 
 def user_data_of(resource_type: str, props: Mapping[str, Any]) -> Any:
@@ -294,7 +419,8 @@ class Rule:
 RULES: tuple[Rule, ...] = (
     Rule(
         "web-only-from-world",
-        "Only TCP 80 and 443 may be open to 0.0.0.0/0 or ::/0 (security groups, their rules, GCP firewalls).",
+        "Only TCP 80 and 443 may be open to 0.0.0.0/0 or ::/0 (security groups, their rules, GCP firewalls, "
+        "Kubernetes LoadBalancer Services).",
         web_only_from_world,
     ),
     Rule(
@@ -306,8 +432,23 @@ RULES: tuple[Rule, ...] = (
     Rule("imdsv2-required", "EC2 instances require IMDSv2 tokens with a hop limit of 1.", imdsv2_required),
     Rule(
         "mapped-gpu-machines",
-        "VMs only of the instance / machine types gpugate's catalog maps GPUs to.",
+        "VMs and GPU node pools only of the instance / machine types gpugate's catalog maps GPUs to.",
         mapped_gpu_machines,
+    ),
+    Rule(
+        "gpu-pools-tainted",
+        f"GPU node pools (GKE, EKS) carry the {GPU_TAINT_KEY} NoSchedule taint.",
+        gpu_pools_tainted,
+    ),
+    Rule(
+        "kubernetes-secrets",
+        "Pods take secret-named settings from Secrets, never literals or ConfigMaps; in the plan, Secret data is a Pulumi secret.",
+        kubernetes_secrets,
+    ),
+    Rule(
+        "cluster-api-not-public",
+        "A GKE or EKS API server answers the admin networks only, never 0.0.0.0/0.",
+        cluster_api_not_public,
     ),
     Rule(
         "secret-user-data",

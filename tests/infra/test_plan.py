@@ -124,11 +124,3 @@ def test_a_stack_the_spec_refuses_exits_2_with_the_reason(stack_copy):
     assert result.exit_code == 2
     assert "0.0.0.0/0 would open SSH to the world" in result.output
     assert gpugate_plan("--stack", "no-such-stack").exit_code == 2
-
-
-def test_the_kubernetes_stack_is_not_planned_yet_but_its_model_is_sized():
-    report = plan_stack("prod")
-    assert not report.planned and report.note == "kubernetes target: planned in a later release"
-    assert report.capacity.fits and report.cost is None and report.ok
-    result = gpugate_plan("--stack", "prod")
-    assert result.exit_code == 0 and "planned in a later release" in result.output

@@ -26,9 +26,7 @@ def test_the_entry_point_exports_the_gateways_outputs_for_the_stack_pulumi_runs(
     assert tuple(exported) == OUTPUT_NAMES
 
 
-@pytest.mark.parametrize(
-    ("stack", "reason"), [("prod", "kubernetes target: planned in a later release"), ("local", "gpugate up")]
-)
+@pytest.mark.parametrize(("stack", "reason"), [("local", "gpugate up")])
 def test_targets_the_program_does_not_provision_say_so(stack, reason):
     with pytest.raises(TargetNotProvisioned, match=reason):
         gateway(load_stack(stack))

@@ -1,0 +1,245 @@
+"""GkeCluster: a regional GKE cluster with a system pool and an autoscaled GPU node pool, a static IP for the gateway and its DNS record."""
+
+from __future__ import annotations
+
+import pulumi
+import pulumi_gcp as gcp
+import pulumi_kubernetes as k8s
+
+from gpugate.catalog import GPUS
+from gpugate.kube import GPU_POOL, GPU_TAINT, POOL_LABEL, SYSTEM_POOL, ClusterFacts, gpu_node_disk_gib, gpu_node_max
+from gpugate.spec import GatewaySpec
+from infra.gcp import machine_type
+
+TYPE_TOKEN = "gpugate:gke:Cluster"
+# The proxy pods, the addons (KEDA, kube-prometheus-stack) and kube-system run here, never on a GPU.
+SYSTEM_MACHINE_TYPE = "e2-standard-4"
+SYSTEM_NODES = (2, 6)  # total min, max across the region's zones
+SYSTEM_DISK_GIB = 50
+DISK_TYPE = "pd-balanced"
+# VPC-native address plan: nodes, pods, services.
+NODE_CIDR = "10.80.0.0/20"
+POD_CIDR = "10.84.0.0/14"
+SERVICE_CIDR = "10.88.0.0/20"
+# Nodes may write logs and metrics and read images from Artifact Registry; nothing else.
+NODE_ROLES = (
+    "roles/logging.logWriter",
+    "roles/monitoring.metricWriter",
+    "roles/monitoring.viewer",
+    "roles/artifactregistry.reader",
+)
+GKE_TAINT_EFFECT = {"NoSchedule": "NO_SCHEDULE", "PreferNoSchedule": "PREFER_NO_SCHEDULE", "NoExecute": "NO_EXECUTE"}
+KUBECONFIG = """apiVersion: v1
+kind: Config
+clusters:
+- name: {name}
+  cluster:
+    server: https://{endpoint}
+    certificate-authority-data: {ca}
+contexts:
+- name: {name}
+  context: {{cluster: {name}, user: {name}}}
+current-context: {name}
+users:
+- name: {name}
+  user:
+    exec:
+      apiVersion: client.authentication.k8s.io/v1beta1
+      command: gke-gcloud-auth-plugin
+      provideClusterInfo: true
+      installHint: "gcloud components install gke-gcloud-auth-plugin"
+"""
+
+
+def accelerator(spec: GatewaySpec) -> str:
+    name = GPUS[spec.gpu.type].gcp_accelerator
+    if name is None:
+        raise ValueError(f"GKE offers no {spec.gpu.type}; allowed: " + ", ".join(t for t, f in GPUS.items() if f.gcp_accelerator))
+    return name
+
+
+class GkeCluster(pulumi.ComponentResource):
+    """The cluster the gateway's pods run on, and the address and name clients reach it by."""
+
+    cluster_name: pulumi.Output[str]
+    kubeconfig: pulumi.Output[str]  # secret
+    load_balancer_address: pulumi.Output[str]
+    facts: ClusterFacts
+    provider: k8s.Provider
+
+    def __init__(self, name: str, spec: GatewaySpec, stack: str, opts: pulumi.ResourceOptions | None = None):
+        super().__init__(TYPE_TOKEN, name, None, opts)
+        kube = spec.kubernetes
+        assert kube is not None and spec.region is not None
+        provider = gcp.Provider(
+            f"{name}-gcp", project=spec.project, region=spec.region, opts=pulumi.ResourceOptions(parent=self)
+        )
+        child = pulumi.ResourceOptions(parent=self, provider=provider)
+        invoke = pulumi.InvokeOptions(parent=self, provider=provider)
+        labels = {"gpugate-stack": stack}
+        cluster_name = kube.cluster_name or f"gpugate-{stack}"
+
+        network = gcp.compute.Network(f"{name}-net", auto_create_subnetworks=False, opts=child)
+        subnet = gcp.compute.Subnetwork(
+            f"{name}-subnet",
+            network=network.id,
+            region=spec.region,
+            ip_cidr_range=NODE_CIDR,
+            private_ip_google_access=True,
+            secondary_ip_ranges=[
+                gcp.compute.SubnetworkSecondaryIpRangeArgs(range_name="pods", ip_cidr_range=POD_CIDR),
+                gcp.compute.SubnetworkSecondaryIpRangeArgs(range_name="services", ip_cidr_range=SERVICE_CIDR),
+            ],
+            opts=child,
+        )
+
+        account = gcp.serviceaccount.Account(
+            f"{name}-nodes",
+            account_id=f"gpugate-{stack}-nodes"[:30],
+            display_name=f"gpugate {stack} GKE nodes (logs, metrics, image pulls)",
+            opts=child,
+        )
+        for role in NODE_ROLES:
+            gcp.projects.IAMMember(
+                f"{name}-nodes-{role.split('/')[-1]}",
+                project=spec.project,
+                role=role,
+                member=account.email.apply(lambda email: f"serviceAccount:{email}"),
+                opts=child,
+            )
+
+        cluster = gcp.container.Cluster(
+            f"{name}-cluster",
+            name=cluster_name,
+            location=spec.region,
+            network=network.id,
+            subnetwork=subnet.id,
+            min_master_version=kube.version,
+            release_channel=gcp.container.ClusterReleaseChannelArgs(channel="REGULAR"),
+            # Node pools are managed below; GKE needs one pool to create a cluster, removed at once.
+            remove_default_node_pool=True,
+            initial_node_count=1,
+            networking_mode="VPC_NATIVE",
+            ip_allocation_policy=gcp.container.ClusterIpAllocationPolicyArgs(
+                cluster_secondary_range_name="pods", services_secondary_range_name="services"
+            ),
+            # Dataplane V2 enforces the workloads' NetworkPolicies.
+            datapath_provider="ADVANCED_DATAPATH",
+            master_authorized_networks_config=gcp.container.ClusterMasterAuthorizedNetworksConfigArgs(
+                cidr_blocks=[
+                    gcp.container.ClusterMasterAuthorizedNetworksConfigCidrBlockArgs(
+                        cidr_block=str(cidr), display_name="gpugate admin network"
+                    )
+                    for cidr in spec.admin_cidrs
+                ],
+            ),
+            workload_identity_config=gcp.container.ClusterWorkloadIdentityConfigArgs(
+                workload_pool=f"{spec.project}.svc.id.goog"
+            ),
+            addons_config=gcp.container.ClusterAddonsConfigArgs(
+                # Filestore backs the ReadWriteMany volume the proxy replicas share certificates on.
+                gcp_filestore_csi_driver_config=gcp.container.ClusterAddonsConfigGcpFilestoreCsiDriverConfigArgs(
+                    enabled=True
+                ),
+            ),
+            enable_shielded_nodes=True,
+            resource_labels=labels,
+            deletion_protection=True,
+            opts=child,
+        )
+
+        node_config = dict(
+            service_account=account.email,
+            oauth_scopes=["https://www.googleapis.com/auth/cloud-platform"],  # IAM roles above decide
+            shielded_instance_config=gcp.container.NodePoolNodeConfigShieldedInstanceConfigArgs(
+                enable_secure_boot=True, enable_integrity_monitoring=True
+            ),
+            workload_metadata_config=gcp.container.NodePoolNodeConfigWorkloadMetadataConfigArgs(mode="GKE_METADATA"),
+            disk_type=DISK_TYPE,
+            resource_labels=labels,
+        )
+        system_pool = gcp.container.NodePool(
+            f"{name}-system",
+            cluster=cluster.id,
+            location=spec.region,
+            autoscaling=gcp.container.NodePoolAutoscalingArgs(
+                total_min_node_count=SYSTEM_NODES[0], total_max_node_count=SYSTEM_NODES[1], location_policy="BALANCED"
+            ),
+            node_config=gcp.container.NodePoolNodeConfigArgs(
+                machine_type=SYSTEM_MACHINE_TYPE,
+                disk_size_gb=SYSTEM_DISK_GIB,
+                labels={POOL_LABEL: SYSTEM_POOL},
+                **node_config,
+            ),
+            management=gcp.container.NodePoolManagementArgs(auto_repair=True, auto_upgrade=True),
+            opts=child,
+        )
+        gpu_pool = gcp.container.NodePool(
+            f"{name}-gpu",
+            cluster=cluster.id,
+            location=spec.region,
+            # One vLLM replica per node: the pool follows the replicas, with one node for a rollout's surge pod.
+            autoscaling=gcp.container.NodePoolAutoscalingArgs(
+                total_min_node_count=kube.replicas.min, total_max_node_count=gpu_node_max(kube), location_policy="ANY"
+            ),
+            node_config=gcp.container.NodePoolNodeConfigArgs(
+                machine_type=machine_type(spec),
+                guest_accelerators=[
+                    gcp.container.NodePoolNodeConfigGuestAcceleratorArgs(
+                        type=accelerator(spec),
+                        count=spec.gpu.count,
+                        gpu_driver_installation_config=gcp.container.NodePoolNodeConfigGuestAcceleratorGpuDriverInstallationConfigArgs(
+                            gpu_driver_version="LATEST"
+                        ),
+                    )
+                ],
+                disk_size_gb=gpu_node_disk_gib(spec),
+                labels={POOL_LABEL: GPU_POOL},
+                taints=[
+                    gcp.container.NodePoolNodeConfigTaintArgs(
+                        key=GPU_TAINT["key"], value=GPU_TAINT["value"], effect=GKE_TAINT_EFFECT[GPU_TAINT["effect"]]
+                    )
+                ],
+                **node_config,
+            ),
+            management=gcp.container.NodePoolManagementArgs(auto_repair=True, auto_upgrade=True),
+            upgrade_settings=gcp.container.NodePoolUpgradeSettingsArgs(max_surge=1, max_unavailable=0),
+            opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[system_pool])),
+        )
+
+        address = gcp.compute.Address(
+            f"{name}-ip",
+            region=spec.region,
+            address_type="EXTERNAL",
+            network_tier="PREMIUM",
+            labels=labels,
+            opts=child,
+        )
+        zone = gcp.dns.get_managed_zone(name=spec.dns_zone, opts=invoke)
+        gcp.dns.RecordSet(
+            f"{name}-dns",
+            managed_zone=zone.name,
+            name=f"{spec.domain}.",
+            type="A",
+            ttl=300,
+            rrdatas=[address.address],
+            opts=child,
+        )
+
+        self.cluster_name = cluster.name
+        self.load_balancer_address = address.address
+        self.facts = ClusterFacts("gke", load_balancer_ip=address.address)
+        self.kubeconfig = pulumi.Output.secret(
+            pulumi.Output.all(cluster.name, cluster.endpoint, cluster.master_auth.cluster_ca_certificate).apply(
+                lambda v: KUBECONFIG.format(name=v[0], endpoint=v[1], ca=v[2])
+            )
+        )
+        # The workloads wait for both pools: a pod created before its pool would sit Pending.
+        self.provider = k8s.Provider(
+            f"{name}-k8s",
+            kubeconfig=self.kubeconfig,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[system_pool, gpu_pool]),
+        )
+        self.register_outputs(
+            {"cluster_name": self.cluster_name, "kubeconfig": self.kubeconfig, "load_balancer_address": address.address}
+        )

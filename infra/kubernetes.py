@@ -1,0 +1,257 @@
+"""KubernetesGateway: the gateway as pods on a GKE, EKS or existing cluster, from the same objects `gpugate render` writes."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pulumi
+import pulumi_kubernetes as k8s
+import pulumi_random as random
+from gpugate_runtime.keys import ID_HEX, TOKEN_PREFIX, KeyRecord, KeyStore, token_digest
+
+from gpugate.kube import (
+    ALERT_ITEM,
+    GATEWAY,
+    KEDA_NAMESPACE,
+    KEY_STORE_FILE,
+    MONITORING_NAMESPACE,
+    POOL_LABEL,
+    PROBER_KEY_ITEM,
+    SECRET_ALERT,
+    SECRET_INTERNAL,
+    SECRET_KEYS,
+    SYSTEM_POOL,
+    VLLM,
+    VLLM_KEY_ITEM,
+    Build,
+    ClusterFacts,
+    objects,
+    pod_build,
+)
+from gpugate.render import Bundle
+from gpugate.spec import GatewaySpec, Target
+from gpugate.stackfile import NAMESPACE, Stack
+from infra.network import public_url
+from infra.secrets import VLLM_KEY_LENGTH, host_secrets
+
+TYPE_TOKEN = "gpugate:kubernetes:Gateway"
+EXISTING_TYPE_TOKEN = "gpugate:kubernetes:ExistingCluster"
+OUTPUTS = ("url", "cluster_name", "namespace", "kubeconfig", "load_balancer_address", "bundle_sha256")
+PROBER_KEY_NAME = "prober"
+# Addons the objects need, pinned. kube-prometheus-stack 69.x ships prometheus-operator 0.80, the
+# version whose CRD models `gpugate validate` checks ServiceMonitors and PrometheusRules against.
+KEDA_CHART = ("keda", "2.16.1", "https://kedacore.github.io/charts")
+PROMETHEUS_CHART = ("kube-prometheus-stack", "69.8.0", "https://prometheus-community.github.io/helm-charts")
+# Kinds served by the addons' CRDs: created after the addons.
+ADDON_GROUPS = ("keda.sh", "monitoring.coreos.com")
+# Top-level fields of an object, as the typed resources name them.
+SNAKE = {"stringData": "string_data", "automountServiceAccountToken": "automount_service_account_token"}
+
+
+@dataclass(frozen=True)
+class KubernetesGatewayArgs:
+    spec: GatewaySpec
+    stack: Stack
+    bundle_sha256: str
+
+    @classmethod
+    def from_bundle(cls, stack: Stack, bundle: Bundle) -> KubernetesGatewayArgs:
+        if stack.spec.target is not Target.KUBERNETES or stack.spec.kubernetes is None:
+            raise ValueError(f"stack {stack.name} targets {stack.spec.target}, not kubernetes")
+        return cls(spec=stack.spec, stack=stack, bundle_sha256=bundle.bundle_sha256)
+
+
+class ExistingCluster(pulumi.ComponentResource):
+    """A cluster someone else runs, reached with the kubeconfig in the `gpugate:kubeconfig` config secret."""
+
+    def __init__(self, name: str, spec: GatewaySpec, stack: str, opts: pulumi.ResourceOptions | None = None):
+        super().__init__(EXISTING_TYPE_TOKEN, name, None, opts)
+        assert spec.kubernetes is not None
+        config = pulumi.Config(NAMESPACE)
+        kubeconfig = config.get_secret("kubeconfig")
+        if kubeconfig is None:
+            raise ValueError(
+                f"provider existing needs the cluster's kubeconfig: pulumi config set --secret {NAMESPACE}:kubeconfig "
+                f"\"$(cat kubeconfig.yaml)\" -s {stack}"
+            )
+        self.kubeconfig = pulumi.Output.secret(kubeconfig)
+        self.cluster_name = pulumi.Output.from_input(spec.kubernetes.cluster_name or "existing")
+        self.facts = ClusterFacts("existing")
+        self.provider = k8s.Provider(f"{name}-k8s", kubeconfig=self.kubeconfig, opts=pulumi.ResourceOptions(parent=self))
+        self.load_balancer_address = pulumi.Output.from_input("")  # known once the Service exists
+        self.register_outputs({"cluster_name": self.cluster_name})
+
+
+def cluster_for(name: str, spec: GatewaySpec, stack: str, parent: pulumi.Resource) -> Any:
+    """The cluster component of the spec's provider: GKE, EKS, or an existing cluster."""
+    assert spec.kubernetes is not None
+    opts = pulumi.ResourceOptions(parent=parent)
+    if spec.kubernetes.provider == "gke":
+        from infra.gke import GkeCluster  # noqa: PLC0415 - load one cloud's SDK only
+
+        return GkeCluster(f"{name}-gke", spec, stack, opts)
+    if spec.kubernetes.provider == "eks":
+        from infra.eks import EksCluster  # noqa: PLC0415
+
+        return EksCluster(f"{name}-eks", spec, stack, opts)
+    return ExistingCluster(f"{name}-existing", spec, stack, opts)
+
+
+def prober_store(password: str, expires_days: int, now: datetime) -> tuple[str, str]:
+    """(the prober's client key, a key store holding only its hash), from a generated password.
+
+    A key is `ggk_<12 hex>_<64 hex>`: both parts are derived from the password (its entropy is
+    above the 256 bits of a key made by `keys create`), so the key is as strong and stays stable."""
+    digest = hashlib.sha256(password.encode()).hexdigest()
+    key_id = hashlib.sha256(f"id:{password}".encode()).hexdigest()[:ID_HEX]
+    token = f"{TOKEN_PREFIX}_{key_id}_{digest}"
+    record = KeyRecord(
+        id=key_id,
+        name=PROBER_KEY_NAME,
+        sha256=token_digest(token),
+        created_at=now,
+        expires_at=now + timedelta(days=expires_days),
+    )
+    return token, KeyStore(keys=(record,)).model_dump_json(indent=2) + "\n"
+
+
+def resource(obj: dict[str, Any], opts: pulumi.ResourceOptions) -> pulumi.CustomResource:
+    """One object as its typed pulumi-kubernetes resource (CRD kinds as CustomResource)."""
+    obj = dict(obj)
+    api_version, kind = obj.pop("apiVersion"), obj.pop("kind")
+    meta = obj["metadata"]
+    name = f"{meta.get('namespace', 'cluster')}-{kind.lower()}-{meta['name']}"
+    group, _, version = api_version.rpartition("/")
+    if group in ADDON_GROUPS:
+        return k8s.apiextensions.CustomResource(name, api_version, kind, metadata=meta, spec=obj.get("spec"), opts=opts)
+    module = {"": "core", "apps": "apps", "policy": "policy", "networking.k8s.io": "networking"}[group]
+    cls = getattr(importlib.import_module(f"pulumi_kubernetes.{module}.{version}"), kind)
+    return cls(name, opts=opts, **{SNAKE.get(key, key): value for key, value in obj.items()})
+
+
+class KubernetesGateway(pulumi.ComponentResource):
+    """The cluster (or the existing one), its addons, and every object of gpugate/kube.py."""
+
+    url: pulumi.Output[str]
+    cluster_name: pulumi.Output[str]
+    namespace: pulumi.Output[str]
+    kubeconfig: pulumi.Output[str]  # secret
+    load_balancer_address: pulumi.Output[str]
+    bundle_sha256: pulumi.Output[str]
+    vllm_api_key: pulumi.Output[str]  # secret
+    prober_api_key: pulumi.Output[str]  # secret
+
+    OUTPUTS = OUTPUTS
+
+    def __init__(self, name: str, args: KubernetesGatewayArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__(TYPE_TOKEN, name, None, opts)
+        spec, stack = args.spec, args.stack
+        kube = spec.kubernetes
+        assert kube is not None
+        cluster = cluster_for(name, spec, stack.name, self)
+        on_cluster = pulumi.ResourceOptions(parent=self, provider=cluster.provider)
+
+        # Secrets: the internal vLLM key and the alert credential as on a VM; the prober's client key
+        # generated here, with a key store holding its hash that operators extend afterwards.
+        host = {s.name: s.value for s in host_secrets(spec, name, self)}
+        self.vllm_api_key = host["vllm_api_key"]
+        password = random.RandomPassword(
+            f"{name}-prober-key", length=VLLM_KEY_LENGTH, special=False, opts=pulumi.ResourceOptions(parent=self)
+        ).result
+        now = datetime.now(UTC).replace(microsecond=0)
+        pair = password.apply(lambda p: prober_store(p, spec.limits.expires_days, now))
+        self.prober_api_key = pulumi.Output.secret(pair.apply(lambda p: p[0]))
+        secrets: dict[str, dict[str, Any]] = {
+            SECRET_INTERNAL: {VLLM_KEY_ITEM: self.vllm_api_key, PROBER_KEY_ITEM: self.prober_api_key},
+            SECRET_KEYS: {KEY_STORE_FILE: pulumi.Output.secret(pair.apply(lambda p: p[1]))},
+        }
+        if "alert_credential" in host:
+            secrets[SECRET_ALERT] = {ALERT_ITEM: host["alert_credential"]}
+
+        addons = self._addons(name, kube.install_addons, kube.prometheus_release, on_cluster)
+        build: Build = pod_build(stack, facts=cluster.facts, secrets=secrets)
+        created: dict[tuple[str, str], pulumi.CustomResource] = {}
+        namespaces: list[pulumi.Resource] = []
+        for obj in objects(build):
+            kind, meta = obj["kind"], obj["metadata"]
+            depends: list[pulumi.Resource] = list(namespaces)
+            if obj["apiVersion"].split("/")[0] in ADDON_GROUPS or meta.get("namespace") == MONITORING_NAMESPACE:
+                depends += addons
+            ignore: list[str] = []
+            if kind == "Deployment" and meta["name"] == VLLM:
+                ignore.append("spec.replicas")  # KEDA's to decide after creation
+            if kind == "Secret" and meta["name"] == SECRET_KEYS:
+                ignore += ["stringData", "data"]  # operators' keys from then on (runbook: rotate a key)
+            res = resource(
+                obj,
+                pulumi.ResourceOptions.merge(
+                    on_cluster, pulumi.ResourceOptions(depends_on=depends, ignore_changes=ignore or None)
+                ),
+            )
+            created[(kind, meta["name"])] = res
+            if kind == "Namespace":
+                namespaces.append(res)
+
+        service = created[("Service", GATEWAY)]
+        if kube.provider == "existing":
+            status = service.status  # type: ignore[attr-defined]
+            cluster.load_balancer_address = status.apply(_ingress_address)
+        self.url = pulumi.Output.from_input(public_url(spec))
+        self.cluster_name = cluster.cluster_name
+        self.namespace = pulumi.Output.from_input(kube.namespace)
+        self.kubeconfig = pulumi.Output.secret(cluster.kubeconfig)
+        self.load_balancer_address = cluster.load_balancer_address
+        self.bundle_sha256 = pulumi.Output.from_input(args.bundle_sha256)
+        self.register_outputs({name: getattr(self, name) for name in OUTPUTS})
+
+    def _addons(
+        self, name: str, install: bool, release: str, opts: pulumi.ResourceOptions
+    ) -> list[pulumi.Resource]:
+        """KEDA and kube-prometheus-stack, pinned, on the system pool; none when the cluster already runs them."""
+        if not install:
+            return []
+        system = {POOL_LABEL: SYSTEM_POOL}
+        keda = k8s.helm.v3.Release(
+            f"{name}-keda",
+            name="keda",
+            chart=KEDA_CHART[0],
+            version=KEDA_CHART[1],
+            repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=KEDA_CHART[2]),
+            namespace=KEDA_NAMESPACE,
+            create_namespace=True,
+            values={"nodeSelector": system},
+            opts=opts,
+        )
+        prometheus = k8s.helm.v3.Release(
+            f"{name}-kube-prometheus-stack",
+            name=release,
+            chart=PROMETHEUS_CHART[0],
+            version=PROMETHEUS_CHART[1],
+            repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=PROMETHEUS_CHART[2]),
+            namespace=MONITORING_NAMESPACE,
+            create_namespace=True,
+            values={
+                "prometheusOperator": {"nodeSelector": system},
+                "prometheus": {"prometheusSpec": {"nodeSelector": system, "retention": "15d"}},
+                "alertmanager": {
+                    "alertmanagerSpec": {
+                        "nodeSelector": system,
+                        # The gateway's alerts aggregate away the namespace label: route them all.
+                        "alertmanagerConfigMatcherStrategy": {"type": "None"},
+                    }
+                },
+                "grafana": {"nodeSelector": system, "sidecar": {"dashboards": {"enabled": True, "label": "grafana_dashboard"}}},
+            },
+            opts=opts,
+        )
+        return [keda, prometheus]
+
+
+def _ingress_address(status: Any) -> str:
+    """The LoadBalancer's address from a Service's status: an IP (most clouds) or a host name (AWS)."""
+    ingress = getattr(getattr(status, "load_balancer", None), "ingress", None) or []
+    return (ingress[0].ip or ingress[0].hostname or "") if ingress else ""
