@@ -31,6 +31,7 @@ from gpugate_runtime.settings import AuthzSettings, KeysSettings
 
 from gpugate import __version__
 from gpugate.alerts import rule_groups
+from gpugate.dashboards import dashboard_files
 from gpugate.monitoring import RULES_FILE, alertmanager_config, prometheus_config
 from gpugate.spec import GatewaySpec, Target
 from gpugate.stackfile import REPO_ROOT, Stack
@@ -244,6 +245,8 @@ def render_bundle(stack: Stack, layout: HostLayout | None = None, model_dir: Pat
     files["alertmanager/alertmanager.yml"] = dump_yaml(alertmanager_config(spec, ports, layout, credential), header)
     settings = runtime_settings(spec, ports, layout)
     files["runtime/gpugate.env"] = template("common/gpugate.env.j2", settings=settings)
+    if not vm:  # VM user-data has no room for it (16 KiB on AWS) and VMs run no Grafana: `gpugate dashboard`
+        files.update(dashboard_files(spec, stack.name))
 
     if spec.target is Target.LOCAL:
         files["supervisor/supervisord.conf"] = template("local/supervisord.conf.j2")

@@ -23,6 +23,7 @@ from gpugate_runtime.host import HostLayout
 from gpugate_runtime.launchspec import LaunchSpec
 from pydantic import ValidationError
 
+from gpugate.dashboards import dashboard_exprs, dashboard_problems, recording_rules
 from gpugate.kube import check_manifest as check_kubernetes
 from gpugate.render import MANIFEST, Bundle, render_bundle, write_bundle
 from gpugate.stackfile import Stack
@@ -125,6 +126,21 @@ def check_env_file(path: Path, root: Path) -> tuple[bool, str]:
     return not problems, "\n".join(problems)
 
 
+def check_dashboard(path: Path, root: Path) -> tuple[bool, str]:
+    """Grafana's schema as grafana-foundation-sdk reads it, and every panel's PromQL parsed by promtool."""
+    try:
+        data = json.loads(path.read_bytes())
+    except ValueError as err:
+        return False, f"not JSON: {err}"
+    problems = dashboard_problems(data)
+    if not problems:
+        queries = root / f"{path.stem}.queries.rules.yml"
+        queries.write_text(json.dumps(recording_rules(dashboard_exprs(data)), indent=1))
+        ok, out = _run(["promtool", "check", "rules", str(queries)], root)
+        problems += [] if ok else [_last_lines(out)]
+    return not problems, "\n".join(problems)
+
+
 # file pattern -> (tool shown in the verdict, checker)
 CHECKS: list[tuple[str, str, Callable[[Path, Path], tuple[bool, str]]]] = [
     ("caddy/Caddyfile", "caddy validate", check_caddyfile),
@@ -137,6 +153,7 @@ CHECKS: list[tuple[str, str, Callable[[Path, Path], tuple[bool, str]]]] = [
     ("vllm/launch.json", "gpugate-runtime LaunchSpec", check_launch_spec),
     ("runtime/gpugate.env", "gpugate-runtime settings", check_env_file),
     ("kubernetes/*.yaml", "kubernetes-validate + CRD models", check_kubernetes),
+    ("grafana/*.json", "promtool check rules (panel queries) + grafana-foundation-sdk schema", check_dashboard),
 ]
 
 

@@ -30,6 +30,8 @@ VLLM_KV_USAGE = "vllm:kv_cache_usage_perc"
 VLLM_PREEMPTIONS = "vllm:num_preemptions_total"
 VLLM_E2E_LATENCY = "vllm:e2e_request_latency_seconds"
 VLLM_TTFT = "vllm:time_to_first_token_seconds"
+VLLM_PROMPT_TOKENS = "vllm:prompt_tokens_total"
+VLLM_GENERATION_TOKENS = "vllm:generation_tokens_total"
 
 # Caddy 2.6
 CADDY_REQUEST_DURATION = "caddy_http_request_duration_seconds"  # labels: server, handler, code, method
