@@ -133,13 +133,18 @@ def validate(
     raise typer.Exit(EXIT_CHECK_FAILED if any(not v.ok for v in verdicts) else EXIT_OK)
 
 
-def _mount_plan() -> None:
+def _mount_commands() -> None:
+    """Commands whose code lives in their own modules."""
     from gpugate.plan import plan_command  # noqa: PLC0415
+    from gpugate.promote import promote_command  # noqa: PLC0415
+    from gpugate.smoke import smoke_command  # noqa: PLC0415
 
     app.command("plan")(plan_command)
+    app.command("smoke")(smoke_command)
+    app.command("promote")(promote_command)
 
 
-_mount_plan()
+_mount_commands()
 
 
 def run() -> None:  # pragma: no cover - console script entry
