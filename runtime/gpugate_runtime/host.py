@@ -90,6 +90,16 @@ class HostLayout:
         return self.state / "caddy"
 
     @property
+    def caddy_admin_socket(self) -> Path:
+        """Caddy's admin API, a unix socket only Caddy's user can connect to; `reload-proxy` reloads through it."""
+        return self.caddy_storage / "admin.sock"
+
+    @property
+    def drain_marker(self) -> Path:
+        """While this file exists the proxy answers 503 with Retry-After instead of serving the public API."""
+        return self.state / "drain"
+
+    @property
     def local_ca_file(self) -> Path:
         """Root certificate of Caddy's internal CA (`tls internal`), which clients of a local stack trust."""
         return self.caddy_storage / "pki" / "authorities" / "local" / "root.crt"
