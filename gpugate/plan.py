@@ -8,6 +8,7 @@ verdicts, whether the model fits the GPU, and what a month of it costs. No cloud
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -71,6 +72,33 @@ class ResourceRow(BaseModel):
     properties: dict[str, str]
 
 
+class Workload(BaseModel):
+    """The request the fleet is sized for: one client holds one stream of this shape."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt_tokens: int = 1000
+    completion_tokens: int = 250
+
+    @property
+    def context_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class ReplicaThroughput(BaseModel):
+    """What one vLLM replica serves of a workload, from a memory-bandwidth roofline (see docs/scaling.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    workload: Workload
+    streams: int = Field(description="concurrent streams: max_num_seqs, or fewer when the KV cache runs out first")
+    step_seconds: float = Field(description="one decode step for all streams: weights plus their KV cache read once")
+    tokens_per_second_per_stream: float
+    decode_tokens_per_second: float
+    prefill_seconds: float = Field(description="one prompt's prefill, compute-bound")
+    requests_per_second: float
+
+
 class ScalingReport(BaseModel):
     """How far one Kubernetes stack scales: per vLLM replica (from the KV-cache plan), and at the
     autoscaler's bounds."""
@@ -85,6 +113,7 @@ class ScalingReport(BaseModel):
     full_length_sequences_per_replica: float = Field(description="max_model_len requests one replica's KV cache holds")
     tokens_per_sequence_at_max_num_seqs: int = Field(description="KV tokens each sequence may hold when max_num_seqs run")
     queue_target_per_replica: int
+    throughput: ReplicaThroughput = Field(description="a roofline estimate for the planning workload, not a measurement")
     kv_tokens_at_min: int
     kv_tokens_at_max: int
     sequences_at_min: int
@@ -165,6 +194,14 @@ class PlanReport(BaseModel):
                     f"({sc.tokens_per_sequence_at_max_num_seqs:,} tokens each), {sc.full_length_sequences_per_replica:.2f} "
                     f"at full length; KEDA holds {sc.queue_target_per_replica} waiting per replica; "
                     f"{sc.sequences_at_min:,} sequences at min, {sc.sequences_at_max:,} at max"
+                )
+            )
+            tp = sc.throughput
+            parts.append(
+                Text(
+                    f"throughput (roofline estimate, {tp.workload.prompt_tokens:,}-token prompts, "
+                    f"{tp.workload.completion_tokens:,}-token completions): per replica {tp.streams} streams at "
+                    f"{tp.tokens_per_second_per_stream:g} tokens/s each, {tp.requests_per_second:g} requests/s"
                 )
             )
         at_min = " at replicas.min" if self.cost_at_max is not None else ""
@@ -499,6 +536,48 @@ def cost(spec: GatewaySpec, resources: list[Recorded]) -> CostEstimate | None:
     )
 
 
+# Datasheet figures per GPU: memory bandwidth (GB/s) and dense bf16 tensor throughput (TFLOPS).
+# Sources: NVIDIA L4, A10G (AWS g5), A100 80GB SXM, H100 SXM datasheets.
+GPU_BANDWIDTH_GBPS = {"L4": 300, "A10G": 600, "A100-80GB": 2039, "H100-80GB": 3350}
+GPU_BF16_TFLOPS = {"L4": 121, "A10G": 125, "A100-80GB": 312, "H100-80GB": 989}
+# Shares of those peaks vLLM reaches in practice on decode (bandwidth) and prefill (compute): planning
+# assumptions, to be replaced by a measurement on the target GPU (bench/) when one is available.
+BANDWIDTH_EFFICIENCY = 0.6
+COMPUTE_EFFICIENCY = 0.5
+PLANNING_WORKLOAD = Workload()
+
+
+def replica_throughput(spec: GatewaySpec, fit: CapacityReport, workload: Workload = PLANNING_WORKLOAD) -> ReplicaThroughput:
+    """One replica's streams and requests per second for `workload`.
+
+    Decode is memory-bound: each step reads the weights and every stream's KV cache once, spread
+    over tensor_parallel_size GPUs; prefill is compute-bound (2 FLOPs per parameter per prompt
+    token); the GPU time prefill takes is time decode does not get.
+    """
+    facts = MODELS[spec.model.id]
+    tp = fit.tensor_parallel_size
+    blocks_per_stream = math.ceil(workload.context_tokens / fit.block_size)
+    streams = max(0, min(fit.max_num_seqs, fit.kv_blocks // blocks_per_stream))
+    weights_per_gpu = fit.weight_bytes_per_gpu or 0
+    mean_context = workload.prompt_tokens + workload.completion_tokens / 2
+    kv_read = streams * mean_context * fit.kv_bytes_per_token
+    bandwidth = GPU_BANDWIDTH_GBPS[spec.gpu.type] * 1e9 * BANDWIDTH_EFFICIENCY
+    step = (weights_per_gpu + kv_read) / bandwidth
+    compute = GPU_BF16_TFLOPS[spec.gpu.type] * 1e12 * COMPUTE_EFFICIENCY * tp
+    prefill = 2 * facts.num_params * workload.prompt_tokens / compute
+    decode_only = streams / (step * workload.completion_tokens) if streams else 0.0
+    requests = decode_only / (1 + prefill * decode_only)
+    return ReplicaThroughput(
+        workload=workload,
+        streams=streams,
+        step_seconds=round(step, 4),
+        tokens_per_second_per_stream=round(1 / step, 1),
+        decode_tokens_per_second=round(requests * workload.completion_tokens, 1),
+        prefill_seconds=round(prefill, 3),
+        requests_per_second=round(requests, 2),
+    )
+
+
 def scaling(spec: GatewaySpec, fit: CapacityReport) -> ScalingReport | None:
     """Per-replica capacity from the KV-cache plan, and the totals at the autoscaler's bounds."""
     kube = spec.kubernetes
@@ -516,6 +595,7 @@ def scaling(spec: GatewaySpec, fit: CapacityReport) -> ScalingReport | None:
         full_length_sequences_per_replica=round(fit.max_concurrency, 2),
         tokens_per_sequence_at_max_num_seqs=fit.kv_tokens // fit.max_num_seqs,
         queue_target_per_replica=kube.autoscaling.waiting_per_replica,
+        throughput=replica_throughput(spec, fit),
         kv_tokens_at_min=fit.kv_tokens * low,
         kv_tokens_at_max=fit.kv_tokens * high,
         sequences_at_min=fit.max_num_seqs * low,
@@ -615,6 +695,101 @@ def kubernetes_cost(spec: GatewaySpec, resources: list[Recorded], gpu_nodes: int
         monthly_usd=total,
         excludes="egress, load-balancer data processing, Filestore/EFS operations, logging/monitoring beyond the free tier, taxes, discounts",
     )
+
+
+# ---- sizing a fleet (docs/scaling.md) -------------------------------------------------------
+
+# How many GPU replicas one cluster is planned for: a blast-radius and regional-capacity choice (GPU
+# quota and L4 stock per region run out long before GKE's 15,000-node limit), not a Kubernetes limit.
+MAX_REPLICAS_PER_CLUSTER = 500
+SIZING_CLIENTS = (100, 10_000, 1_000_000)
+# Catalog models on the smallest GPU set each fits on with a 16k context (prod's own first).
+SIZING_MODELS = (
+    ("Qwen/Qwen2.5-7B-Instruct", "L4", 1),
+    ("mistralai/Mistral-7B-Instruct-v0.3", "L4", 1),
+    ("meta-llama/Llama-3.1-8B-Instruct", "L4", 1),
+    ("Qwen/Qwen2.5-14B-Instruct", "A100-80GB", 1),
+    ("meta-llama/Llama-3.1-70B-Instruct", "H100-80GB", 4),
+)
+
+
+class FleetSize(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    clients: int = Field(description="concurrent clients, each holding one stream")
+    replicas: int
+    clusters: int
+    requests_per_second: float
+    monthly_usd: float
+
+
+def fleet(clients: int, spec: GatewaySpec, throughput: ReplicaThroughput, replica_month: float, cluster_month: float) -> FleetSize:
+    """Replicas and clusters for `clients` concurrent streams, and what a month of them costs."""
+    assert spec.kubernetes is not None
+    replicas = max(spec.kubernetes.replicas.min, math.ceil(clients / throughput.streams))
+    clusters = math.ceil(replicas / MAX_REPLICAS_PER_CLUSTER)
+    return FleetSize(
+        clients=clients,
+        replicas=replicas,
+        clusters=clusters,
+        requests_per_second=round(replicas * throughput.requests_per_second, 1),
+        monthly_usd=round(replicas * replica_month + clusters * cluster_month, 2),
+    )
+
+
+def _variant(spec: GatewaySpec, model: str, gpu: str, count: int) -> GatewaySpec:
+    data = spec.model_dump(mode="json", exclude_none=True)
+    data["model"]["id"] = model
+    data["gpu"] = {"type": gpu, "count": count}
+    return GatewaySpec.model_validate(data)
+
+
+def sizing_markdown(stack_name: str = "prod") -> str:
+    """The planner's figures for docs/scaling.md: per replica for each catalog model, then the stack's
+    fleet for 100, 10,000 and 1,000,000 concurrent clients. `python -c "from gpugate.plan import
+    sizing_markdown; print(sizing_markdown())"` prints it; a test keeps the page equal to it."""
+    report = plan_stack(stack_name)
+    spec = load_stack(stack_name).spec
+    assert report.scaling is not None and report.cost is not None and report.cost_at_max is not None
+    assert report.cost.monthly_usd is not None and report.cost_at_max.monthly_usd is not None
+    kube = spec.kubernetes
+    assert kube is not None
+    workload = report.scaling.throughput.workload
+    lines = [
+        f"Workload: {workload.prompt_tokens:,}-token prompts, {workload.completion_tokens:,}-token completions, "
+        f"one stream per client; max_model_len {spec.model.max_model_len:,}, max_num_seqs {spec.vllm.max_num_seqs}, "
+        f"gpu_memory_utilization {spec.vllm.gpu_memory_utilization:g}.",
+        "",
+        "| model | GPUs per replica | KV tokens | streams | tokens/s per stream | requests/s |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for model, gpu, count in SIZING_MODELS:
+        variant = _variant(spec, model, gpu, count)
+        fit = capacity(variant)
+        tp = replica_throughput(variant, fit, workload)
+        lines.append(
+            f"| {model} | {count} x {gpu} | {fit.kv_tokens:,} | {tp.streams} | {tp.tokens_per_second_per_stream:g} "
+            f"| {tp.requests_per_second:g} |"
+        )
+    span = kube.replicas.max - kube.replicas.min
+    replica_month = (report.cost_at_max.monthly_usd - report.cost.monthly_usd) / span
+    cluster_month = report.cost.monthly_usd - kube.replicas.min * replica_month
+    lines += [
+        "",
+        f"Fleet for `{stack_name}` ({spec.model.id} on {spec.gpu.count} x {spec.gpu.type}, {kube.provider.upper()} "
+        f"{spec.region}): {replica_month:,.2f} USD a month per replica (GPU node and its disk), "
+        f"{cluster_month:,.2f} USD per cluster (control plane, system nodes, certificate volume, load balancer, "
+        f"address, DNS); at most {MAX_REPLICAS_PER_CLUSTER} replicas per cluster.",
+        "",
+        "| concurrent clients | replicas | clusters | requests/s | USD per month |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for clients in SIZING_CLIENTS:
+        size = fleet(clients, spec, report.scaling.throughput, replica_month, cluster_month)
+        lines.append(
+            f"| {size.clients:,} | {size.replicas:,} | {size.clusters:,} | {size.requests_per_second:,g} | {size.monthly_usd:,.0f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 # ---- entry points ---------------------------------------------------------------------------

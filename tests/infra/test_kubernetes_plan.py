@@ -61,3 +61,35 @@ def test_the_month_at_max_costs_six_more_gpu_nodes_with_their_disks_than_the_mon
     assert high["monthly_usd"] - low["monthly_usd"] == pytest.approx(6 * (node + disk), abs=0.05)
     items = " ".join(line["item"] for line in low["lines"])
     assert "control plane" in items and "Filestore" in items and "g2-standard-8 x 2" in items
+
+
+def test_the_scaling_page_carries_the_planner_own_figures():
+    from gpugate.plan import sizing_markdown
+    from tests.conftest import REPO
+
+    page = (REPO / "docs" / "scaling.md").read_text()
+    block = page.split("<!-- sizing:begin -->\n", 1)[1].split("<!-- sizing:end -->", 1)[0]
+    assert block == sizing_markdown(), "regenerate: python -c 'from gpugate.plan import sizing_markdown; print(sizing_markdown())'"
+
+
+def test_the_deploy_page_quotes_the_plan_monthly_totals_at_min_and_max(report):
+    from tests.conftest import REPO
+
+    page = (REPO / "docs" / "deploy-kubernetes.md").read_text()
+    assert f"total {report['cost']['monthly_usd']:,.2f}" in page
+    assert f"total {report['cost_at_max']['monthly_usd']:,.2f}" in page
+
+
+def test_a_million_clients_take_many_clusters_of_at_most_500_replicas():
+    from gpugate.plan import MAX_REPLICAS_PER_CLUSTER, PLANNING_WORKLOAD, ReplicaThroughput, fleet
+
+    spec = load_stack("prod").spec
+    one_replica = ReplicaThroughput(
+        workload=PLANNING_WORKLOAD, streams=64, step_seconds=0.1, tokens_per_second_per_stream=10,
+        decode_tokens_per_second=400, prefill_seconds=0.25, requests_per_second=1.5,
+    )
+    small = fleet(100, spec, one_replica, 600.0, 450.0)
+    assert (small.replicas, small.clusters) == (2, 1)  # the stack's floor, not 100 / 64
+    huge = fleet(1_000_000, spec, one_replica, 600.0, 450.0)
+    assert huge.replicas == 15_625 and huge.clusters == -(-15_625 // MAX_REPLICAS_PER_CLUSTER) == 32
+    assert huge.monthly_usd == 15_625 * 600 + 32 * 450
