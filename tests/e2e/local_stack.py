@@ -119,3 +119,8 @@ def running_local_stack(root: Path, change: Callable[[dict[str, Any]], None] = l
         run_gpugate("down", "--stack", str(stack_file), env=env, timeout=120)
 
 
+
+
+def key_store(stack: RunningStack) -> Path:
+    """The stack's key store file (the same as `stack.key_store`)."""
+    return stack.key_store
