@@ -275,10 +275,12 @@ def inhibit_rules() -> list[dict]:
 
 
 def runbook_url(spec: GatewaySpec, alert: Alert) -> str:
+    """`<runbook_base_url>/<slug>.md`: the alert's runbook in runbooks/."""
     return f"{str(spec.alerts.runbook_base_url).rstrip('/')}/{alert.slug}.md"
 
 
 def rule_groups(spec: GatewaySpec) -> dict:
+    """The rules as Prometheus reads them (a rule file), which is also the `spec` of a Kubernetes PrometheusRule."""
     rules = [
         {
             "alert": a.name,

@@ -54,9 +54,9 @@ def notifications(stack: RunningStack) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def wait_for_notification(stack: RunningStack, status: str, after: int, timeout: float) -> tuple[dict[str, Any], float]:
-    """The first VllmDown notification with `status` among lines after the first `after`, and when it came."""
-    started = time.monotonic()
+def wait_for_notification(stack: RunningStack, status: str, after: int, started: float, timeout: float) -> tuple[dict[str, Any], float]:
+    """The first VllmDown notification with `status` among lines after the first `after`, and how long
+    after `started` (time.monotonic()) it came."""
     while time.monotonic() - started < timeout:
         for record in notifications(stack)[after:]:
             if record["status"] == status and "VllmDown" in record["alertnames"]:
@@ -81,16 +81,17 @@ def test_stopped_vllm_pages_the_local_channel_with_its_runbook_and_the_recovery_
     before = len(notifications(stack))
 
     # when vLLM is stopped through its supervisor (so that it stays down: no race with auto-restart)
+    stopping = time.monotonic()
     supervisorctl(stack, "stop", "vllm")
 
     # then Alertmanager delivers VllmDown to the local channel, with its severity, live value and runbook
-    firing, fired_after = wait_for_notification(stack, "firing", before, FIRING_TIMEOUT_S)
+    firing, fired_after = wait_for_notification(stack, "firing", before, stopping, FIRING_TIMEOUT_S)
     alert = next(a for a in firing["alerts"] if a["alertname"] == "VllmDown")
     assert alert["status"] == "firing" and alert["severity"] == "page"
     assert alert["runbook_url"] == "https://github.com/gpugate/gpugate/blob/main/runbooks/vllm-down.md"
     assert alert["annotations"]["value"] == "up = 0"
     assert f"127.0.0.1:{stack.ports['vllm']}" in alert["annotations"]["description"]
-    assert fired_after >= 55, f"fired after {fired_after:.0f} s: the rule's `for: 1m` was not honoured"
+    assert fired_after >= 60, f"fired after {fired_after:.0f} s: the rule's `for: 1m` was not honoured"
     print(f"\nVllmDown firing notification {fired_after:.0f} s after vLLM stopped")
 
     # and the on-call view lists it with the first steps of its runbook, for this stack
@@ -102,10 +103,11 @@ def test_stopped_vllm_pages_the_local_channel_with_its_runbook_and_the_recovery_
 
     # when vLLM starts again
     after_firing = len(notifications(stack))
+    starting = time.monotonic()
     supervisorctl(stack, "start", "vllm")
 
     # then the resolved notification arrives too
-    resolved, resolved_after = wait_for_notification(stack, "resolved", after_firing, RESOLVED_TIMEOUT_S)
+    resolved, resolved_after = wait_for_notification(stack, "resolved", after_firing, starting, RESOLVED_TIMEOUT_S)
     alert = next(a for a in resolved["alerts"] if a["alertname"] == "VllmDown")
     assert alert["status"] == "resolved"
     assert alert["runbook_url"].endswith("/vllm-down.md")
