@@ -606,7 +606,9 @@ def _gateway_deployment(b: Build) -> dict[str, Any]:
             "periodSeconds": 20,
             "failureThreshold": 3,
         },
-        "securityContext": {**_restricted(), "runAsUser": 1001, "runAsGroup": 1000},
+        # Caddy's user: Caddy creates its access log 0600 and authz must read it. Nothing else is
+        # shared: authz mounts neither the certificates nor the Caddyfile.
+        "securityContext": {**_restricted(), "runAsUser": 1000, "runAsGroup": 1000},
         "volumeMounts": [
             env_mount,
             # A projected Secret updates by swapping a symlink: authz's reload sees a new inode.
@@ -682,7 +684,7 @@ def _gateway_deployment(b: Build) -> dict[str, Any]:
 
 
 def _services(b: Build) -> list[dict[str, Any]]:
-    spec, ports = b.spec, b.ports
+    ports = b.ports
     public_spec: dict[str, Any] = {
         "type": "LoadBalancer",
         # Client addresses reach Caddy's logs and the per-key limits; only nodes with a proxy pod serve.
@@ -1186,6 +1188,8 @@ def dashboards(spec: GatewaySpec, stack_name: str) -> dict[str, bytes]:
     """The on-call dashboards (gpugate/dashboards.py), provisioned as labelled ConfigMaps."""
     try:
         from gpugate.dashboards import dashboard_files  # noqa: PLC0415 - optional until it lands
-    except ImportError:
+    except ModuleNotFoundError as err:
+        if err.name != "gpugate.dashboards":
+            raise  # the module is there but cannot load: say so, never render without it
         return {}
     return dashboard_files(spec, stack_name)

@@ -309,3 +309,14 @@ def test_every_container_has_requests_and_limits_and_the_gateway_pods_run_as_non
                 context = container["securityContext"]
                 assert context["runAsNonRoot"] and context["readOnlyRootFilesystem"]
                 assert context["capabilities"] == {"drop": ["ALL"]} and context["allowPrivilegeEscalation"] is False
+
+
+def test_authz_reads_the_access_log_caddy_writes_and_nothing_else_of_caddy(prod_objects):
+    containers = {c["name"]: c for c in pod_spec(find(prod_objects, "Deployment", "gateway"))["containers"]}
+    caddy, authz = containers["caddy"], containers["authz"]
+    # Caddy creates its access log 0600: authz runs as Caddy's user and mounts the same log volume
+    assert authz["securityContext"]["runAsUser"] == caddy["securityContext"]["runAsUser"]
+    logs = {m["mountPath"] for m in caddy["volumeMounts"] if m["name"] == "logs"}
+    assert logs == {m["mountPath"] for m in authz["volumeMounts"] if m["name"] == "logs"} == {"/var/log/gpugate"}
+    # but not the certificates or the Caddyfile
+    assert {m["name"] for m in authz["volumeMounts"]} == {"runtime-env", "keys", "logs"}

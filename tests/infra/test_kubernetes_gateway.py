@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextvars
-import copy
 from collections.abc import Callable
 from typing import Any
 
