@@ -136,6 +136,7 @@ def validate(
 def _mount_commands() -> None:
     """Commands whose code lives in their own modules."""
     from gpugate.dashboards import dashboard_command  # noqa: PLC0415
+    from gpugate.oncall import alerts_command  # noqa: PLC0415
     from gpugate.plan import plan_command  # noqa: PLC0415
     from gpugate.promote import promote_command  # noqa: PLC0415
     from gpugate.smoke import smoke_command  # noqa: PLC0415
@@ -144,6 +145,7 @@ def _mount_commands() -> None:
     app.command("smoke")(smoke_command)
     app.command("promote")(promote_command)
     app.command("dashboard")(dashboard_command)
+    app.command("alerts")(alerts_command)
 
 
 _mount_commands()

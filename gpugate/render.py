@@ -154,6 +154,7 @@ def launch_spec(spec: GatewaySpec, ports: Ports, layout: HostLayout, model_dir: 
         cpu_kv_cache_gib=spec.vllm.cpu_kv_cache_gib or (1 if local else None),
         image=spec.vllm.image,
         model_cache_dir=None if local else layout.state / "hf",
+        pgid_file=layout.state / "vllm.pgid" if local else None,
         host="127.0.0.1",
         port=ports.vllm,
         api_key_file=layout.vllm_key_file,

@@ -6,8 +6,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated
@@ -190,6 +192,48 @@ def redacted(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
     return [REDACTED if key and key in a else a for a in argv]
 
 
+def end_leftovers(pgid_file: Path, timeout: float = 10.0) -> list[int]:
+    """Kill what a crashed vLLM left in its process group, then record ours; returns the pids it ended.
+
+    vLLM's engine core and workers are separate processes: when the API server dies hard
+    (SIGKILL, OOM), they are re-parented and keep the model and the KV cache in memory. A
+    supervisor's restart would then run two engines. systemd ends them with the unit's cgroup;
+    under supervisord the recorded process group is how we find them.
+    """
+    ours = os.getpgrp()
+    ended: list[int] = []
+    try:
+        previous = int(pgid_file.read_text().strip())
+    except (OSError, ValueError):
+        previous = 0
+    if previous > 1 and previous != ours:
+        ended = _group_members(previous)
+        if ended:
+            log.warning("ending %d process(es) a previous vLLM left in process group %d", len(ended), previous)
+            try:
+                os.killpg(previous, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + timeout
+            while _group_members(previous) and time.monotonic() < deadline:
+                time.sleep(0.1)
+    pgid_file.parent.mkdir(parents=True, exist_ok=True)
+    pgid_file.write_text(f"{ours}\n")
+    return ended
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
 app = typer.Typer(help="Start vLLM from a launch spec.", no_args_is_help=True, add_completion=False)
 
 
@@ -251,6 +295,8 @@ def run(
             raise typer.Exit(EXIT_BAD_INPUT) from None
     if dry_run:
         return
+    if launch.pgid_file is not None:
+        end_leftovers(launch.pgid_file)
     log.info("starting vLLM: %s", " ".join(redacted(argv, env)))
     sys.stdout.flush()
     sys.stderr.flush()

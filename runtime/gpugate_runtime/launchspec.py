@@ -35,6 +35,11 @@ class LaunchSpec(BaseModel):
     model_cache_dir: Path | None = Field(
         None, description="host directory the container keeps downloaded weights in (GPU targets), so a restart does not re-download"
     )
+    pgid_file: Path | None = Field(
+        None,
+        description="where the launcher records vLLM's process group, so that a start after a crash can end what the "
+        "crashed server left behind (its engine-core and worker processes outlive a killed API server)",
+    )
     host: str = "127.0.0.1"
     port: PositiveInt
     api_key_file: Path = Field(description="file holding vLLM's internal API key")

@@ -94,12 +94,17 @@ def test_changed_stack_file_restarts_only_what_changed(stack):
 
 def test_killed_vllm_is_restarted_and_the_outage_is_seen(stack):
     old = stack.pid_of("vllm")
+    engine = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
+              if _pgid(p) == old and int(p.parent.name) != old]
+    assert engine, "vLLM's engine core runs in the server's process group"
     os.kill(old, signal.SIGKILL)
     # the prober goes red ...
     wait_until(lambda: any(c["check"] == "vllm_health" and c["ok"] is False for c in stack.status()["checks"]), 60, 1, "prober red")
     # ... the supervisor restarts vLLM and the prober goes green again
     wait_until(lambda: stack.status()["healthy"], 300, 2, "stack healthy again")
     assert stack.pid_of("vllm") != old
+    # and the engine the killed server left behind did not survive next to the new one
+    assert not [pid for pid in engine if Path(f"/proc/{pid}").exists() and _pgid(Path(f"/proc/{pid}/stat")) == old]
     # and Prometheus recorded the outage
     outage = stack.prometheus('min_over_time(gpugate_probe_success{check="vllm_health"}[10m])')
     assert outage and float(outage[0]["value"][1]) == 0.0
@@ -116,3 +121,10 @@ def test_down_leaves_no_process_and_up_works_again(stack):
     assert again.returncode == 0, again.stdout + again.stderr
     reply = stack.client().chat.completions.create(model=stack.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert reply.choices[0].message.content is not None
+
+
+def _pgid(stat: Path) -> int:
+    try:
+        return int(stat.read_text().rsplit(") ", 1)[1].split()[2])
+    except (OSError, IndexError, ValueError):
+        return -1

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 from gpugate_runtime import launcher
-from gpugate_runtime.launcher import CONTAINER_CACHE, LaunchError, app, build_argv, build_env, check_args
+from gpugate_runtime.launcher import CONTAINER_CACHE, LaunchError, end_leftovers, app, build_argv, build_env, check_args
 from gpugate_runtime.launchspec import LaunchSpec
 from typer.testing import CliRunner
 
@@ -237,3 +239,25 @@ def test_gpu_host_runs_the_pinned_image_with_the_key_passed_by_name_only(key_fil
 def test_cpu_spec_without_image_runs_the_local_interpreter(key_file: Path) -> None:
     argv = build_argv(cpu_spec(key_file), VLLM_PYTHON)
     assert argv[0] == str(VLLM_PYTHON) and "docker" not in argv[0]
+
+
+def test_a_start_after_a_crash_ends_the_processes_the_crashed_server_left(tmp_path: Path) -> None:
+    # given a "crashed server": its process group outlives it in a child (like vLLM's EngineCore)
+    leader = subprocess.Popen(["sh", "-c", "sleep 120 & echo $!; exit 0"], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    orphan = int(leader.stdout.readline())
+    leader.wait(timeout=10)
+    pgid_file = tmp_path / "vllm.pgid"
+    pgid_file.write_text(f"{leader.pid}\n")
+    assert Path(f"/proc/{orphan}").exists()
+    # when the launcher starts again
+    ended = end_leftovers(pgid_file)
+    # then the leftover is gone and the file names the new group
+    assert orphan in ended
+    assert not Path(f"/proc/{orphan}").exists() or "Z" in Path(f"/proc/{orphan}/stat").read_text().rsplit(") ", 1)[1][:1]
+    assert int(pgid_file.read_text()) == os.getpgrp()
+
+
+def test_a_first_start_only_records_its_process_group(tmp_path: Path) -> None:
+    pgid_file = tmp_path / "state" / "vllm.pgid"
+    assert end_leftovers(pgid_file) == []
+    assert int(pgid_file.read_text()) == os.getpgrp()
