@@ -949,12 +949,17 @@ def _monitoring(b: Build) -> list[dict[str, Any]]:
         }
 
     metrics_port = "metrics"
+    # A vLLM pod spends minutes starting (weights, warm-up) with no /metrics yet: scraping it then
+    # would page VllmDown on every scale-up. Only ready pods are scraped; a replica that stops
+    # answering leaves the endpoints and Caddy's rotation, and what clients feel is caught by the
+    # prober and the error-budget alerts.
+    ready_only = [{"sourceLabels": ["__meta_kubernetes_endpoint_ready"], "regex": "true", "action": "keep"}]
     out = [
         monitor(
             VLLM,
             b.ns,
             {JOB_LABEL: "vllm"},
-            [{"port": "http", "path": "/metrics", "interval": "15s", "relabelings": job("vllm")}],
+            [{"port": "http", "path": "/metrics", "interval": "15s", "relabelings": ready_only + job("vllm")}],
         ),
         monitor(
             GATEWAY,

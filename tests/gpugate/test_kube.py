@@ -320,3 +320,10 @@ def test_authz_reads_the_access_log_caddy_writes_and_nothing_else_of_caddy(prod_
     assert logs == {m["mountPath"] for m in authz["volumeMounts"] if m["name"] == "logs"} == {"/var/log/gpugate"}
     # but not the certificates or the Caddyfile
     assert {m["name"] for m in authz["volumeMounts"]} == {"runtime-env", "keys", "logs"}
+
+
+def test_prometheus_scrapes_only_ready_vllm_pods_so_a_replica_still_loading_never_pages(prod_objects):
+    [endpoint] = find(prod_objects, "ServiceMonitor", "vllm")["spec"]["endpoints"]
+    keep, job = endpoint["relabelings"]
+    assert keep == {"sourceLabels": ["__meta_kubernetes_endpoint_ready"], "regex": "true", "action": "keep"}
+    assert job == {"targetLabel": "job", "replacement": "vllm", "action": "replace"}
