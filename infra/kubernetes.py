@@ -240,6 +240,8 @@ class KubernetesGateway(pulumi.ComponentResource):
                 "alertmanager": {
                     "alertmanagerSpec": {
                         "nodeSelector": system,
+                        # Pick up the gateway's AlertmanagerConfig, labelled like its rules and monitors.
+                        "alertmanagerConfigSelector": {"matchLabels": {"release": release}},
                         # The gateway's alerts aggregate away the namespace label: route them all.
                         "alertmanagerConfigMatcherStrategy": {"type": "None"},
                     }

@@ -308,3 +308,13 @@ def test_a_cluster_api_open_to_the_world_is_caught(prod, eks):
     eks_cluster = one(eks, "aws:eks/cluster:Cluster")
     default_open = changed(eks_cluster, lambda w: w["vpcConfig"].pop("publicAccessCidrs"))
     assert list(broken_rules(default_open)) == ["cluster-api-not-public"]
+
+
+def test_kube_prometheus_stack_selects_the_gateway_rules_monitors_and_alert_routing_by_its_release_label(prod):
+    release = named(prod, "kubernetes:helm.sh/v3:Release", "kube-prometheus-stack").props
+    label = release["name"]
+    spec = release["values"]["alertmanager"]["alertmanagerSpec"]
+    assert spec["alertmanagerConfigSelector"] == {"matchLabels": {"release": label}}
+    for kind in ("PrometheusRule", "ServiceMonitor", "AlertmanagerConfig"):
+        for obj in (r for r in prod.resources if r.type.endswith(f":{kind}")):
+            assert obj.props["metadata"]["labels"]["release"] == label, obj.name
