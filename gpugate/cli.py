@@ -139,6 +139,7 @@ def _mount_commands() -> None:
     from gpugate.oncall import alerts_command  # noqa: PLC0415
     from gpugate.plan import plan_command  # noqa: PLC0415
     from gpugate.promote import promote_command  # noqa: PLC0415
+    from gpugate.runtasks import RUN_CONTEXT_SETTINGS, run_command  # noqa: PLC0415
     from gpugate.smoke import smoke_command  # noqa: PLC0415
 
     app.command("plan")(plan_command)
@@ -146,6 +147,8 @@ def _mount_commands() -> None:
     app.command("promote")(promote_command)
     app.command("dashboard")(dashboard_command)
     app.command("alerts")(alerts_command)
+    # Runbook tasks take their own options; each task's --help is its own, so `run` has none.
+    app.command("run", context_settings=RUN_CONTEXT_SETTINGS, add_help_option=False)(run_command)
 
 
 _mount_commands()

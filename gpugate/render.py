@@ -20,6 +20,7 @@ from gpugate_runtime.host import (
     KEY_ID_HEADER,
     REQUEST_ID_HEADER,
     VM_LAYOUT,
+    VM_RUNTIME_PYTHON,
     systemd_credential,
     HostLayout,
     Ports,
@@ -229,6 +230,7 @@ def render_bundle(stack: Stack, layout: HostLayout | None = None, model_dir: Pat
         "body_length_header": BODY_LENGTH_HEADER,
         "access_log_ids_field": ACCESS_LOG_IDS_FIELD,
         "runtime_version": runtime_version,
+        "vm_runtime_python": VM_RUNTIME_PYTHON,
         "local": local_paths(),
     }
 

@@ -7,7 +7,7 @@ import gzip
 from typing import TYPE_CHECKING
 
 from gpugate_runtime import __version__ as runtime_version
-from gpugate_runtime.host import HostLayout
+from gpugate_runtime.host import VM_RUNTIME_VENV, HostLayout
 
 if TYPE_CHECKING:
     from gpugate.render import Bundle
@@ -42,7 +42,7 @@ def user_data_document(bundle: "Bundle", layout: HostLayout) -> dict:
     image = next(
         (line for line in bundle.files["vllm/launch.json"].decode().splitlines() if '"image"' in line), ""
     ).split('"')[-2:-1]
-    venv = "/opt/gpugate/venv"
+    venv = str(VM_RUNTIME_VENV)
     state, logs = str(layout.state), str(layout.logs)
     runcmd: list[list[str] | str] = [
         ["useradd", "--system", "--home-dir", state, "--shell", "/usr/sbin/nologin", "gpugate"],

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpugate_runtime.host import HostLayout
+from gpugate_runtime.host import VM_RUNTIME_PYTHON, HostLayout
 from gpugate_runtime.launchspec import LaunchSpec
 from pydantic import ValidationError
 
@@ -83,7 +83,7 @@ def check_cloud_init(path: Path, root: Path) -> tuple[bool, str]:
 
 # What `systemd-analyze verify` may say about a unit that is only true on this machine:
 # the host's runtime venv and Docker are installed by user-data at boot, not here.
-_DEFERRED_ON_HOST = ("/opt/gpugate/venv/bin/python is not executable", "Unit docker.service not found")
+_DEFERRED_ON_HOST = (f"{VM_RUNTIME_PYTHON} is not executable", "Unit docker.service not found")
 
 
 def check_systemd_unit(path: Path, root: Path) -> tuple[bool, str]:

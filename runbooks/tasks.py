@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gpugate_runtime import metricnames as m
-from gpugate_runtime.host import HostLayout
+from gpugate_runtime.host import VM_RUNTIME_PYTHON as HOST_VM_RUNTIME_PYTHON, HostLayout
 from gpugate_runtime.keys import ID_HEX, NAME_PATTERN, NAME_RULE, key_id_of, parse_duration
 from gpugate_runtime.prober_settings import ProberSettings
 
@@ -33,7 +33,7 @@ from gpugate.userdata import SERVICES as SYSTEMD_UNITS
 EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 1, 2
 
 # Where cloud-init installs gpugate-runtime on a VM (gpugate/userdata.py, templates/vm/*.service.j2).
-VM_RUNTIME_PYTHON = "/opt/gpugate/venv/bin/python"
+VM_RUNTIME_PYTHON = str(HOST_VM_RUNTIME_PYTHON)
 CADDYFILE = "caddy/Caddyfile"
 # Services `restart` may restart; Caddy is reloaded (`reload-proxy`), never restarted under traffic.
 RESTARTABLE = ("vllm", "authz", "prober", "prometheus", "alertmanager", "alertsink")

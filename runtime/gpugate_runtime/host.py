@@ -118,6 +118,9 @@ class HostLayout:
 
 
 VM_LAYOUT = HostLayout(Path("/"))
+# The runtime's virtualenv on VM hosts (user-data creates it; units and runbook tasks run it).
+VM_RUNTIME_VENV = Path("/opt/gpugate/venv")
+VM_RUNTIME_PYTHON = VM_RUNTIME_VENV / "bin" / "python"
 
 
 def systemd_credential(unit: str, name: str) -> Path:

@@ -113,6 +113,6 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
 def gpugate_run(*args: str, env: dict[str, str] | None = None, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
     """`gpugate run ...` in a fresh process, as a user's shell runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "tests.runbooks.gpugate_cli", "run", *args],
+        [sys.executable, "-m", "gpugate", "run", *args],
         cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env,
     )  # fmt: skip
