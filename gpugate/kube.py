@@ -206,7 +206,7 @@ def pod_caddyfile(caddyfile: str, spec: GatewaySpec, ports: Ports) -> str:
 
 def pod_settings(spec: GatewaySpec, ports: Ports) -> dict[str, str]:
     """The runtime services' environment in the proxy pod, built and checked with their own settings models."""
-    from gpugate.render import public_url  # noqa: PLC0415 - render imports this module
+    from gpugate.render import public_url, settings_env  # noqa: PLC0415 - render imports this module
 
     assert spec.kubernetes is not None
     key_store = KEYS_DIR / KEY_STORE_FILE
@@ -236,13 +236,7 @@ def pod_settings(spec: GatewaySpec, ports: Ports) -> dict[str, str]:
         ),
         AlertSinkSettings(port=ports.alert_sink, path=LAYOUT.alert_log),
     ]
-    env: dict[str, str] = {}
-    for settings in services:
-        prefix = settings.model_config["env_prefix"]
-        for name, value in settings.model_dump(mode="json").items():
-            if value is not None:
-                env[f"{prefix}{name.upper()}"] = str(value)
-    return env
+    return settings_env(services)
 
 
 def env_file(settings: Mapping[str, str], header: str) -> str:

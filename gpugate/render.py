@@ -200,6 +200,11 @@ def runtime_settings(spec: GatewaySpec, ports: Ports, layout: HostLayout) -> dic
         ),
         AlertSinkSettings(port=ports.alert_sink, path=layout.alert_log),
     ]
+    return settings_env(services)
+
+
+def settings_env(services: list) -> dict[str, str]:
+    """PREFIX_FIELD=value for every set field of each runtime settings model, as the services read them."""
     env: dict[str, str] = {}
     for settings in services:
         prefix = settings.model_config["env_prefix"]
