@@ -249,7 +249,8 @@ def alerts_command(
         raw = fetch_alerts(url, include_suppressed)
     except AlertmanagerUnreachable as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        err.print(f"[bold]what to do:[/] {tunnel_hint(loaded.spec)}", highlight=False, markup=False)
+        err.print("[bold]what to do:[/] ", end="")
+        err.print(tunnel_hint(loaded.spec), highlight=False, markup=False)
         raise typer.Exit(EXIT_FIRING) from None
     alerts = firing_alerts(raw, loaded.name)
     if as_json:
