@@ -60,18 +60,19 @@ def default_alertmanager_url(spec: GatewaySpec) -> str:
     return f"http://{LOOPBACK}:{Ports(spec.ports.internal_base).alertmanager}"
 
 
-def tunnel_hint(spec: GatewaySpec) -> str:
+def tunnel_hint(spec: GatewaySpec, stack: str = "NAME") -> str:
     port = Ports(spec.ports.internal_base).alertmanager
     if spec.target is Target.LOCAL:
-        return f"is the local stack up? `gpugate status --stack NAME`; its Alertmanager listens on {LOOPBACK}:{port}"
+        return f"is the local stack up? `gpugate status --stack {stack}`; its Alertmanager listens on {LOOPBACK}:{port}"
     if spec.target is Target.KUBERNETES:
+        namespace = spec.kubernetes.namespace if spec.kubernetes else "NAMESPACE"
         return (
-            f"forward the cluster's Alertmanager to this machine, e.g. `kubectl port-forward -n NAMESPACE "
+            f"forward the cluster's Alertmanager to this machine, e.g. `kubectl port-forward -n {namespace} "
             f"svc/ALERTMANAGER {port}:9093`, or pass --alertmanager-url"
         )
     return (
         f"open an SSH tunnel to the gateway host first: `ssh -N -L {port}:{LOOPBACK}:{port} USER@HOST` "
-        "(the host is `pulumi stack output ssh_host`), or pass --alertmanager-url"
+        f"(the host is `pulumi stack output ssh_host -s {stack}`), or pass --alertmanager-url"
     )
 
 
@@ -250,7 +251,7 @@ def alerts_command(
     except AlertmanagerUnreachable as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         err.print("[bold]what to do:[/] ", end="")
-        err.print(tunnel_hint(loaded.spec), highlight=False, markup=False)
+        err.print(tunnel_hint(loaded.spec, loaded.name), highlight=False, markup=False)
         raise typer.Exit(EXIT_FIRING) from None
     alerts = firing_alerts(raw, loaded.name)
     if as_json:
