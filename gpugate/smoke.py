@@ -10,11 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 from urllib.parse import urlsplit
 
 import httpx
-import openai
 import typer
 from pydantic import BaseModel, ConfigDict, computed_field, model_validator
 from rich.console import Console
@@ -23,6 +22,9 @@ from rich.table import Table
 from gpugate.release import Release, ReleaseError, now, release_of
 from gpugate.spec import SloSpec
 from gpugate.stackfile import SpecError, Stack, load_stack
+
+if TYPE_CHECKING:
+    import openai
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +114,16 @@ class SmokeTarget:
         return httpx.Client(verify=self.tls_context(), timeout=self.timeout_s, follow_redirects=False)
 
     def client(self, key: str | None = None) -> openai.OpenAI:
+        import openai  # noqa: PLC0415 - 0.2 s to import; every gpugate command would pay it at start
+
         return openai.OpenAI(
             base_url=f"{self.url}/v1", api_key=key or self.key, max_retries=0, timeout=self.timeout_s, http_client=self.http()
         )
 
 
 def _error(exc: BaseException) -> str:
+    import openai  # noqa: PLC0415 - 0.2 s to import; every gpugate command would pay it at start
+
     """An error in words, without a response body (a gateway's body could echo a request)."""
     if isinstance(exc, openai.APIStatusError):
         return f"HTTP {exc.status_code}"
@@ -134,6 +140,8 @@ def _error(exc: BaseException) -> str:
 
 
 def _timed(name: str, threshold: str, body: Callable[[], tuple[bool, str]]) -> SmokeCheck:
+    import openai  # noqa: PLC0415 - 0.2 s to import; every gpugate command would pay it at start
+
     started = time.monotonic()
     try:
         ok, evidence = body()
@@ -224,6 +232,8 @@ def check_stream(target: SmokeTarget, model: str) -> SmokeCheck:
 
 
 def check_wrong_key(target: SmokeTarget) -> SmokeCheck:
+    import openai  # noqa: PLC0415 - 0.2 s to import; every gpugate command would pay it at start
+
     def body() -> tuple[bool, str]:
         wrong = "ggk_smoke_" + secrets.token_urlsafe(32)
         try:
