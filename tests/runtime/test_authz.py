@@ -386,11 +386,36 @@ def test_unknown_key_ids_do_not_become_metric_labels(authz: AuthzProcess) -> Non
     assert "999999999999" not in authz.metrics()
 
 
+def test_decision_log_follows_logrotate_moving_it(authz: AuthzProcess) -> None:
+    # logrotate (create mode) renames authz.log and expects the writer to start a new file.
+    key = authz.key("rotated")
+
+    def logged(request_id: str, *files: Path) -> bool:
+        return any(f.exists() and f'"request_id":"{request_id}"' in f.read_text() for f in files)
+
+    authz.ask(key.token, request_id="before-rotation")
+    wait_for(lambda: logged("before-rotation", authz.log_file), 2, "a decision in authz.log")
+    rotated = authz.log_file.with_name("authz.log.1")
+    authz.log_file.rename(rotated)
+    authz.ask(key.token, request_id="during-rotation")
+    wait_for(lambda: logged("during-rotation", authz.log_file, rotated), 2, "the decision made while rotating")
+    time.sleep(0.2)  # past the next maintenance tick: authz has reopened authz.log
+    authz.ask(key.token, request_id="after-rotation")
+    wait_for(lambda: logged("after-rotation", authz.log_file), 2, "a decision in the new authz.log")
+    assert not logged("after-rotation", rotated) and logged("before-rotation", rotated)
+
+
 def test_one_json_log_line_per_decision_with_request_id_and_no_key(authz: AuthzProcess) -> None:
     key = authz.key("logged")
     authz.ask(key.token, request_id="log-line-check-1")
     authz.ask("ggk_" + "1" * 12 + "_" + "2" * 64, request_id="log-line-check-2")
-    entries = {e["request_id"]: e for e in authz.log_entries() if e.get("request_id", "").startswith("log-line-check")}
+
+    def both_logged() -> dict[str, dict]:
+        # Decision lines are buffered and written on authz's 50 ms maintenance tick.
+        entries = {e["request_id"]: e for e in authz.log_entries() if e.get("request_id", "").startswith("log-line-check")}
+        return entries if len(entries) == 2 else {}
+
+    entries = wait_for(both_logged, 2, "both decisions in authz.log")
     assert entries["log-line-check-1"]["key_id"] == key.record.id
     assert entries["log-line-check-1"]["outcome"] == "allowed" and entries["log-line-check-1"]["latency_ms"] >= 0
     assert entries["log-line-check-2"] == {**entries["log-line-check-2"], "key_id": "-", "outcome": "unknown_key", "status": 401}
