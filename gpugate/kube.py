@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gpugate_runtime import metricnames as m
-from gpugate_runtime.host import ENV_VLLM_KEY, VM_LAYOUT, HostLayout, Ports
+from gpugate_runtime.host import CADDY_GO_ENV, ENV_VLLM_KEY, VM_LAYOUT, HostLayout, Ports
 from gpugate_runtime.launcher import VLLM_API_KEY_ENV, vllm_args
 from gpugate_runtime.prober_settings import AlertSinkSettings, ProberSettings
 from gpugate_runtime.settings import AuthzSettings, KeysSettings
@@ -568,6 +568,8 @@ def _gateway_deployment(b: Build) -> dict[str, Any]:
             {"name": ENV_VLLM_KEY, "valueFrom": {"secretKeyRef": {"name": SECRET_INTERNAL, "key": VLLM_KEY_ITEM}}},
             {"name": "XDG_CONFIG_HOME", "value": "/config"},
             {"name": "XDG_DATA_HOME", "value": "/data"},
+            # Go runtime settings (see CADDY_GO_ENV): also keeps Go from sizing itself to the node's cores.
+            *({"name": name, "value": value} for name, value in CADDY_GO_ENV.items()),
         ],
         "resources": _resources("500m", "256Mi", "2", "512Mi"),
         "readinessProbe": {"httpGet": {"path": "/metrics", "port": "metrics"}, "periodSeconds": 5},

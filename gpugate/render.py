@@ -16,6 +16,7 @@ from ruamel.yaml import YAML
 
 from gpugate_runtime import __version__ as runtime_version
 from gpugate_runtime.host import (
+    CADDY_GO_ENV,
     ENV_VLLM_KEY,
     KEY_ID_HEADER,
     REQUEST_ID_HEADER,
@@ -232,6 +233,7 @@ def render_bundle(stack: Stack, layout: HostLayout | None = None, model_dir: Pat
         "request_id_header": REQUEST_ID_HEADER,
         "key_id_header": KEY_ID_HEADER,
         "env_vllm_key": ENV_VLLM_KEY,
+        "caddy_go_env": CADDY_GO_ENV,
         "body_length_header": BODY_LENGTH_HEADER,
         "access_log_ids_field": ACCESS_LOG_IDS_FIELD,
         "runtime_version": runtime_version,

@@ -29,6 +29,14 @@ ENV_VLLM_KEY = "GPUGATE_VLLM_API_KEY"
 KEY_ID_HEADER = "X-Gpugate-Key-Id"
 REQUEST_ID_HEADER = "X-Request-Id"
 
+# Go runtime settings for Caddy on every target, measured with bench/gateway_overhead.py
+# (docs/performance.md). One P (GOMAXPROCS=1): Go's HTTP client and server hand each proxied
+# request between goroutines, and with more Ps that hand-off wakes another OS thread on another
+# CPU; with one P it is a goroutine switch. One P serves thousands of requests a second, far more
+# than the GPUs behind it. GOGC=400 lets the (small) heap grow 4x between collections, a quarter
+# less CPU per request; GOMEMLIMIT makes the collector work harder rather than pass 384 MiB.
+CADDY_GO_ENV: dict[str, str] = {"GOMAXPROCS": "1", "GOGC": "400", "GOMEMLIMIT": "384MiB"}
+
 
 @dataclass(frozen=True)
 class Ports:

@@ -24,7 +24,7 @@ import httpx
 
 from gpugate.render import render_bundle, write_bundle
 from gpugate.stackfile import load_stack
-from gpugate_runtime.host import KEY_ID_HEADER, REQUEST_ID_HEADER, HostLayout, Ports
+from gpugate_runtime.host import CADDY_GO_ENV, KEY_ID_HEADER, REQUEST_ID_HEADER, HostLayout, Ports
 from gpugate_runtime.keys import IssuedKey, create_key
 from tests.conftest import edit_stack
 
@@ -302,7 +302,7 @@ def running_gateway(root: Path, upstream_on: Callable[[int], Upstream] = StubUps
             gateway.processes.append(
                 subprocess.Popen(
                     [CADDY, "run", "--adapter", "caddyfile", "--config", str(layout.etc / "caddy" / "Caddyfile")],
-                    env={**base_env, "GPUGATE_VLLM_API_KEY": INTERNAL_KEY},
+                    env={**base_env, **CADDY_GO_ENV, "GPUGATE_VLLM_API_KEY": INTERNAL_KEY},
                     stdout=out,
                     stderr=out,
                 )

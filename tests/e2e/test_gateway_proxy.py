@@ -389,6 +389,8 @@ def test_every_response_carries_request_id_and_hsts(gateway: Gateway, client: ht
         assert REQUEST_ID_HEADER in response.headers, response.status_code
         assert response.headers["Strict-Transport-Security"].startswith("max-age=31536000")
         assert "Server" not in response.headers
+        # Only TCP 80/443 are open: advertising HTTP/3 (QUIC, UDP 443) would send clients to a dead port.
+        assert "Alt-Svc" not in response.headers
 
 
 def test_access_log_holds_metadata_only(gateway: Gateway, client: httpx.Client) -> None:

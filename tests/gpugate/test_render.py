@@ -53,6 +53,30 @@ def test_each_target_gets_its_service_definitions():
     assert all(common <= f for f in files.values())
 
 
+def test_caddy_runs_with_the_same_go_runtime_settings_on_every_target():
+    # one P, GOGC and a memory limit (measured in docs/performance.md): supervisord, systemd, Kubernetes
+    from configparser import RawConfigParser
+
+    from ruamel.yaml import YAML
+
+    from gpugate_runtime.host import CADDY_GO_ENV
+
+    local = RawConfigParser()
+    local.read_string(render_bundle(load_stack("local")).files["supervisor/supervisord.conf"].decode())
+    pairs = dict(item.split("=", 1) for item in local["program:caddy"]["environment"].split(","))
+    assert {name: value.strip('"') for name, value in pairs.items()} == CADDY_GO_ENV
+
+    unit = render_bundle(load_stack("staging")).files["systemd/gpugate-caddy.service"].decode()
+    assert {line.removeprefix("Environment=").split("=", 1)[0]: line.split("=", 2)[2]
+            for line in unit.splitlines() if line.startswith("Environment=")} == CADDY_GO_ENV  # fmt: skip
+
+    yaml = YAML(typ="safe", pure=True)
+    objects = [yaml.load(data) for path, data in render_bundle(load_stack("prod")).files.items() if path.startswith("kubernetes/")]
+    gateway = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "gateway")
+    [caddy] = [c for c in gateway["spec"]["template"]["spec"]["containers"] if c["name"] == "caddy"]
+    assert {e["name"]: e["value"] for e in caddy["env"] if e["name"] in CADDY_GO_ENV} == CADDY_GO_ENV
+
+
 def test_no_secret_value_reaches_a_bundle(tmp_path):
     # given secrets present in the renderer's environment, as on an operator's laptop
     canary = "canary-0b4d7f1e-not-for-bundles"
