@@ -29,7 +29,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "runtime")]
-from gpugate_runtime.host import KEY_ID_HEADER  # noqa: E402
+from gpugate_runtime.host import CADDY_GO_ENV, KEY_ID_HEADER  # noqa: E402
 from tests.e2e.gateway_fixtures import CADDY, INTERNAL_KEY, Gateway, free_port, running_gateway, wait_until  # noqa: E402
 
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
@@ -86,7 +86,7 @@ def floor_gateway(gateway: Gateway, key_id: str) -> tuple[list[Caddy], str]:
     ]:
         assert old in text, old
         text = text.replace(old, new)
-    caddy = Caddy(text, f"https://localhost:{https_port}/healthz", {"GPUGATE_VLLM_API_KEY": INTERNAL_KEY})
+    caddy = Caddy(text, f"https://localhost:{https_port}/healthz", {"GPUGATE_VLLM_API_KEY": INTERNAL_KEY, **CADDY_GO_ENV})
     return [fake_authz, caddy], f"https://localhost:{https_port}/v1/models"
 
 
@@ -98,9 +98,20 @@ class Run:
     p99: float
     rps: float
     errors: int
+    requests: int
+    cpu: dict[str, float]  # CPU seconds each watched process used during the run
 
 
-def wrk(label: str, url: str, connections: int, seconds: int, headers: dict[str, str], core: int | None = None) -> Run:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(
+    label: str, url: str, connections: int, seconds: int, headers: dict[str, str], core: int | None = None,
+    watch: dict[str, int] | None = None,
+) -> Run:  # fmt: skip
     def command(duration: int) -> list[str]:
         argv = ["taskset", "-c", str(core)] if core is not None else []
         argv += [WRK, "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
@@ -109,13 +120,17 @@ def wrk(label: str, url: str, connections: int, seconds: int, headers: dict[str,
         return [*argv, url]
 
     subprocess.run(command(1), capture_output=True, timeout=30)  # warm up: connections, TLS sessions, caches
+    watch = watch or {}
+    before = {name: cpu_seconds(pid) for name, pid in watch.items()}
     out = subprocess.run(command(seconds), capture_output=True, text=True, timeout=seconds + 30).stdout
+    cpu = {name: cpu_seconds(pid) - before[name] for name, pid in watch.items()}
     latency = {m.group(1): float(m.group(2)) * UNITS[m.group(3)] for m in re.finditer(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)$", out, re.M)}
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     errors = (int(bad.group(1)) if bad else 0) + (sum(map(int, socket_errors.groups())) if socket_errors else 0)
-    return Run(label, connections, latency["50"], latency["99"], rps, errors)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    return Run(label, connections, latency["50"], latency["99"], rps, errors, requests, cpu)
 
 
 def ms(seconds: float) -> str:
@@ -137,7 +152,10 @@ def main() -> None:
                 process.start()
             for connections in (1, 16):
                 runs[("direct", connections)] = wrk("direct", f"http://127.0.0.1:{gateway.ports.vllm}/v1/models", connections, args.seconds, auth)
-                runs[("gateway", connections)] = wrk("gateway", f"https://localhost:{gateway.https_port}/v1/models", connections, args.seconds, auth)
+                runs[("gateway", connections)] = wrk(
+                    "gateway", f"https://localhost:{gateway.https_port}/v1/models", connections, args.seconds, auth,
+                    watch={"Caddy": gateway.processes[1].pid, "authz": gateway.processes[0].pid},
+                )  # fmt: skip
                 runs[("floor", connections)] = wrk("floor", floor_url, connections, args.seconds, auth)
         finally:
             for process in floor_processes:
@@ -163,6 +181,10 @@ def main() -> None:
                 f"c={connections:<3}{label:<8} added p50 {ms(through.p50 - direct.p50)} ms, added p99 {ms(through.p99 - direct.p99)} ms; "
                 f"ratio p50 x{through.p50 / direct.p50:.1f}, p99 x{through.p99 / direct.p99:.1f}, req/s x{through.rps / direct.rps:.2f}"
             )
+    for connections in (1, 16):
+        run = runs[("gateway", connections)]
+        shares = ", ".join(f"{name} {seconds / run.requests * 1e6:.0f} µs" for name, seconds in run.cpu.items())
+        print(f"c={connections:<3}gateway  CPU time per request: {shares}")
     print(
         f"\nauthz alone (one core, wrk -c16 on the other): {alone.rps:.0f} decisions/s, "
         f"p50 {ms(alone.p50)} ms, p99 {ms(alone.p99)} ms, errors {alone.errors}"
