@@ -16,8 +16,6 @@ from typing import Any
 from gpugate_runtime import metricnames as m
 from gpugate_runtime.host import CADDY_GO_ENV, ENV_VLLM_KEY, VM_LAYOUT, HostLayout, Ports
 from gpugate_runtime.launcher import VLLM_API_KEY_ENV, vllm_args
-from gpugate_runtime.prober_settings import AlertSinkSettings, ProberSettings
-from gpugate_runtime.settings import AuthzSettings, KeysSettings
 
 from gpugate.alerts import rule_groups
 from gpugate.catalog import DTYPE_BYTES, MODELS, QUANT_WEIGHT_BYTES
@@ -206,36 +204,22 @@ def pod_caddyfile(caddyfile: str, spec: GatewaySpec, ports: Ports) -> str:
 
 def pod_settings(spec: GatewaySpec, ports: Ports) -> dict[str, str]:
     """The runtime services' environment in the proxy pod, built and checked with their own settings models."""
-    from gpugate.render import public_url, settings_env  # noqa: PLC0415 - render imports this module
+    from gpugate.render import runtime_services, settings_env  # noqa: PLC0415 - render imports this module
 
     assert spec.kubernetes is not None
-    key_store = KEYS_DIR / KEY_STORE_FILE
-    services = [
-        AuthzSettings(
-            port=ports.authz,
-            key_store=key_store,
-            # Decisions go to the container log (rotated by the kubelet); Caddy's access log is a file authz tails.
-            log_file="/dev/stdout",
-            access_log=LAYOUT.logs / "access.log",
-            default_rpm=spec.limits.rpm,
-            default_max_concurrent=spec.limits.max_concurrent,
-            max_body_bytes=spec.limits.max_body_kib * 1024,
-        ),
-        KeysSettings(
-            store=key_store,
-            expires_days=spec.limits.expires_days,
-            rotation_overlap_hours=spec.limits.rotation_overlap_hours,
-        ),
-        ProberSettings(
-            port=ports.prober,
-            public_url=public_url(spec),
-            model=spec.model.served_name,
-            vllm_health_url=f"http://{vllm_host(spec.kubernetes)}:{ports.vllm}/health",
-            key_file=LAYOUT.secrets / PROBER_KEY_ITEM,
-            expect_gpu=False,  # the prober runs beside the proxy; GPU metrics come from the DCGM exporter
-        ),
-        AlertSinkSettings(port=ports.alert_sink, path=LAYOUT.alert_log),
-    ]
+    services = runtime_services(
+        spec,
+        ports,
+        key_store=KEYS_DIR / KEY_STORE_FILE,
+        # Decisions go to the container log (rotated by the kubelet); Caddy's access log is a file authz tails.
+        authz_log="/dev/stdout",
+        access_log=LAYOUT.logs / "access.log",
+        vllm_health_url=f"http://{vllm_host(spec.kubernetes)}:{ports.vllm}/health",
+        prober_key_file=LAYOUT.secrets / PROBER_KEY_ITEM,
+        ca_file=None,
+        expect_gpu=False,  # the prober runs beside the proxy; GPU metrics come from the DCGM exporter
+        alert_log=LAYOUT.alert_log,
+    )
     return settings_env(services)
 
 

@@ -169,21 +169,55 @@ def public_url(spec: GatewaySpec) -> str:
 
 
 def runtime_settings(spec: GatewaySpec, ports: Ports, layout: HostLayout) -> dict[str, str]:
-    """Environment of the runtime services, built with their own settings models so that a
-    name or a value the runtime would refuse cannot be rendered. No secrets: those are files."""
+    """Environment of the runtime services on a host (local or VM); the proxy pod's is kube.pod_settings."""
     local = spec.target is Target.LOCAL
-    services = [
+    return settings_env(
+        runtime_services(
+            spec,
+            ports,
+            key_store=layout.key_store,
+            authz_log=layout.logs / "authz.log",
+            access_log=layout.logs / "access.log",
+            vllm_health_url=f"http://127.0.0.1:{ports.vllm}/health",
+            # On VMs the prober runs as `gpugate` and gets its key through systemd's LoadCredential=.
+            prober_key_file=systemd_credential("gpugate-prober", "prober_api_key")
+            if spec.target in (Target.AWS, Target.GCP)
+            else layout.prober_key_file,
+            ca_file=layout.local_ca_file if local else None,
+            expect_gpu=not local,
+            alert_log=layout.alert_log,
+        )
+    )
+
+
+def runtime_services(
+    spec: GatewaySpec,
+    ports: Ports,
+    *,
+    key_store: Path,
+    authz_log: Path | str,
+    access_log: Path,
+    vllm_health_url: str,
+    prober_key_file: Path,
+    ca_file: Path | None,
+    expect_gpu: bool,
+    alert_log: Path,
+) -> list:
+    """The runtime services' settings from the spec, built with their own settings models so that a
+    name or a value the runtime would refuse cannot be rendered; where files live is the caller's.
+    No secrets: those are files."""
+    return [
         AuthzSettings(
             port=ports.authz,
-            key_store=layout.key_store,
-            log_file=layout.logs / "authz.log",
-            access_log=layout.logs / "access.log",
+            key_store=key_store,
+            log_file=authz_log,
+            access_log=access_log,
             default_rpm=spec.limits.rpm,
             default_max_concurrent=spec.limits.max_concurrent,
             max_body_bytes=spec.limits.max_body_kib * 1024,
         ),
         KeysSettings(
-            store=layout.key_store,
+            store=key_store,
             expires_days=spec.limits.expires_days,
             rotation_overlap_hours=spec.limits.rotation_overlap_hours,
         ),
@@ -191,17 +225,13 @@ def runtime_settings(spec: GatewaySpec, ports: Ports, layout: HostLayout) -> dic
             port=ports.prober,
             public_url=public_url(spec),
             model=spec.model.served_name,
-            vllm_health_url=f"http://127.0.0.1:{ports.vllm}/health",
-            # On VMs the prober runs as `gpugate` and gets its key through systemd's LoadCredential=.
-            key_file=systemd_credential("gpugate-prober", "prober_api_key")
-            if spec.target in (Target.AWS, Target.GCP)
-            else layout.prober_key_file,
-            ca_file=layout.local_ca_file if local else None,
-            expect_gpu=not local,
+            vllm_health_url=vllm_health_url,
+            key_file=prober_key_file,
+            ca_file=ca_file,
+            expect_gpu=expect_gpu,
         ),
-        AlertSinkSettings(port=ports.alert_sink, path=layout.alert_log),
+        AlertSinkSettings(port=ports.alert_sink, path=alert_log),
     ]
-    return settings_env(services)
 
 
 def settings_env(services: list) -> dict[str, str]:
