@@ -806,6 +806,20 @@ def _scaled_object(b: Build) -> dict[str, Any]:
     }
 
 
+def _daemonset(name: str, namespace: str, stack: str, pod_spec: dict[str, Any]) -> dict[str, Any]:
+    """One pod of `name` on every GPU node, replaced node by node on a change."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": _meta(name, namespace, _labels(name, stack)),
+        "spec": {
+            "selector": {"matchLabels": _selector(name)},
+            "updateStrategy": {"type": "RollingUpdate"},
+            "template": {"metadata": {"labels": _labels(name, stack)}, "spec": pod_spec},
+        },
+    }
+
+
 def _gpu_daemons(b: Build) -> list[dict[str, Any]]:
     kube = b.kube
     ns = b.gpu_ns
@@ -829,36 +843,29 @@ def _gpu_daemons(b: Build) -> list[dict[str, Any]]:
         dcgm_env.append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"})
     dcgm_labels = {**_labels(DCGM, b.stack), JOB_LABEL: "dcgm"}
     out: list[dict[str, Any]] = [
-        {
-            "apiVersion": "apps/v1",
-            "kind": "DaemonSet",
-            "metadata": _meta(DCGM, ns, _labels(DCGM, b.stack)),
-            "spec": {
-                "selector": {"matchLabels": _selector(DCGM)},
-                "updateStrategy": {"type": "RollingUpdate"},
-                "template": {
-                    "metadata": {"labels": _labels(DCGM, b.stack)},
-                    "spec": {
-                        **gpu_pod,
-                        "containers": [
-                            {
-                                "name": DCGM,
-                                "image": kube.images.dcgm_exporter,
-                                "env": dcgm_env,
-                                "ports": [{"name": "metrics", "containerPort": DCGM_PORT, "protocol": "TCP"}],
-                                "resources": _resources("100m", "256Mi", "500m", "512Mi"),
-                                "readinessProbe": {"httpGet": {"path": "/health", "port": DCGM_PORT}, "periodSeconds": 15},
-                                "livenessProbe": {"httpGet": {"path": "/health", "port": DCGM_PORT}, "periodSeconds": 30},
-                                # DCGM profiling metrics need the GPU's performance counters.
-                                "securityContext": {"privileged": True, "readOnlyRootFilesystem": False},
-                                "volumeMounts": dcgm_mounts,
-                            }
-                        ],
-                        "volumes": dcgm_volumes,
-                    },
-                },
+        _daemonset(
+            DCGM,
+            ns,
+            b.stack,
+            {
+                **gpu_pod,
+                "containers": [
+                    {
+                        "name": DCGM,
+                        "image": kube.images.dcgm_exporter,
+                        "env": dcgm_env,
+                        "ports": [{"name": "metrics", "containerPort": DCGM_PORT, "protocol": "TCP"}],
+                        "resources": _resources("100m", "256Mi", "500m", "512Mi"),
+                        "readinessProbe": {"httpGet": {"path": "/health", "port": DCGM_PORT}, "periodSeconds": 15},
+                        "livenessProbe": {"httpGet": {"path": "/health", "port": DCGM_PORT}, "periodSeconds": 30},
+                        # DCGM profiling metrics need the GPU's performance counters.
+                        "securityContext": {"privileged": True, "readOnlyRootFilesystem": False},
+                        "volumeMounts": dcgm_mounts,
+                    }
+                ],
+                "volumes": dcgm_volumes,
             },
-        },
+        ),
         {
             "apiVersion": "v1",
             "kind": "Service",
@@ -872,43 +879,31 @@ def _gpu_daemons(b: Build) -> list[dict[str, Any]]:
     ]
     if kube.provider == "eks":
         out.append(
-            {
-                "apiVersion": "apps/v1",
-                "kind": "DaemonSet",
-                "metadata": _meta(DEVICE_PLUGIN, ns, _labels(DEVICE_PLUGIN, b.stack)),
-                "spec": {
-                    "selector": {"matchLabels": _selector(DEVICE_PLUGIN)},
-                    "updateStrategy": {"type": "RollingUpdate"},
-                    "template": {
-                        "metadata": {"labels": _labels(DEVICE_PLUGIN, b.stack)},
-                        "spec": {
-                            **gpu_pod,
-                            "containers": [
-                                {
-                                    "name": DEVICE_PLUGIN,
-                                    "image": kube.images.device_plugin,
-                                    "env": [{"name": "FAIL_ON_INIT_ERROR", "value": "false"}],
-                                    "resources": _resources("50m", "64Mi", "200m", "128Mi"),
-                                    "securityContext": {
-                                        "allowPrivilegeEscalation": False,
-                                        "capabilities": {"drop": ["ALL"]},
-                                        "readOnlyRootFilesystem": True,
-                                    },
-                                    "volumeMounts": [
-                                        {"name": "device-plugin", "mountPath": "/var/lib/kubelet/device-plugins"}
-                                    ],
-                                }
-                            ],
-                            "volumes": [
-                                {
-                                    "name": "device-plugin",
-                                    "hostPath": {"path": "/var/lib/kubelet/device-plugins", "type": "Directory"},
-                                }
-                            ],
-                        },
-                    },
+            _daemonset(
+                DEVICE_PLUGIN,
+                ns,
+                b.stack,
+                {
+                    **gpu_pod,
+                    "containers": [
+                        {
+                            "name": DEVICE_PLUGIN,
+                            "image": kube.images.device_plugin,
+                            "env": [{"name": "FAIL_ON_INIT_ERROR", "value": "false"}],
+                            "resources": _resources("50m", "64Mi", "200m", "128Mi"),
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "capabilities": {"drop": ["ALL"]},
+                                "readOnlyRootFilesystem": True,
+                            },
+                            "volumeMounts": [{"name": "device-plugin", "mountPath": "/var/lib/kubelet/device-plugins"}],
+                        }
+                    ],
+                    "volumes": [
+                        {"name": "device-plugin", "hostPath": {"path": "/var/lib/kubelet/device-plugins", "type": "Directory"}}
+                    ],
                 },
-            }
+            )
         )
     return out
 
