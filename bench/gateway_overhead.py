@@ -29,7 +29,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "runtime")]
-from gpugate_runtime.host import CADDY_GO_ENV, KEY_ID_HEADER  # noqa: E402
+from gpugate_runtime.contract.host import CADDY_GO_ENV, KEY_ID_HEADER  # noqa: E402
 from tests.e2e.gateway_fixtures import CADDY, INTERNAL_KEY, Gateway, free_port, running_gateway, wait_until  # noqa: E402
 
 WRK = shutil.which("wrk") or "/usr/bin/wrk"

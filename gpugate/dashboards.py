@@ -19,7 +19,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.cog.plugins import register_default_plugins
 from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as model
-from gpugate_runtime import metricnames as m
+from gpugate_runtime.contract import metrics as m
 from gpugate_runtime.authz import Outcome
 
 # The alerts' own definitions, so that the dashboard's lines are where the alerts fire.

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpugate_runtime import metricnames as m
-from gpugate_runtime.host import CADDY_GO_ENV, ENV_VLLM_KEY, VM_LAYOUT, HostLayout, Ports
+from gpugate_runtime.contract import metrics as m
+from gpugate_runtime.contract.host import CADDY_GO_ENV, ENV_VLLM_KEY, VM_LAYOUT, HostLayout, Ports
 from gpugate_runtime.launcher import VLLM_API_KEY_ENV, vllm_args
 
 from gpugate.alerts import rule_groups

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpugate_runtime.host import HostLayout, Ports
+from gpugate_runtime.contract.host import HostLayout, Ports
 
 from gpugate.alerts import inhibit_rules
 from gpugate.spec import GatewaySpec

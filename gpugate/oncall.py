@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import httpx
 import typer
-from gpugate_runtime.host import LOOPBACK, Ports
+from gpugate_runtime.contract.host import LOOPBACK, Ports
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 from rich.table import Table

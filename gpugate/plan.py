@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from gpugate_runtime.capacity import CapacityReport, CpuBudget, GpuBudget, ModelArch, plan_capacity
-from gpugate_runtime.host import VM_LAYOUT, Ports
+from gpugate_runtime.contract.host import VM_LAYOUT, Ports
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 from rich.console import Console, Group
 from rich.table import Table

@@ -19,8 +19,8 @@ from typing import Annotated, Any
 import httpx
 import typer
 from gpugate_runtime import __version__ as runtime_version
-from gpugate_runtime import metricnames as m
-from gpugate_runtime.host import Ports
+from gpugate_runtime.contract import metrics as m
+from gpugate_runtime.contract.host import Ports
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console, Group
 from rich.table import Table

@@ -15,7 +15,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from ruamel.yaml import YAML
 
 from gpugate_runtime import __version__ as runtime_version
-from gpugate_runtime.host import (
+from gpugate_runtime.contract.host import (
     CADDY_GO_ENV,
     ENV_VLLM_KEY,
     KEY_ID_HEADER,

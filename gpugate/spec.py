@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from gpugate.catalog import GPUS, MODELS
+from gpugate_runtime.contract import defaults
 from gpugate_runtime.launchspec import Dtype, Quantization
 
 
@@ -113,12 +114,12 @@ class VllmSpec(Strict):
 class KeyLimits(Strict):
     """Defaults for each client key; a key may carry its own when created."""
 
-    rpm: int = Field(600, ge=1, le=100_000, description="requests per minute per key")
-    max_concurrent: int = Field(8, ge=1, le=1024, description="requests in flight per key")
-    max_body_kib: int = Field(1024, ge=1, le=65536, description="largest request body, KiB (413 above)")
-    expires_days: int = Field(90, ge=1, le=3650, description="validity of a new key, days")
-    rotation_days: int = Field(90, ge=1, le=3650, description="age after which a key should be rotated (alert)")
-    rotation_overlap_hours: int = Field(24, ge=0, le=720, description="how long the old key stays valid after a rotation")
+    rpm: int = Field(defaults.KEY_RPM, ge=1, le=100_000, description="requests per minute per key")
+    max_concurrent: int = Field(defaults.KEY_MAX_CONCURRENT, ge=1, le=1024, description="requests in flight per key")
+    max_body_kib: int = Field(defaults.KEY_MAX_BODY_KIB, ge=1, le=65536, description="largest request body, KiB (413 above)")
+    expires_days: int = Field(defaults.KEY_EXPIRES_DAYS, ge=1, le=3650, description="validity of a new key, days")
+    rotation_days: int = Field(defaults.KEY_ROTATION_DAYS, ge=1, le=3650, description="age after which a key should be rotated (alert)")
+    rotation_overlap_hours: int = Field(defaults.KEY_ROTATION_OVERLAP_HOURS, ge=0, le=720, description="how long the old key stays valid after a rotation")
 
 
 class SloSpec(Strict):
@@ -227,9 +228,9 @@ class TlsSpec(Strict):
 
 
 class PortsSpec(Strict):
-    https: int = Field(443, ge=1, le=65535)
-    http: int = Field(80, ge=1, le=65535)
-    internal_base: int = Field(18000, ge=1024, le=65000, description="first of the loopback ports of internal services")
+    https: int = Field(defaults.HTTPS_PORT, ge=1, le=65535)
+    http: int = Field(defaults.HTTP_PORT, ge=1, le=65535)
+    internal_base: int = Field(defaults.INTERNAL_PORT_BASE, ge=1024, le=65000, description="first of the loopback ports of internal services")
 
 
 class VmSpec(Strict):

@@ -7,7 +7,7 @@ import gzip
 from typing import TYPE_CHECKING
 
 from gpugate_runtime import __version__ as runtime_version
-from gpugate_runtime.host import VM_RUNTIME_VENV, HostLayout
+from gpugate_runtime.contract.host import VM_RUNTIME_VENV, HostLayout
 
 if TYPE_CHECKING:
     from gpugate.render import Bundle

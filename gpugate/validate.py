@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpugate_runtime.host import VM_RUNTIME_PYTHON, HostLayout
+from gpugate_runtime.contract.host import VM_RUNTIME_PYTHON, HostLayout
 from gpugate_runtime.launchspec import LaunchSpec
 from pydantic import ValidationError
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pulumi
 import pulumi_random as random
-from gpugate_runtime.host import VM_LAYOUT
+from gpugate_runtime.contract.host import VM_LAYOUT
 from ruamel.yaml import YAML
 
 from gpugate.render import dump_yaml

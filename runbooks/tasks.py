@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from gpugate_runtime import metricnames as m
-from gpugate_runtime.host import VM_RUNTIME_PYTHON as HOST_VM_RUNTIME_PYTHON, HostLayout
+from gpugate_runtime.contract import metrics as m
+from gpugate_runtime.contract.host import VM_RUNTIME_PYTHON as HOST_VM_RUNTIME_PYTHON, HostLayout
 from gpugate_runtime.keys import ID_HEX, NAME_PATTERN, NAME_RULE, key_id_of, parse_duration
 from gpugate_runtime.prober_settings import ProberSettings
 

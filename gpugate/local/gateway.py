@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from gpugate_runtime.host import PORT_OFFSETS, HostLayout, Ports
+from gpugate_runtime.contract.host import PORT_OFFSETS, HostLayout, Ports
 from supervisor.xmlrpc import SupervisorTransport
 
 from gpugate.render import MANIFEST, default_layout, public_url, render_bundle, write_bundle

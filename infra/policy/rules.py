@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gpugate_runtime.host import VM_LAYOUT
+from gpugate_runtime.contract.host import VM_LAYOUT
 from pulumi_policy import (
     EnforcementLevel,
     ReportViolation,

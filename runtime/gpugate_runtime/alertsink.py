@@ -12,18 +12,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import typer
-import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gpugate_runtime.host import LOOPBACK
 from gpugate_runtime.prober_settings import AlertSinkSettings
-from gpugate_runtime.settings import env_file, load_settings
 
 log = logging.getLogger(__name__)
 
 ALERTS_PATH = "/alerts"
-EXIT_BAD_INPUT = 2
 
 
 class WebhookAlert(BaseModel):
@@ -179,39 +174,3 @@ async def _respond(send: Callable, status: int, text: str, **headers: str) -> No
 
 def build_app(settings: AlertSinkSettings) -> AlertSinkApp:
     return AlertSinkApp(AlertLog(settings.path), settings.max_body_bytes)
-
-
-# -- command line -------------------------------------------------------------------------------
-
-app = typer.Typer(
-    help="The local alert channel (Alertmanager webhook -> alert log).", no_args_is_help=True, add_completion=False
-)
-
-
-@app.callback()
-def main() -> None:
-    """The local alert channel."""
-
-
-@app.command("serve")
-def serve_command() -> None:
-    """Append each notification Alertmanager POSTs to 127.0.0.1/alerts to the alert log (GPUGATE_ALERTSINK_*)."""
-    try:
-        settings = load_settings(AlertSinkSettings, env_file())
-    except ValidationError as exc:
-        typer.echo(f"error: the alert sink's settings (GPUGATE_ALERTSINK_*) are invalid:\n{exc}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.info("alert sink on http://%s:%d%s -> %s", LOOPBACK, settings.port, ALERTS_PATH, settings.path)
-    uvicorn.run(
-        build_app(settings),
-        host=LOOPBACK,
-        port=settings.port,
-        lifespan="off",
-        access_log=False,
-        log_level=settings.log_level,
-    )
-
-
-if __name__ == "__main__":
-    app()

@@ -20,15 +20,13 @@ from logging.handlers import WatchedFileHandler
 from pathlib import Path
 from typing import Any
 
-import typer
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import ValidationError
 
-from gpugate_runtime.host import KEY_ID_HEADER, LOOPBACK, REQUEST_ID_HEADER
+from gpugate_runtime.contract.host import KEY_ID_HEADER, REQUEST_ID_HEADER
 from gpugate_runtime.keys import TOKEN_RE, KeyStore, KeyStoreError, read_store
-from gpugate_runtime.metricnames import (
+from gpugate_runtime.contract.metrics import (
     AUTHZ_DECISION_SECONDS,
     AUTHZ_DECISIONS,
     KEY_AGE_SECONDS,
@@ -36,7 +34,7 @@ from gpugate_runtime.metricnames import (
     KEYSTORE_RELOAD_FAILURES,
     KEYSTORE_RELOADS,
 )
-from gpugate_runtime.settings import AuthzSettings, env_file, load_settings
+from gpugate_runtime.settings import AuthzSettings
 
 # forward_auth rewrites the request to a bodyless GET, so Go drops Content-Length on the way to authz;
 # the Caddyfile copies it into this header (and overwrites whatever a client put there).
@@ -659,42 +657,3 @@ def configure_logging(settings: AuthzSettings) -> None:
     log.setLevel(settings.log_level.upper())
     log.propagate = False
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)  # uvicorn's own messages
-
-
-# --- the `authz` command --------------------------------------------------------------------------
-
-app = typer.Typer(help="The forward_auth service Caddy asks about every API request.", no_args_is_help=True, add_completion=False)
-
-
-@app.callback()
-def main() -> None:
-    """The forward_auth service Caddy asks about every API request."""
-
-
-@app.command()
-def serve() -> None:
-    """Serve /authz and /metrics on 127.0.0.1 (settings: GPUGATE_AUTHZ_* and the env file)."""
-    try:
-        settings = load_settings(AuthzSettings, env_file())
-    except ValidationError as exc:
-        typer.echo(f"error: authz settings (GPUGATE_AUTHZ_* or the env file) are invalid:\n{exc}", err=True)
-        raise typer.Exit(2) from None
-    configure_logging(settings)
-    disable_created_metrics()
-    import uvicorn  # noqa: PLC0415 - only the service needs it, not the renderer that imports constants
-
-    config = uvicorn.Config(
-        Authz(settings),
-        host=LOOPBACK,
-        port=settings.port,
-        http="httptools",
-        loop="uvloop",
-        lifespan="on",
-        access_log=False,
-        log_config=None,
-        server_header=False,
-        date_header=False,
-        # Longer than Caddy's upstream keep-alive (2 min), so Caddy never reuses a connection we just closed.
-        timeout_keep_alive=180,
-    )
-    uvicorn.Server(config).run()

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated
 
-import typer
-from pydantic import ValidationError
 
 from gpugate_runtime.capacity import DTYPE_BYTES, CapacityReport, CpuBudget, GpuBudget, ModelArch, plan_capacity
 from gpugate_runtime.launchspec import LaunchSpec
@@ -32,7 +27,6 @@ VLLM_PYTHON_ENV = "GPUGATE_VLLM_PYTHON"
 # vLLM 0.32 flags that keep request contents and per-request lines out of the logs.
 QUIET_FLAGS: tuple[str, ...] = ("--no-enable-log-requests", "--disable-uvicorn-access-log")
 REDACTED = "***"
-EXIT_BAD_INPUT = 2
 
 # Run by the vLLM venv's python: parse (and validate) an argv exactly as the API server would.
 # Newer vLLM keeps its serve parser in entrypoints.launchers, older releases in entrypoints.openai.
@@ -232,80 +226,3 @@ def _group_members(pgid: int) -> list[int]:
         if fields[0] != "Z" and int(fields[2]) == pgid:
             members.append(int(stat.parent.name))
     return members
-
-
-app = typer.Typer(help="Start vLLM from a launch spec.", no_args_is_help=True, add_completion=False)
-
-
-@app.callback()
-def main() -> None:
-    """Start vLLM from a launch spec."""
-
-
-@app.command()
-def run(
-    spec: Annotated[Path, typer.Option(help="the launch spec (vllm/launch.json in a bundle)")],
-    python: Annotated[
-        Path | None, typer.Option(help=f"python of the vLLM install (default: ${VLLM_PYTHON_ENV}, else this python)")
-    ] = None,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="print the command and capacity report; start nothing")
-    ] = False,
-    check: Annotated[bool, typer.Option(help="validate the flags with vLLM's own parser first")] = True,
-) -> None:
-    """Check the spec's capacity, then replace this process with vLLM (so a supervisor's signals reach vLLM)."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    interpreter = python or Path(os.environ.get(VLLM_PYTHON_ENV) or sys.executable)
-    try:
-        launch = LaunchSpec.read(spec)
-        env = build_env(launch)
-        report = plan_for_spec(launch)
-        argv = build_argv(launch, interpreter)
-    except OSError as exc:
-        typer.echo(f"error: cannot read {exc.filename or spec}: {exc.strerror}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
-    except ValidationError as exc:
-        typer.echo(f"error: {spec} is not a valid launch spec:\n{exc}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
-    except LaunchError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
-
-    if report is not None:
-        log.info(
-            "expected KV cache %s tokens, max concurrency %.2fx at max_model_len %s",
-            f"{report.kv_tokens:,}",
-            report.max_concurrency,
-            f"{report.max_model_len:,}",
-        )
-    if dry_run:
-        typer.echo(" ".join(redacted(argv, env)))
-        typer.echo(json.dumps(report.model_dump(mode="json") if report else None, indent=2))
-    if report is not None and not report.fits:
-        typer.echo(f"error: {launch.served_model_name} {report.message}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT)
-    if check and launch.image:
-        log.info("argument check skipped: vLLM runs inside %s and checks its own arguments at start", launch.image)
-    elif check:
-        try:
-            check_args(argv, interpreter)
-        except LaunchError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(EXIT_BAD_INPUT) from None
-    if dry_run:
-        return
-    if launch.pgid_file is not None:
-        end_leftovers(launch.pgid_file)
-    log.info("starting vLLM: %s", " ".join(redacted(argv, env)))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        os.execve(argv[0], argv, env)
-    except OSError as exc:
-        typer.echo(f"error: cannot start vLLM with {argv[0]}: {exc.strerror}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
-
-
-if __name__ == "__main__":
-    app()

@@ -12,23 +12,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import httpx
-import typer
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from rich.console import Console
+from pydantic import BaseModel, ConfigDict, Field
 from rich.table import Table
 
 from gpugate_runtime import __version__
-from gpugate_runtime import metricnames as m
-from gpugate_runtime.host import LOOPBACK
+from gpugate_runtime.contract import metrics as m
+from gpugate_runtime.contract.host import LOOPBACK
 from gpugate_runtime.prober_settings import ProberSettings
-from gpugate_runtime.settings import env_file, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +33,6 @@ log = logging.getLogger(__name__)
 # sensitive, and it never reads, logs or stores what the model answers.
 PROMPT = "ping"
 USER_AGENT = f"gpugate-prober/{__version__}"
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
 
 _HTTP_HINTS = {
     401: "the prober's key was rejected",
@@ -488,51 +483,3 @@ def status_table(run: ProbeRun) -> Table:
     for result in run.results:
         table.add_row(result.check.value, marks[result.ok], f"{result.seconds * 1000:.0f} ms", result.detail)
     return table
-
-
-# -- command line -------------------------------------------------------------------------------
-
-app = typer.Typer(help="Synthetic checks of this gateway host.", no_args_is_help=True, add_completion=False)
-
-
-def _settings() -> ProberSettings:
-    try:
-        return load_settings(ProberSettings, env_file())
-    except ValidationError as exc:
-        typer.echo(f"error: the prober's settings (GPUGATE_PROBER_*) are invalid:\n{exc}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
-    except OSError as exc:
-        typer.echo(f"error: cannot read the env file: {exc}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-@app.command("serve")
-def serve_command() -> None:
-    """Run every check each interval; serve /metrics and /status on 127.0.0.1 (settings: GPUGATE_PROBER_*)."""
-    settings = _settings()
-    _configure_logging(settings.log_level)
-    asyncio.run(serve(settings))
-
-
-@app.command("status")
-def status_command(
-    json_out: Annotated[bool, typer.Option("--json", help="print the run as JSON")] = False,
-) -> None:
-    """Run every check once now; exit 0 if all that apply pass, 1 otherwise."""
-    settings = _settings()
-    _configure_logging("error")  # the table says what failed; warnings would repeat it
-    run = asyncio.run(Prober(settings).run_once())
-    if json_out:
-        typer.echo(run.model_dump_json(indent=2))
-    else:
-        Console().print(status_table(run))
-    if not run.ok:
-        raise typer.Exit(EXIT_FAILED)
-
-
-if __name__ == "__main__":
-    app()

@@ -9,11 +9,11 @@ from urllib.parse import urlsplit
 from pydantic import AnyHttpUrl, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gpugate_runtime.host import VM_LAYOUT, Ports
+from gpugate_runtime.contract import defaults
+from gpugate_runtime.contract.host import LOOPBACK, VM_LAYOUT, Ports
 
-# The spec's default internal port base (gpugate.spec.PortsSpec.internal_base); a rendered env file
-# always names the ports, the defaults only serve a bare `prober status` on a default host.
-_DEFAULT_PORTS = Ports(18000)
+# A rendered env file always names the ports; the defaults only serve a bare `prober status` on a default host.
+_DEFAULT_PORTS = Ports(defaults.INTERNAL_PORT_BASE)
 
 
 class ProberSettings(BaseSettings):
@@ -25,7 +25,7 @@ class ProberSettings(BaseSettings):
     public_url: AnyHttpUrl = Field(description="the gateway's public https URL, as clients use it")
     model: str = Field(min_length=1, description="the served model name /v1/models must list")
     vllm_health_url: AnyHttpUrl = Field(
-        AnyHttpUrl(f"http://127.0.0.1:{_DEFAULT_PORTS.vllm}/health"), description="vLLM's /health on loopback"
+        AnyHttpUrl(f"http://{LOOPBACK}:{_DEFAULT_PORTS.vllm}/health"), description="vLLM's /health on loopback"
     )
     key_file: Path = Field(VM_LAYOUT.prober_key_file, description="the prober's own client key (named `prober`)")
     ca_file: Path | None = Field(None, description="CA bundle the public certificate must chain to; none: system trust")

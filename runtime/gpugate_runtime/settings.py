@@ -10,13 +10,15 @@ from dotenv import dotenv_values
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gpugate_runtime.host import VM_LAYOUT
+from gpugate_runtime.contract import defaults
+from gpugate_runtime.contract.host import VM_LAYOUT, Ports
 
 # Names the rendered env file (layout.runtime_env); supervisord and the CLI pass it to every service.
 ENV_FILE_VAR = "GPUGATE_ENV_FILE"
 
-# Defaults below mirror the spec's (gpugate.spec.KeyLimits, PortsSpec): the runtime cannot import the
-# operator package, so tests/runtime/test_keys.py checks that they never drift apart.
+# Defaults come from the contract, as the spec's do (gpugate.spec.KeyLimits, PortsSpec); a rendered env
+# file always sets every field, the defaults serve a runtime command run by hand on a default host.
+_DEFAULT_PORTS = Ports(defaults.INTERNAL_PORT_BASE)
 
 
 class AuthzSettings(BaseSettings):
@@ -25,16 +27,16 @@ class AuthzSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="GPUGATE_AUTHZ_", extra="forbid", frozen=True)
 
-    port: int = Field(18001, ge=1024, le=65535, description="loopback port (Caddy forward_auth and /metrics)")
+    port: int = Field(_DEFAULT_PORTS.authz, ge=1024, le=65535, description="loopback port (Caddy forward_auth and /metrics)")
     key_store: Path = Field(VM_LAYOUT.key_store, description="the key store JSON written by `keys`")
     log_file: Path = Field(VM_LAYOUT.logs / "authz.log", description="one JSON line per decision")
     access_log: Path = Field(
         VM_LAYOUT.logs / "access.log",
         description="Caddy's JSON access log, tailed to release concurrency slots; default: access.log next to log_file",
     )
-    default_rpm: int = Field(600, ge=1, le=1_000_000, description="requests per minute of a key without its own")
-    default_max_concurrent: int = Field(8, ge=1, le=1_000_000, description="requests in flight of a key without its own")
-    max_body_bytes: int = Field(1024 * 1024, ge=1, description="largest request body (413 above)")
+    default_rpm: int = Field(defaults.KEY_RPM, ge=1, le=1_000_000, description="requests per minute of a key without its own")
+    default_max_concurrent: int = Field(defaults.KEY_MAX_CONCURRENT, ge=1, le=1_000_000, description="requests in flight of a key without its own")
+    max_body_bytes: int = Field(defaults.KEY_MAX_BODY_KIB * 1024, ge=1, description="largest request body (413 above)")
     reload_interval_seconds: float = Field(0.5, gt=0, le=10, description="how often the key store is checked for changes")
     inflight_ttl_seconds: float = Field(
         900, gt=0, description="an in-flight slot whose access-log entry never arrives is released after this"
@@ -57,8 +59,8 @@ class KeysSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GPUGATE_KEYS_", extra="forbid", frozen=True)
 
     store: Path = Field(VM_LAYOUT.key_store, description="the key store JSON authz serves")
-    expires_days: int = Field(90, ge=1, le=3650, description="validity of a new key, days")
-    rotation_overlap_hours: int = Field(24, ge=0, le=720, description="how long a rotated-out key stays valid")
+    expires_days: int = Field(defaults.KEY_EXPIRES_DAYS, ge=1, le=3650, description="validity of a new key, days")
+    rotation_overlap_hours: int = Field(defaults.KEY_ROTATION_OVERLAP_HOURS, ge=0, le=720, description="how long a rotated-out key stays valid")
 
 
 S = TypeVar("S", bound=BaseSettings)

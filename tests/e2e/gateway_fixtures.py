@@ -24,7 +24,7 @@ import httpx
 
 from gpugate.render import render_bundle, write_bundle
 from gpugate.stackfile import load_stack
-from gpugate_runtime.host import CADDY_GO_ENV, KEY_ID_HEADER, REQUEST_ID_HEADER, HostLayout, Ports
+from gpugate_runtime.contract.host import CADDY_GO_ENV, KEY_ID_HEADER, REQUEST_ID_HEADER, HostLayout, Ports
 from gpugate_runtime.keys import IssuedKey, create_key
 from tests.conftest import edit_stack
 

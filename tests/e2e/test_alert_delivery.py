@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import typer
-from gpugate_runtime.host import HostLayout
+from gpugate_runtime.contract.host import HostLayout
 from typer.testing import CliRunner
 
 from gpugate.oncall import alerts_command

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import httpx
 import openai
 import pytest
-from gpugate_runtime.host import HostLayout
+from gpugate_runtime.contract.host import HostLayout
 
 from gpugate.dashboards import executable, panel_queries, panels
 from gpugate.local.gateway import LocalGateway

@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gpugate_runtime import metricnames
-from gpugate_runtime.host import KEY_ID_HEADER, REQUEST_ID_HEADER
+from gpugate_runtime.contract import metrics as metricnames
+from gpugate_runtime.contract.host import KEY_ID_HEADER, REQUEST_ID_HEADER
 from gpugate_runtime.keys import read_store, revoke_key, rotate_key, utcnow, write_store
 from tests.e2e.gateway_fixtures import HOSTNAME, INTERNAL_KEY, Gateway, running_gateway, wait_until
 

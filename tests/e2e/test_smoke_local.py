@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from gpugate_runtime.host import ENV_VLLM_KEY, HostLayout, Ports
+from gpugate_runtime.contract.host import ENV_VLLM_KEY, HostLayout, Ports
 
 from tests.conftest import edit_stack, run_gpugate
 from tests.e2e.gateway_fixtures import CADDY, free_internal_base, free_port, wait_until

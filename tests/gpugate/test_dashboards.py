@@ -8,7 +8,7 @@ import re
 
 import pytest
 import typer
-from gpugate_runtime import metricnames as m
+from gpugate_runtime.contract import metrics as m
 from typer.testing import CliRunner
 
 from gpugate.dashboards import (

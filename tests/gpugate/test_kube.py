@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gpugate_runtime import metricnames as m
+from gpugate_runtime.contract import metrics as m
 from gpugate_runtime.authz import KeyStoreWatcher
 from gpugate_runtime.keys import KeyRecord, KeyStore, utcnow
 from gpugate_runtime.prober_settings import AlertSinkSettings, ProberSettings

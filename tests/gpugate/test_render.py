@@ -59,7 +59,7 @@ def test_caddy_runs_with_the_same_go_runtime_settings_on_every_target():
 
     from ruamel.yaml import YAML
 
-    from gpugate_runtime.host import CADDY_GO_ENV
+    from gpugate_runtime.contract.host import CADDY_GO_ENV
 
     local = RawConfigParser()
     local.read_string(render_bundle(load_stack("local")).files["supervisor/supervisord.conf"].decode())

@@ -68,7 +68,7 @@ class Sink:
 
 @pytest.fixture
 def sink(tmp_path: Path) -> Iterator[Sink]:
-    """`python -m gpugate_runtime.alertsink serve` as supervisord runs it, logging into a directory not yet made."""
+    """`python -m gpugate_runtime alertsink serve` as supervisord runs it, logging into a directory not yet made."""
     port = find_free_port()
     path = tmp_path / "var" / "log" / "gpugate" / "alerts.jsonl"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUGATE_")} | {
@@ -78,7 +78,7 @@ def sink(tmp_path: Path) -> Iterator[Sink]:
     log_path = tmp_path / "alertsink.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gpugate_runtime.alertsink", "serve"],
+            [sys.executable, "-m", "gpugate_runtime", "alertsink", "serve"],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=env,

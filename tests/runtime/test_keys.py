@@ -234,7 +234,7 @@ def test_zero_overlap_is_a_duration_only_where_allowed() -> None:
 
 
 def test_keys_settings_defaults_match_the_spec_defaults() -> None:
-    # The runtime cannot import the spec, so its defaults are copies: this keeps them equal.
+    # Both take their defaults from gpugate_runtime.contract.defaults; a literal in either would break this.
     limits = KeyLimits()
     fields = KeysSettings.model_fields
     assert fields["expires_days"].default == limits.expires_days

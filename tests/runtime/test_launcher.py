@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 from gpugate_runtime import launcher
-from gpugate_runtime.launcher import CONTAINER_CACHE, LaunchError, end_leftovers, app, build_argv, build_env, check_args
+from gpugate_runtime.cli.launch import app
+from gpugate_runtime.launcher import CONTAINER_CACHE, LaunchError, end_leftovers, build_argv, build_env, check_args
 from gpugate_runtime.launchspec import LaunchSpec
 from typer.testing import CliRunner
 

@@ -27,8 +27,9 @@ from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from gpugate_runtime import metricnames as m
-from gpugate_runtime.prober import PROMPT, Check, Prober, ProbeRun, app
+from gpugate_runtime.contract import metrics as m
+from gpugate_runtime.cli.prober import app
+from gpugate_runtime.prober import PROMPT, Check, Prober, ProbeRun
 from gpugate_runtime.prober_settings import ProberSettings
 
 MODEL = "smollm2"
@@ -570,7 +571,7 @@ def test_serve_exports_metrics_and_status_with_settings_from_the_env_file(
     log_path = tmp_path / "prober.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gpugate_runtime.prober", "serve"],
+            [sys.executable, "-m", "gpugate_runtime", "prober", "serve"],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=env,

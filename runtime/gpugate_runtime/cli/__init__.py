@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from gpugate_runtime import __version__, alertsink, authz, keys, launcher, prober
+from gpugate_runtime import __version__
+from gpugate_runtime.cli import alertsink, authz, keys, launch, prober
 
 app = typer.Typer(
     help="gpugate's host runtime: client keys, the auth service, the vLLM launcher, the prober, the alert sink.",
@@ -13,7 +14,7 @@ app = typer.Typer(
 )
 app.add_typer(keys.app, name="keys")
 app.add_typer(authz.app, name="authz")
-app.add_typer(launcher.app, name="launch")
+app.add_typer(launch.app, name="launch")
 app.add_typer(prober.app, name="prober")
 app.add_typer(alertsink.app, name="alertsink")
 

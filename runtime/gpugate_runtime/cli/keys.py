@@ -1,0 +1,175 @@
+"""`gpugate-runtime keys`: create, list, rotate and revoke client keys in a key store."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gpugate_runtime.cli.options import JsonOption, settings_or_exit
+from gpugate_runtime.contract.exits import ExitCode
+from gpugate_runtime.keys import (
+    MAX_LIMIT,
+    NAME_PATTERN,
+    NAME_RULE,
+    IssuedKey,
+    KeyInputError,
+    KeyStoreError,
+    create_key,
+    parse_duration,
+    read_store,
+    revoke_key,
+    rotate_key,
+    utcnow,
+)
+from gpugate_runtime.settings import KeysSettings
+
+app = typer.Typer(help="Client API keys: create, list, rotate, revoke.", no_args_is_help=True, add_completion=False)
+
+StoreOption = Annotated[
+    Path | None,
+    typer.Option("--store", help="key store file (default: GPUGATE_KEYS_STORE, from the env file, else /var/lib/gpugate/keys.json)"),
+]
+
+
+def _name(value: str) -> str:
+    if not re.fullmatch(NAME_PATTERN, value):
+        raise typer.BadParameter(f"{value!r} is not a key name; allowed: {NAME_RULE}")
+    return value
+
+
+def _duration_option(allow_zero: bool):
+    def check(value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_duration(value, allow_zero=allow_zero)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc)) from None
+        return value
+
+    return check
+
+
+def _settings() -> KeysSettings:
+    return settings_or_exit(KeysSettings, "key")
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(ExitCode.BAD_INPUT if isinstance(exc, KeyInputError) else ExitCode.CHECK_FAILED)
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else "-"
+
+
+@app.command()
+def create(
+    name: Annotated[str, typer.Argument(callback=_name, help="who the key is for, e.g. team-search")],
+    rpm: Annotated[int | None, typer.Option("--rpm", min=1, max=MAX_LIMIT, help="requests per minute (default: the stack's)")] = None,
+    max_concurrent: Annotated[
+        int | None, typer.Option("--max-concurrent", min=1, max=MAX_LIMIT, help="requests in flight (default: the stack's)")
+    ] = None,
+    expires: Annotated[
+        str | None, typer.Option("--expires", callback=_duration_option(False), help="validity, e.g. 90d (default: the stack's)")
+    ] = None,
+    json_out: JsonOption = False,
+    store: StoreOption = None,
+) -> None:
+    """Issue a key and print it once: only its hash is stored."""
+    settings = _settings()
+    path = store or settings.store
+    validity = parse_duration(expires) if expires else timedelta(days=settings.expires_days)
+    try:
+        issued = create_key(path, name, expires=validity, rpm=rpm, max_concurrent=max_concurrent)
+    except (KeyInputError, KeyStoreError) as exc:
+        raise _fail(exc) from None
+    _show_issued(issued, json_out, f"Created key {issued.record.id} for {name}")
+
+
+def _show_issued(issued: IssuedKey, json_out: bool, headline: str, extra: dict[str, object] | None = None) -> None:
+    record = issued.record
+    if json_out:
+        typer.echo(json.dumps({**record.public(utcnow()), "key": issued.token, **(extra or {})}, sort_keys=True))
+        return
+    typer.echo(f"{headline}, expires {_when(record.expires_at)}.")
+    typer.echo("The key is shown only now; store it in a secret manager:")
+    typer.echo(issued.token)
+
+
+@app.command("list")
+def list_(json_out: JsonOption = False, store: StoreOption = None) -> None:
+    """Show keys (never a key or its hash)."""
+    path = store or _settings().store
+    try:
+        keys = read_store(path).keys
+    except KeyStoreError as exc:
+        raise _fail(exc) from None
+    now = utcnow()
+    if json_out:
+        typer.echo(json.dumps([k.public(now) for k in keys], sort_keys=True))
+        return
+    table = Table(title=f"keys in {path}")
+    for column in ("id", "name", "status", "created", "expires", "revoked", "rpm", "max concurrent"):
+        table.add_column(column)
+    for k in sorted(keys, key=lambda k: (k.name, k.created_at)):
+        table.add_row(
+            k.id, k.name, k.status(now), _when(k.created_at), _when(k.expires_at), _when(k.revoked_at),
+            str(k.rpm or "default"), str(k.max_concurrent or "default"),
+        )  # fmt: skip
+    console = Console()
+    # A pipe gets rich's 80 columns, which would cut ids; a terminal keeps its own width.
+    (console if console.is_terminal else Console(width=160)).print(table)
+
+
+@app.command()
+def rotate(
+    name: Annotated[str, typer.Argument(callback=_name, help="the key name to rotate")],
+    overlap: Annotated[
+        str | None,
+        typer.Option("--overlap", callback=_duration_option(True), help="how long the old key stays valid, e.g. 24h (default: the stack's)"),
+    ] = None,
+    expires: Annotated[
+        str | None, typer.Option("--expires", callback=_duration_option(False), help="validity of the new key (default: the stack's)")
+    ] = None,
+    json_out: JsonOption = False,
+    store: StoreOption = None,
+) -> None:
+    """Issue a new key for NAME; its old keys expire at the end of the overlap."""
+    settings = _settings()
+    path = store or settings.store
+    window = parse_duration(overlap, allow_zero=True) if overlap else timedelta(hours=settings.rotation_overlap_hours)
+    validity = parse_duration(expires) if expires else timedelta(days=settings.expires_days)
+    try:
+        rotation = rotate_key(path, name, overlap=window, expires=validity)
+    except (KeyInputError, KeyStoreError) as exc:
+        raise _fail(exc) from None
+    retiring = {k.id: _when(k.expires_at) for k in rotation.retiring}
+    _show_issued(rotation.issued, json_out, f"Rotated {name}: new key {rotation.issued.record.id}", {"retiring": retiring})
+    if not json_out:
+        for key_id, until in retiring.items():
+            typer.echo(f"Old key {key_id} stays valid until {until}.")
+
+
+@app.command()
+def revoke(
+    key_id: Annotated[str, typer.Argument(metavar="ID", help="the key id (see `keys list`)")],
+    json_out: JsonOption = False,
+    store: StoreOption = None,
+) -> None:
+    """Revoke a key now; authz rejects it within a second."""
+    path = store or _settings().store
+    try:
+        record = revoke_key(path, key_id)
+    except (KeyInputError, KeyStoreError) as exc:
+        raise _fail(exc) from None
+    if json_out:
+        typer.echo(json.dumps(record.public(utcnow()), sort_keys=True))
+    else:
+        typer.echo(f"Key {record.id} ({record.name}) revoked at {_when(record.revoked_at)}.")
