@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import httpx
-import typer
 from gpugate_runtime.contract.host import LOOPBACK, Ports
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
@@ -23,7 +21,6 @@ RUNBOOKS_DIR = REPO_ROOT / "runbooks"
 ALERTS_API = "/api/v2/alerts"
 FIRST_STEPS = 3
 TIMEOUT_S = 10.0
-EXIT_OK, EXIT_FIRING, EXIT_BAD_INPUT = 0, 1, 2
 SEVERITY_ORDER = {"page": 0, "ticket": 1}
 # Runbooks write the stack as `--stack S` (and `pulumi up -s S`); the view puts the real name in.
 _STACK_PLACEHOLDER = re.compile(r"(--stack|-s) S\b")
@@ -224,39 +221,3 @@ def render_alerts(console: Console, stack: str, url: str, alerts: list[FiringAle
         else:
             console.print("  (no runbook in this checkout: open the link)", highlight=False)
         console.print(f"  runbook: {a.runbook_url}", highlight=False, markup=False)
-
-
-def alerts_command(
-    stack: Annotated[str, typer.Option("--stack", "-s", help="stack name (stacks/Pulumi.<name>.yaml) or a stack file path")],
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-    alertmanager_url: Annotated[
-        str | None,
-        typer.Option(
-            "--alertmanager-url",
-            help="the stack's Alertmanager; default: 127.0.0.1:<internal_base+4> (a local stack, or an SSH tunnel to a cloud host)",
-        ),
-    ] = None,
-    include_suppressed: Annotated[bool, typer.Option("--all", help="also show silenced and inhibited alerts")] = False,
-) -> None:
-    """List the alerts firing in a stack's Alertmanager: severity, since when, the live value and the first
-    steps of each alert's runbook. Exits 0 when none fire, 1 when some do (or Alertmanager cannot be
-    reached), 2 on a bad stack file."""
-    from gpugate.cli import load_or_exit  # noqa: PLC0415 - the CLI's stack errors (exit 2)
-
-    out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
-    loaded = load_or_exit(stack)
-    url = alertmanager_url or default_alertmanager_url(loaded.spec)
-    try:
-        raw = fetch_alerts(url, include_suppressed)
-    except AlertmanagerUnreachable as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        err.print("[bold]what to do:[/] ", end="")
-        err.print(tunnel_hint(loaded.spec, loaded.name), highlight=False, markup=False)
-        raise typer.Exit(EXIT_FIRING) from None
-    alerts = firing_alerts(raw, loaded.name)
-    if as_json:
-        report = {"stack": loaded.name, "alertmanager": url, "alerts": [a.model_dump(mode="json") for a in alerts]}
-        out.print_json(json.dumps(report))
-    else:
-        render_alerts(out, loaded.name, url, alerts, datetime.now(UTC))
-    raise typer.Exit(EXIT_FIRING if alerts else EXIT_OK)

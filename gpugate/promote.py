@@ -14,20 +14,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import httpx
-import typer
 from gpugate_runtime import __version__ as runtime_version
 from gpugate_runtime.contract import metrics as m
-from gpugate_runtime.contract.host import Ports
 from pydantic import BaseModel, ConfigDict
-from rich.console import Console, Group
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
 from gpugate.release import (
-    PROMOTION_LOG,
     GateRecord,
     LogEntry,
     Pins,
@@ -43,12 +40,13 @@ from gpugate.release import (
     release_of,
     with_pins,
 )
+from gpugate.render.bundle import MANIFEST
 from gpugate.smoke import read_report
 from gpugate.stackfile import SpecError, Stack, load_stack
+from gpugate.targets import render_bundle
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_SOAK = "30m"
 HTTP_TIMEOUT_S = 10.0
 # Points per soak window in the prober query: fine enough to see a one-scrape dip in a short window.
@@ -256,12 +254,10 @@ def alerts_gate(soak: Soak) -> Gate:
 Planner = Callable[[Stack], Any]
 
 
-def plan_gate(candidate: Stack, planner: Planner | None = None) -> Gate:
+def plan_gate(candidate: Stack, planner: Planner) -> Gate:
     """The target stack, with the new pins, passes the offline plan: policy, capacity, user-data size."""
     name = f"{candidate.name}-plan"
     threshold = "no policy violation, the model fits the GPU, user-data within its limit"
-    if planner is None:
-        from gpugate.plan import plan as planner  # noqa: PLC0415 - loads the Pulumi SDKs
     try:
         report = planner(candidate)
     except (ValueError, SpecError) as err:
@@ -317,8 +313,6 @@ def _candidate(target: Stack, text: str, directory: Path) -> Stack:
 
 
 def bundle_diff(before: Stack, after: Stack) -> dict[str, str]:
-    from gpugate.render import MANIFEST, render_bundle  # noqa: PLC0415
-
     old, new = render_bundle(before).files, render_bundle(after).files
     diffs = {}
     for path in sorted(set(old) | set(new)):
@@ -338,7 +332,7 @@ def plan_promotion(
     target: Stack,
     smoke_record: Path | None,
     soak: Soak,
-    planner: Planner | None = None,
+    planner: Planner,
     end: float | None = None,
 ) -> Change:
     """Everything `gpugate promote --from S --to T` decides, without writing anything."""
@@ -483,88 +477,3 @@ def change_json(change: Change, applied: LogEntry | None) -> dict[str, Any]:
         "bundle_diff": change.bundle_diff,
         "notes": change.notes,
     }
-
-
-def promote_command(
-    source: Annotated[str | None, typer.Option("--from", help="stack whose release is promoted (name or stack file)")] = None,
-    target: Annotated[str | None, typer.Option("--to", help="stack that receives it (name or stack file)")] = None,
-    rollback: Annotated[bool, typer.Option("--rollback", help="restore the release before --stack's last promotion")] = False,
-    stack: Annotated[str | None, typer.Option("--stack", "-s", help="with --rollback: the stack to roll back")] = None,
-    apply_change: Annotated[bool, typer.Option("--apply", help="write the pins and the log record; without it, a dry run")] = False,
-    smoke_record: Annotated[Path | None, typer.Option("--smoke-record", help="the source stack's `gpugate smoke --record` file")] = None,
-    soak: Annotated[str, typer.Option("--soak", help="how long the source's prober and alerts must have been clean, e.g. 30m, 2h")] = DEFAULT_SOAK,
-    prometheus_url: Annotated[str | None, typer.Option("--prometheus-url", help="the source stack's Prometheus; default: its loopback port")] = None,
-    alertmanager_url: Annotated[str | None, typer.Option("--alertmanager-url", help="the source stack's Alertmanager; default: its loopback port")] = None,
-    log_file: Annotated[Path, typer.Option("--log", help="the promotion log")] = PROMOTION_LOG,
-    who: Annotated[str | None, typer.Option("--who", help="who promotes, for the log; default: $GITHUB_ACTOR or git's user.email")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-) -> None:
-    """Promote a release (model id and revision, vLLM image digest) from one stack to another, or roll it back.
-
-    Checks the gates — the source's smoke passed for this release, its prober and alerts were clean
-    for the soak window, the target's offline plan passes with the new pins — and shows the pin and
-    bundle diff. Only with --apply it writes the pins into the target's stack file (every comment and
-    other byte kept) and appends a record to the promotion log. `--rollback --stack prod` restores
-    the pins from before prod's last promotion the same way. Exits 1 if a gate blocks, 2 on bad input.
-    """
-    out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
-
-    def bad_input(message: str, todo: str = "") -> typer.Exit:
-        err.print(f"[bold red]error:[/] {message}", highlight=False)
-        if todo:
-            err.print(f"[bold]what to do:[/] {todo}", highlight=False)
-        return typer.Exit(EXIT_BAD_INPUT)
-
-    def load(name: str) -> Stack:
-        try:
-            return load_stack(name)
-        except SpecError as problem:
-            raise bad_input(f"stack {name!r} is not valid:\n  " + "\n  ".join(map(str, problem.problems))) from None
-
-    try:
-        if rollback:
-            if stack is None or source is not None or target is not None:
-                raise bad_input("--rollback takes --stack NAME (and not --from/--to)")
-            change = plan_rollback(load(stack), log_file)
-        else:
-            if source is None or target is None or stack is not None:
-                raise bad_input("give --from SOURCE --to TARGET (or --rollback --stack NAME)")
-            try:
-                soak_s = parse_duration(soak)
-            except ValueError as problem:
-                raise bad_input(f"--soak: {problem}") from None
-            src, dst = load(source), load(target)
-            if src.path.resolve() == dst.path.resolve():
-                raise bad_input("--from and --to are the same stack")
-            ports = Ports(src.spec.ports.internal_base)
-            soaking = Soak(
-                stack=src.name,
-                prometheus_url=(prometheus_url or f"http://127.0.0.1:{ports.prometheus}").rstrip("/"),
-                alertmanager_url=(alertmanager_url or f"http://127.0.0.1:{ports.alertmanager}").rstrip("/"),
-                seconds=soak_s,
-            )
-            change = plan_promotion(src, dst, smoke_record, soaking)
-    except ReleaseError as problem:
-        raise bad_input(problem.what, problem.todo) from None
-
-    applied: LogEntry | None = None
-    if apply_change and change.allowed and change.changes_anything:
-        applied = apply(change, log_file, who or who_am_i())
-    if as_json:
-        out.print_json(data=change_json(change, applied))
-    else:
-        out.print(change_view(change))
-        if not change.allowed:
-            out.print(f"[bold red]{change.action} blocked[/]: nothing written", highlight=False)
-        elif not change.changes_anything:
-            out.print(f"{change.stack.name} already runs release {change.after.id}: nothing to {change.action}", highlight=False)
-        elif applied is not None:
-            out.print(
-                f"[green]✓[/] wrote {len(change.changed_lines)} pin lines to {change.stack.path} and record "
-                f"#{applied.id} to {log_file}; next: commit both, then `pulumi up -s {change.stack.name}` "
-                f"and `gpugate smoke --stack {change.stack.name}`",
-                highlight=False,
-            )
-        else:
-            out.print("dry run: nothing written; add --apply to write the pins and the log record", highlight=False)
-    raise typer.Exit(EXIT_OK if change.allowed else EXIT_CHECK_FAILED)

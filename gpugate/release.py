@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
-from gpugate.stackfile import NAMESPACE, REPO_ROOT, Stack
+from gpugate.stackfile import NAMESPACE, Stack, find_project
+from gpugate.targets import render_bundle
 
 # The pins a promotion copies and a rollback restores, as (config key, field) of a stack file.
 # The gpugate runtime version is not among them: the operator package requires the exact runtime
@@ -26,7 +27,7 @@ PIN_KEYS: tuple[tuple[str, str], ...] = (
     (f"{NAMESPACE}:model", "revision"),
     (f"{NAMESPACE}:vllm", "image"),
 )
-PROMOTION_LOG = REPO_ROOT / "stacks" / "promotions.jsonl"
+PROMOTION_LOG_NAME = "promotions.jsonl"
 
 
 class Strict(BaseModel):
@@ -82,9 +83,15 @@ def pins_of(stack: Stack) -> Pins:
     return Pins(model_id=spec.model.id, model_revision=spec.model.revision, vllm_image=spec.vllm.image)
 
 
-def git_commit(cwd: Path = REPO_ROOT) -> str | None:
+def promotion_log() -> Path:
+    """The project's promotion log, next to its stack files."""
+    return find_project().stacks_dir / PROMOTION_LOG_NAME
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """The commit of the project's repository (the working directory's)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path.cwd(), capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -92,7 +99,6 @@ def git_commit(cwd: Path = REPO_ROOT) -> str | None:
 
 def release_of(stack: Stack, commit: str | None = None) -> Release:
     """The release a stack file describes in this checkout."""
-    from gpugate.render import render_bundle  # noqa: PLC0415 - templates load only when needed
 
     return Release(
         stack=stack.name,

@@ -6,6 +6,8 @@ import ipaddress
 from enum import StrEnum
 from typing import Annotated, Literal, Self
 
+from gpugate_runtime.contract import defaults
+from gpugate_runtime.launchspec import Dtype, Quantization
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
@@ -17,8 +19,6 @@ from pydantic import (
 )
 
 from gpugate.catalog import GPUS, MODELS
-from gpugate_runtime.contract import defaults
-from gpugate_runtime.launchspec import Dtype, Quantization
 
 
 class Strict(BaseModel):

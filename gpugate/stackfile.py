@@ -23,8 +23,47 @@ PULUMI_STACK_KEYS = ("config", "secretsprovider", "encryptedkey", "encryptionsal
 # Pulumi config secrets a stack may hold under gpugate: (`pulumi config set --secret gpugate:<name>`).
 SECRET_KEYS = ("alert_credential", "vllm_api_key", "kubeconfig")
 
+# This checkout of gpugate: its templates, runbooks and Pulumi program (not the operator's stacks).
 REPO_ROOT = Path(__file__).resolve().parent.parent
-STACKS_DIR = REPO_ROOT / "stacks"
+PROJECT_FILES = ("Pulumi.yaml", "Pulumi.yml")
+
+
+class ProjectNotFound(Exception):
+    """No Pulumi project around the working directory: there is nowhere to find stacks by name."""
+
+    def __init__(self, start: Path):
+        self.todo = (
+            "run gpugate inside a Pulumi project (a directory with Pulumi.yaml, e.g. a clone of gpugate), "
+            "or pass the stack file's path: --stack path/to/Pulumi.<name>.yaml"
+        )
+        super().__init__(
+            f"no Pulumi project here: looked for {' or '.join(PROJECT_FILES)} in {start} and every parent directory"
+        )
+
+
+@dataclass(frozen=True)
+class Project:
+    """A Pulumi project: where its Pulumi.yaml is and where its stack files are (`stackConfigDir`)."""
+
+    root: Path
+    stacks_dir: Path
+
+
+def find_project(start: Path | None = None) -> Project:
+    """The Pulumi project `pulumi` itself would use: the Pulumi.yaml of `start` (the working directory)
+    or its nearest parent, with its `stackConfigDir` (default: the project directory)."""
+    here = (start or Path.cwd()).resolve()
+    for directory in (here, *here.parents):
+        for name in PROJECT_FILES:
+            project_file = directory / name
+            if project_file.is_file():
+                try:
+                    document = YAML(typ="safe").load(project_file.read_text()) or {}
+                except YAMLError as err:
+                    raise SpecError([Problem(str(project_file), "(yaml)", _MISSING, f"not valid YAML: {err}".replace("\n", " "))]) from None
+                config_dir = document.get("stackConfigDir") if isinstance(document, dict) else None
+                return Project(root=directory, stacks_dir=directory / config_dir if config_dir else directory)
+    raise ProjectNotFound(here)
 
 
 @dataclass(frozen=True)
@@ -73,11 +112,11 @@ def _short(value: Any) -> str:
 
 
 def stack_path(name: str, stacks_dir: Path | None = None) -> Path:
-    return (stacks_dir or STACKS_DIR) / f"Pulumi.{name}.yaml"
+    return (stacks_dir or find_project().stacks_dir) / f"Pulumi.{name}.yaml"
 
 
 def stack_names(stacks_dir: Path | None = None) -> list[str]:
-    directory = stacks_dir or STACKS_DIR
+    directory = stacks_dir or find_project().stacks_dir
     return sorted(p.name[len("Pulumi.") : -len(".yaml")] for p in directory.glob("Pulumi.*.yaml"))
 
 

@@ -21,12 +21,17 @@ from pathlib import Path
 
 from gpugate_runtime.contract.host import VM_RUNTIME_PYTHON, HostLayout
 from gpugate_runtime.launchspec import LaunchSpec
+from gpugate_runtime.prober_settings import AlertSinkSettings, ProberSettings
+from gpugate_runtime.settings import AuthzSettings, KeysSettings, load_settings
 from pydantic import ValidationError
+from ruamel.yaml import YAML
 
-from gpugate.dashboards import dashboard_exprs, dashboard_problems, recording_rules
-from gpugate.kube import check_manifest as check_kubernetes
-from gpugate.render import MANIFEST, Bundle, render_bundle, write_bundle
+from gpugate.kubernetes.checks import check_manifest as check_kubernetes
+from gpugate.kubernetes.objects import CADDY_CONFIG, CADDYFILE_PATH
+from gpugate.render.bundle import MANIFEST, Bundle, write_bundle
+from gpugate.render.dashboards import dashboard_exprs, dashboard_problems, recording_rules
 from gpugate.stackfile import Stack
+from gpugate.targets import render_bundle
 
 TOOL_TIMEOUT_S = 60
 
@@ -114,8 +119,6 @@ def check_supervisord(path: Path, root: Path) -> tuple[bool, str]:
 
 def check_env_file(path: Path, root: Path) -> tuple[bool, str]:
     """Each runtime service loads its settings from the file exactly as it will on the host."""
-    from gpugate_runtime.prober_settings import AlertSinkSettings, ProberSettings  # noqa: PLC0415
-    from gpugate_runtime.settings import AuthzSettings, KeysSettings, load_settings  # noqa: PLC0415
 
     problems = []
     for cls in (AuthzSettings, KeysSettings, ProberSettings, AlertSinkSettings):
@@ -141,7 +144,26 @@ def check_dashboard(path: Path, root: Path) -> tuple[bool, str]:
     return not problems, "\n".join(problems)
 
 
-# file pattern -> (tool shown in the verdict, checker)
+def _object(path: Path) -> dict:
+    return YAML(typ="safe", pure=True).load(path.read_text())
+
+
+def check_pod_caddyfile(path: Path, root: Path) -> tuple[bool, str]:
+    """The proxy pods' Caddyfile (a ConfigMap's data), as Caddy itself reads it."""
+    text = _object(path)["data"][CADDYFILE_PATH.name]
+    pod = root / f"{path.stem}.Caddyfile"
+    pod.write_text(text)
+    return check_caddyfile(pod, root)
+
+
+def check_rule_object(path: Path, root: Path) -> tuple[bool, str]:
+    """A PrometheusRule's groups, as promtool reads a rules file."""
+    rules = root / f"{path.stem}.rules.yml"
+    rules.write_text(json.dumps(_object(path)["spec"], indent=1))
+    return check_rules(rules, root)
+
+
+# file pattern -> (tool shown in the verdict, checker); a file may match several.
 CHECKS: list[tuple[str, str, Callable[[Path, Path], tuple[bool, str]]]] = [
     ("caddy/Caddyfile", "caddy validate", check_caddyfile),
     ("prometheus/prometheus.yml", "promtool check config", check_prometheus),
@@ -153,6 +175,8 @@ CHECKS: list[tuple[str, str, Callable[[Path, Path], tuple[bool, str]]]] = [
     ("vllm/launch.json", "gpugate-runtime LaunchSpec", check_launch_spec),
     ("runtime/gpugate.env", "gpugate-runtime settings", check_env_file),
     ("kubernetes/*.yaml", "kubernetes-validate + CRD models", check_kubernetes),
+    (f"kubernetes/*/configmap-{CADDY_CONFIG}.yaml", "caddy validate", check_pod_caddyfile),
+    ("kubernetes/*/prometheusrule-*.yaml", "promtool check rules", check_rule_object),
     ("grafana/*.json", "promtool check rules (panel queries) + grafana-foundation-sdk schema", check_dashboard),
 ]
 

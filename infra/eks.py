@@ -8,7 +8,9 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
-from gpugate.kube import GPU_POOL, GPU_TAINT, POOL_LABEL, SYSTEM_POOL, ClusterFacts, eks_service_annotations, gpu_node_disk_gib, gpu_node_max
+from gpugate.kubernetes.build import ClusterFacts, eks_service_annotations
+from gpugate.kubernetes.objects import GPU_POOL, GPU_TAINT, POOL_LABEL, SYSTEM_POOL
+from gpugate.kubernetes.sizing import gpu_node_disk_gib, gpu_node_max
 from gpugate.spec import GatewaySpec
 from infra.aws import instance_type
 from infra.network import NETWORK_CIDR, WORLD_IPV4
@@ -16,7 +18,7 @@ from infra.network import NETWORK_CIDR, WORLD_IPV4
 TYPE_TOKEN = "gpugate:eks:Cluster"
 SYSTEM_INSTANCE_TYPE = "m6i.large"
 SYSTEM_NODES = (2, 6)
-# AL2023 with the NVIDIA driver and container toolkit; the device plugin comes as a DaemonSet (gpugate/kube.py).
+# AL2023 with the NVIDIA driver and container toolkit; the device plugin comes as a DaemonSet (gpugate/kubernetes/).
 GPU_AMI_TYPE = "AL2023_x86_64_NVIDIA"
 SYSTEM_AMI_TYPE = "AL2023_x86_64_STANDARD"
 EKS_TAINT_EFFECT = {"NoSchedule": "NO_SCHEDULE", "PreferNoSchedule": "PREFER_NO_SCHEDULE", "NoExecute": "NO_EXECUTE"}

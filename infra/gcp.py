@@ -8,9 +8,10 @@ import pulumi
 import pulumi_gcp as gcp
 
 from gpugate.catalog import GPUS
-from gpugate.render import USER_DATA, Bundle
+from gpugate.render.bundle import Bundle
 from gpugate.spec import GatewaySpec, Target
 from gpugate.stackfile import Stack
+from gpugate.vm.userdata import USER_DATA
 from infra.network import GCP_IAP_RANGE, SUBNET_CIDR, IngressRule, ingress_rules, public_url
 from infra.secrets import host_secrets, secret_user_data
 

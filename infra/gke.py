@@ -7,7 +7,9 @@ import pulumi_gcp as gcp
 import pulumi_kubernetes as k8s
 
 from gpugate.catalog import GPUS
-from gpugate.kube import GPU_POOL, GPU_TAINT, POOL_LABEL, SYSTEM_POOL, ClusterFacts, gpu_node_disk_gib, gpu_node_max
+from gpugate.kubernetes.build import ClusterFacts
+from gpugate.kubernetes.objects import GPU_POOL, GPU_TAINT, POOL_LABEL, SYSTEM_POOL
+from gpugate.kubernetes.sizing import gpu_node_disk_gib, gpu_node_max
 from gpugate.spec import GatewaySpec
 from infra.gcp import machine_type
 

@@ -13,7 +13,9 @@ import pulumi_kubernetes as k8s
 import pulumi_random as random
 from gpugate_runtime.keys import ID_HEX, TOKEN_PREFIX, KeyRecord, KeyStore, token_digest
 
-from gpugate.kube import (
+from gpugate.kubernetes import objects, pod_build
+from gpugate.kubernetes.build import Build, ClusterFacts
+from gpugate.kubernetes.objects import (
     ALERT_ITEM,
     GATEWAY,
     KEDA_NAMESPACE,
@@ -27,12 +29,8 @@ from gpugate.kube import (
     SYSTEM_POOL,
     VLLM,
     VLLM_KEY_ITEM,
-    Build,
-    ClusterFacts,
-    objects,
-    pod_build,
 )
-from gpugate.render import Bundle
+from gpugate.render.bundle import Bundle
 from gpugate.spec import GatewaySpec, Target
 from gpugate.stackfile import NAMESPACE, Stack
 from infra.network import public_url
@@ -134,7 +132,7 @@ def resource(obj: dict[str, Any], opts: pulumi.ResourceOptions) -> pulumi.Custom
 
 
 class KubernetesGateway(pulumi.ComponentResource):
-    """The cluster (or the existing one), its addons, and every object of gpugate/kube.py."""
+    """The cluster (or the existing one), its addons, and every object of gpugate/kubernetes/."""
 
     url: pulumi.Output[str]
     cluster_name: pulumi.Output[str]

@@ -9,9 +9,9 @@ from typing import Any
 
 import pulumi
 
-from gpugate.render import render_bundle
 from gpugate.spec import Target
 from gpugate.stackfile import Stack
+from gpugate.targets import render_bundle
 
 # What `pulumi stack output` shows for a VM target; none of it is secret.
 OUTPUT_NAMES = ("url", "public_ip", "ssh_host", "ssh_proxy_command", "bundle_sha256")

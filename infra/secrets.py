@@ -15,7 +15,7 @@ import pulumi_random as random
 from gpugate_runtime.contract.host import VM_LAYOUT
 from ruamel.yaml import YAML
 
-from gpugate.render import dump_yaml
+from gpugate.render.bundle import dump_yaml
 from gpugate.spec import GatewaySpec
 from gpugate.stackfile import NAMESPACE
 

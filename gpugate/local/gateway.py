@@ -18,24 +18,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from gpugate_runtime.contract.host import PORT_OFFSETS, HostLayout, Ports
+from gpugate_runtime.contract.host import HostLayout, Ports
+from gpugate_runtime.contract.services import services
 from supervisor.xmlrpc import SupervisorTransport
 
-from gpugate.render import MANIFEST, default_layout, public_url, render_bundle, write_bundle
+from gpugate.local.bundle import local_facts, local_layout, render_local
+from gpugate.local.model import ensure_model
+from gpugate.local.supervisord import SUPERVISOR_CONF
+from gpugate.local.vllm_env import LocalEnvError, ensure_vllm_venv
+from gpugate.render.bundle import MANIFEST, write_bundle
+from gpugate.render.settings import public_url
 from gpugate.spec import Target
 from gpugate.stackfile import Stack
 
 log = logging.getLogger(__name__)
 
-SUPERVISOR_CONF = "supervisor/supervisord.conf"
-# Which programs read which part of the bundle: a changed file restarts only these.
-PROGRAMS_BY_PREFIX: dict[str, tuple[str, ...]] = {
-    "caddy/": ("caddy",),
-    "vllm/": ("vllm",),
-    "runtime/": ("authz", "prober", "alertsink"),
-    "prometheus/": ("prometheus",),
-    "alertmanager/": ("alertmanager",),
-}
 # Debian packages the local stack runs, by the command each provides.
 SYSTEM_COMMANDS = {"caddy": "caddy", "prometheus": "prometheus", "prometheus-alertmanager": "prometheus-alertmanager"}
 PROBER_KEY_NAME = "prober"
@@ -85,7 +82,8 @@ class LocalGateway:
             )
         self.stack = stack
         self.spec = stack.spec
-        self.layout = layout or default_layout(stack)
+        self.layout = layout or local_layout(stack)
+        self.table = services(local_facts(stack, self.layout))
         self.ports = Ports(self.spec.ports.internal_base)
         self.conf = self.layout.etc / SUPERVISOR_CONF
         self.bin_dir = Path(sys.executable).parent
@@ -143,16 +141,13 @@ class LocalGateway:
         progress("checking system packages (Caddy, Prometheus, Alertmanager)")
         ensure_system_packages()
         progress("preparing vLLM (CPU build) and the model — first run installs ~3.5 GB, later runs are instant")
-        from gpugate.local.model import ensure_model  # noqa: PLC0415 - heavy, only for up
-        from gpugate.local.vllm_env import LocalEnvError, ensure_vllm_venv  # noqa: PLC0415
-
         try:
             python = ensure_vllm_venv()
             model_dir = ensure_model(python=python)
         except LocalEnvError as err:
             raise LocalStackError("installing the local vLLM toolchain failed", str(err), "check disk space and the registry, then run `gpugate up` again") from None
 
-        bundle = render_bundle(self.stack, layout=self.layout, model_dir=model_dir)
+        bundle = render_local(self.stack, self.layout, model_dir)
         changed = self._changed_files(bundle.files)
         was_running = self.running()
         if was_running and not changed:
@@ -201,9 +196,7 @@ class LocalGateway:
             # `update` restarts exactly the programs whose definitions changed.
             subprocess.run([*ctl, "update"], check=False, capture_output=True, text=True, timeout=120)
         for path in changed:
-            for prefix, programs in PROGRAMS_BY_PREFIX.items():
-                if path.startswith(prefix):
-                    restart.update(programs)
+            restart.update(s.name for s in self.table if any(path.startswith(prefix) for prefix in s.reads))
         known = {p["name"] for p in self.processes()}
         restart &= known
         if restart:
@@ -211,19 +204,18 @@ class LocalGateway:
         return sorted(restart)
 
     def _check_ports_free(self) -> None:
-        wanted = {"caddy https": self.spec.ports.https, "caddy http": self.spec.ports.http}
-        wanted.update({name: getattr(self.ports, name) for name in PORT_OFFSETS})
         busy = []
-        for name, port in wanted.items():
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    sock.bind(("0.0.0.0" if name.startswith("caddy ") else "127.0.0.1", port))
-                except OSError as err:
-                    if err.errno == errno.EADDRINUSE:
-                        busy.append(f"port {port} ({name}) is in use{_who_listens(port)}")
-                    else:
-                        raise
+        for service in self.table:
+            for listen in service.listens:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    try:
+                        sock.bind((listen.address or "0.0.0.0", listen.port))
+                    except OSError as err:
+                        if err.errno == errno.EADDRINUSE:
+                            busy.append(f"port {listen.port} ({service.name} {listen.name}) is in use{_who_listens(listen.port)}")
+                        else:
+                            raise
         if busy:
             raise LocalStackError(
                 "ports the local stack needs are busy",

@@ -9,23 +9,18 @@ import json
 import logging
 import math
 import os
-import re
-import sys
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from logging.handlers import WatchedFileHandler
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from gpugate_runtime.accesslog import NO_KEY, AccessLogTail
 from gpugate_runtime.contract.host import KEY_ID_HEADER, REQUEST_ID_HEADER
-from gpugate_runtime.keys import TOKEN_RE, KeyStore, KeyStoreError, read_store
 from gpugate_runtime.contract.metrics import (
     AUTHZ_DECISION_SECONDS,
     AUTHZ_DECISIONS,
@@ -34,15 +29,14 @@ from gpugate_runtime.contract.metrics import (
     KEYSTORE_RELOAD_FAILURES,
     KEYSTORE_RELOADS,
 )
+from gpugate_runtime.decisionlog import sync_decision_log
+from gpugate_runtime.keys import TOKEN_RE, KeyStore, KeyStoreError, read_store
+from gpugate_runtime.limits import Inflight, TokenBuckets
 from gpugate_runtime.settings import AuthzSettings
 
 # forward_auth rewrites the request to a bodyless GET, so Go drops Content-Length on the way to authz;
 # the Caddyfile copies it into this header (and overwrites whatever a client put there).
 BODY_LENGTH_HEADER = "X-Gpugate-Content-Length"
-# The access-log field carrying "<key id> <request id>" (Caddy 2.6 can add no fields of its own,
-# so the Caddyfile maps both into `user_id` and renames it).
-ACCESS_LOG_IDS_FIELD = "key_and_request_id"
-NO_KEY = "-"  # key id placeholder in logs and in the access-log field when no key was accepted
 # How long a request at its key's concurrency limit waits for a just-finished request's log line.
 CONCURRENCY_GRACE_SECONDS = 0.02
 
@@ -127,178 +121,6 @@ def live_keys(store: KeyStore, default_rpm: int, default_max_concurrent: int) ->
         )
         for k in store.keys
     }
-
-
-class TokenBuckets:
-    """Requests per minute as a token bucket per key: a full minute's allowance may come as a burst,
-    then tokens refill continuously at rpm/60 per second."""
-
-    def __init__(self) -> None:
-        self._state: dict[str, list[float]] = {}
-
-    def take(self, key_id: str, rpm: int, now: float) -> float:
-        """Take one token; returns 0 when allowed, else the seconds until a token is available."""
-        state = self._state.get(key_id)
-        if state is None:
-            state = self._state[key_id] = [float(rpm), now]
-        rate = rpm / 60.0
-        tokens = min(float(rpm), state[0] + (now - state[1]) * rate)
-        state[1] = now
-        if tokens >= 1.0:
-            state[0] = tokens - 1.0
-            return 0.0
-        state[0] = tokens
-        return (1.0 - tokens) / rate
-
-
-# Concurrency limits. forward_auth only sees a request start, so authz cannot tell by itself when
-# one ends. Caddy can: it writes the access-log entry as a request finishes (streaming or not,
-# answered, failed upstream or cut by the client), and the Caddyfile puts "<key id> <request id>"
-# in that entry. So an allowed request takes a slot of its key under (key id, request id), and the
-# slot comes back when AccessLogTail reads that entry (every access_log_poll_seconds, and at once
-# when a key is at its limit, since the line can trail a fast client's next request by a moment).
-# What this cannot see: entries lost with a crash or kill of Caddy (a slot then lives until
-# inflight_ttl_seconds), slots of requests in flight across an authz restart (forgotten: the key
-# may briefly exceed its limit), and no slots are taken while the log cannot be read (a limit that
-# nothing can release would lock every key out). tests/e2e/test_gateway_proxy.py proves it with
-# real Caddy.
-
-
-class Inflight:
-    """Requests of each key that authz allowed and whose access-log entry has not arrived yet.
-
-    Entries are keyed by (key id, request id) so that a client reusing a request id, even another
-    client's, can only ever release slots of its own key. An entry older than the TTL is dropped:
-    that bounds the damage of a lost access-log line (Caddy killed mid-request, log rotated away).
-    """
-
-    def __init__(self, ttl: float) -> None:
-        self.ttl = ttl
-        self._open: dict[tuple[str, str], list[float]] = {}
-        self._count: dict[str, int] = {}
-        self._order: deque[tuple[float, str, str]] = deque()
-
-    def count(self, key_id: str) -> int:
-        return self._count.get(key_id, 0)
-
-    def acquire(self, key_id: str, request_id: str, now: float) -> None:
-        self._open.setdefault((key_id, request_id), []).append(now)
-        self._count[key_id] = self._count.get(key_id, 0) + 1
-        self._order.append((now, key_id, request_id))
-
-    def release(self, key_id: str, request_id: str) -> bool:
-        stamps = self._open.get((key_id, request_id))
-        if not stamps:
-            return False
-        stamps.pop(0)
-        if not stamps:
-            del self._open[(key_id, request_id)]
-        self._count[key_id] -= 1
-        return True
-
-    def expire(self, now: float) -> int:
-        dropped = 0
-        while self._order and self._order[0][0] <= now - self.ttl:
-            stamp, key_id, request_id = self._order.popleft()
-            stamps = self._open.get((key_id, request_id))
-            if stamps and stamp in stamps:
-                stamps.remove(stamp)
-                if not stamps:
-                    del self._open[(key_id, request_id)]
-                self._count[key_id] -= 1
-                dropped += 1
-        return dropped
-
-    def total(self) -> int:
-        return sum(self._count.values())
-
-
-class AccessLogTail:
-    """Follows Caddy's JSON access log and yields (key id, request id) of each finished request.
-
-    Reads from the end at start (earlier requests are not in flight here), survives Caddy's log
-    rolling (a new inode: the old file is drained, the new one read from its start) and truncation.
-    `healthy` is False while the file cannot be read.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.healthy = False
-        self._fd: int | None = None
-        self._ino: int | None = None
-        self._rest = b""
-        self._field = f'"{ACCESS_LOG_IDS_FIELD}"'.encode()
-        # The ids are a key id and a request id Caddy checked (or made): no quote, no escape. Taking
-        # them with a regex is a tenth of json.loads of the line, which matters at thousands of
-        # lines a second; anything else (an escape) still goes through json.loads.
-        self._plain = re.compile(rb'"' + ACCESS_LOG_IDS_FIELD.encode() + rb'":"([^"\\]*)"')
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-        self._fd = None
-        self.healthy = False
-
-    def _open(self, from_end: bool) -> None:
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError as exc:
-            if self.healthy or self._ino is None:
-                log.warning(
-                    "access log %s unreadable (%s): concurrency limits are off until it is", self.path, exc.strerror
-                )
-            self._ino = -1
-            self.healthy = False
-            return
-        if from_end:
-            os.lseek(fd, 0, os.SEEK_END)
-        self._fd, self._ino, self._rest = fd, os.fstat(fd).st_ino, b""
-        if not self.healthy:
-            log.info("following access log %s", self.path)
-        self.healthy = True
-
-    def check_rotation(self) -> Iterator[tuple[str, str]]:
-        if self._fd is None:
-            self._open(from_end=self._ino is None)
-            return
-        try:
-            current = os.stat(self.path)
-        except OSError:
-            return  # rolled away and not yet recreated: keep draining the old file
-        if current.st_ino != self._ino:
-            yield from self.read()
-            self.close()
-            self._open(from_end=False)
-        elif current.st_size < os.lseek(self._fd, 0, os.SEEK_CUR):
-            os.lseek(self._fd, 0, os.SEEK_SET)
-            self._rest = b""
-
-    def read(self) -> Iterator[tuple[str, str]]:
-        if self._fd is None:
-            return
-        while chunk := os.read(self._fd, 1 << 16):
-            lines = (self._rest + chunk).split(b"\n")
-            self._rest = lines.pop()
-            for line in lines:
-                ids = self._ids(line)
-                if ids:
-                    yield ids
-
-    def _ids(self, line: bytes) -> tuple[str, str] | None:
-        if self._field not in line:
-            return None  # not an access-log entry of this gateway
-        plain = self._plain.search(line)
-        if plain and line.startswith(b"{") and line.rstrip().endswith(b"}"):
-            value: Any = plain.group(1).decode("latin-1")
-        else:
-            try:
-                value = json.loads(line).get(ACCESS_LOG_IDS_FIELD)
-            except ValueError:
-                return None
-        if not isinstance(value, str):
-            return None
-        key_id, _, request_id = value.partition(" ")
-        return (key_id, request_id) if key_id and key_id != NO_KEY else None  # NO_KEY: nothing was acquired
 
 
 class KeyStoreWatcher:
@@ -598,62 +420,3 @@ class Authz:
                     return
 
 
-class DecisionLog(WatchedFileHandler):
-    """authz's log file, written through a buffer.
-
-    WatchedFileHandler stats the file (has logrotate moved it?) and flushes its buffer for every
-    record: two system calls per decision, which measured a third of authz's CPU per request
-    (bench/gateway_overhead.py). Here decision lines collect in the file object's buffer and go out
-    on the maintenance loop's tick (`sync`, every access_log_poll_seconds, 50 ms by default), which
-    is also when rotation is checked; any other record (start-up, store reloads, warnings, errors)
-    is written at once. A crash can lose at most one tick of decision lines.
-    """
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not isinstance(record.msg, dict):
-            super().emit(record)  # check rotation, write, flush
-            return
-        try:
-            self.stream.write(self.format(record) + self.terminator)
-        except Exception:  # noqa: BLE001 - logging's own contract: report and go on
-            self.handleError(record)
-
-    def sync(self) -> None:
-        with self.lock:
-            if self.stream:
-                self.stream.flush()
-            self.reopenIfNeeded()
-
-
-def sync_decision_log() -> None:
-    for handler in log.handlers:
-        if isinstance(handler, DecisionLog):
-            handler.sync()
-
-
-class JsonLines(logging.Formatter):
-    """One JSON object per line: decisions are logged as dicts, other events as text."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        if isinstance(record.msg, dict):
-            entry = {"ts": round(record.created, 6), **record.msg}
-        else:
-            entry = {"ts": round(record.created, 6), "level": record.levelname.lower(), "event": record.getMessage()}
-            if record.exc_info:
-                entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry, separators=(",", ":"))
-
-
-def configure_logging(settings: AuthzSettings) -> None:
-    # One log record per decision: skip what logging would otherwise gather for each (caller's
-    # file and line, thread, process), a third of a decision's cost. See "Optimization" in the
-    # logging HOWTO.
-    logging._srcfile = None  # noqa: SLF001 - the documented switch
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    settings.log_file.parent.mkdir(parents=True, exist_ok=True)
-    handler = DecisionLog(settings.log_file)  # buffered; reopens after logrotate moves the file
-    handler.setFormatter(JsonLines())
-    log.handlers[:] = [handler]
-    log.setLevel(settings.log_level.upper())
-    log.propagate = False
-    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)  # uvicorn's own messages

@@ -16,8 +16,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
-
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 # A key reads `ggk_<id>_<secret>`: the prefix makes a leaked key recognisable to secret scanners, the
 # id lets authz find the record in O(1) and names the key in logs and metrics without revealing it.

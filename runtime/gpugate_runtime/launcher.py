@@ -11,8 +11,14 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-
-from gpugate_runtime.capacity import DTYPE_BYTES, CapacityReport, CpuBudget, GpuBudget, ModelArch, plan_capacity
+from gpugate_runtime.capacity import (
+    DTYPE_BYTES,
+    CapacityReport,
+    CpuBudget,
+    GpuBudget,
+    ModelArch,
+    plan_capacity,
+)
 from gpugate_runtime.launchspec import LaunchSpec
 
 log = logging.getLogger(__name__)

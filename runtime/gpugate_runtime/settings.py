@@ -29,9 +29,9 @@ class AuthzSettings(BaseSettings):
 
     port: int = Field(_DEFAULT_PORTS.authz, ge=1024, le=65535, description="loopback port (Caddy forward_auth and /metrics)")
     key_store: Path = Field(VM_LAYOUT.key_store, description="the key store JSON written by `keys`")
-    log_file: Path = Field(VM_LAYOUT.logs / "authz.log", description="one JSON line per decision")
+    log_file: Path = Field(VM_LAYOUT.authz_log, description="one JSON line per decision")
     access_log: Path = Field(
-        VM_LAYOUT.logs / "access.log",
+        VM_LAYOUT.access_log,
         description="Caddy's JSON access log, tailed to release concurrency slots; default: access.log next to log_file",
     )
     default_rpm: int = Field(defaults.KEY_RPM, ge=1, le=1_000_000, description="requests per minute of a key without its own")
@@ -49,7 +49,7 @@ class AuthzSettings(BaseSettings):
     def _access_log_next_to_log_file(cls, data: Any) -> Any:
         # Caddy writes access.log into the same log directory the renderer gives authz's own log.
         if isinstance(data, dict) and "access_log" not in data and "log_file" in data:
-            data = {**data, "access_log": Path(data["log_file"]).parent / "access.log"}
+            data = {**data, "access_log": Path(data["log_file"]).parent / VM_LAYOUT.access_log.name}
         return data
 
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+from ruamel.yaml import YAML
 import yaml
 
-from gpugate.alerts import SEVERITIES, alerts, rule_groups
-from gpugate.monitoring import RULES_FILE as BUNDLE_RULES_FILE
-from gpugate.render import render_bundle
+from gpugate.render.alerts import SEVERITIES, alerts, rule_groups
+from gpugate_runtime.contract.host import ALERT_RULES
+from gpugate.targets import render_bundle
 from gpugate.stackfile import Stack, load_stack, stack_names
 from tests.conftest import edit_stack
 
@@ -65,8 +67,16 @@ def rules_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def write_rules(stack: Stack, directory: Path) -> None:
-    """The rules file exactly as the stack's bundle carries it."""
-    (directory / RULES_FILE).write_bytes(render_bundle(stack).files[f"prometheus/{BUNDLE_RULES_FILE}"])
+    """The rules exactly as the stack's bundle carries them: a host's rules file, or a cluster's PrometheusRule."""
+    files = render_bundle(stack).files
+    if ALERT_RULES in files:
+        (directory / RULES_FILE).write_bytes(files[ALERT_RULES])
+        return
+    (rule,) = [p for p in files if p.startswith("kubernetes/") and "/prometheusrule-" in p]
+    groups = YAML(typ="safe", pure=True).load(files[rule])["spec"]
+    buffer = io.StringIO()
+    YAML(typ="safe", pure=True).dump(groups, buffer)
+    (directory / RULES_FILE).write_text(buffer.getvalue())
 
 
 def promtool_test(rules_dir: Path, test_file: Path) -> subprocess.CompletedProcess[str]:

@@ -22,7 +22,8 @@ from typing import Any, Protocol
 
 import httpx
 
-from gpugate.render import render_bundle, write_bundle
+from gpugate.render.bundle import write_bundle
+from gpugate.targets import render_bundle
 from gpugate.stackfile import load_stack
 from gpugate_runtime.contract.host import CADDY_GO_ENV, KEY_ID_HEADER, REQUEST_ID_HEADER, HostLayout, Ports
 from gpugate_runtime.keys import IssuedKey, create_key

@@ -15,7 +15,7 @@ import typer
 from gpugate_runtime.contract.host import HostLayout
 from typer.testing import CliRunner
 
-from gpugate.oncall import alerts_command
+from gpugate.cli.alerts import alerts_command
 from gpugate.stackfile import load_stack
 from tests.e2e.local_stack import RunningStack, running_local_stack
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 from gpugate_runtime.contract.host import HostLayout
 
-from gpugate.dashboards import executable, panel_queries, panels
+from gpugate.render.dashboards import executable, panel_queries, panels
 from gpugate.local.gateway import LocalGateway
 from gpugate.stackfile import load_stack
 from tests.e2e.local_stack import RunningStack, running_local_stack

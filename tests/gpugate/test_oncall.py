@@ -18,9 +18,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from gpugate.alerts import rule_groups
-from gpugate.oncall import alerts_command, mitigation_steps
-from gpugate.render import render_bundle
+from gpugate.render.alerts import rule_groups
+from gpugate.cli.alerts import alerts_command
+from gpugate.oncall import mitigation_steps
+from gpugate.targets import render_bundle
 from gpugate.stackfile import Stack, load_stack
 from tests.conftest import edit_stack
 

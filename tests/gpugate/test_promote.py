@@ -18,7 +18,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from gpugate.promote import promote_command
+from gpugate.cli.promote import promote_command
 from gpugate.release import PIN_KEYS, Pins, ReleaseError, read_log, release_of, with_pins
 from gpugate.smoke import SmokeCheck, SmokeReport
 from gpugate.stackfile import load_stack
@@ -295,9 +295,10 @@ def test_without_apply_nothing_is_written_but_the_pin_and_bundle_diff_are_shown(
     assert repo.prod.read_bytes() == repo.prod_original and not repo.log.exists()
     assert "dry run" in result.output
     assert "gpugate:vllm.image" in result.output  # the pins table
-    # vllm/launch.json, and on the Kubernetes target the vLLM Deployment that carries the same pins
-    assert "bundle diff (2 files):" in result.output
-    assert f'+  "revision": "{NEW_REVISION}",' in result.output
+    # on the Kubernetes target: the vLLM Deployment that carries the pins
+    assert "bundle diff (1 files):" in result.output
+    assert "b/kubernetes/gpugate/deployment-vllm.yaml" in result.output
+    assert f"+        - {NEW_REVISION}" in result.output
 
 
 def test_a_red_staging_smoke_blocks_and_names_the_failed_check(repo, staging_monitoring):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gpugate.render import render_bundle
+from gpugate.targets import render_bundle
 from gpugate.stackfile import load_stack, stack_names
 from tests.conftest import run_gpugate
 
@@ -48,9 +48,11 @@ def test_each_target_gets_its_service_definitions():
     for vm in ("dev", "staging"):
         assert "cloud-init/user-data.yaml" in files[vm]
         assert {f"systemd/gpugate-{s}.service" for s in ("caddy", "authz", "vllm", "prober", "prometheus", "alertmanager")} <= files[vm]
-    common = {"caddy/Caddyfile", "vllm/launch.json", "prometheus/prometheus.yml", "prometheus/rules/gpugate.rules.yml",
-              "alertmanager/alertmanager.yml", "runtime/gpugate.env", "manifest.json"}
-    assert all(common <= f for f in files.values())
+    hosts = {"caddy/Caddyfile", "vllm/launch.json", "prometheus/prometheus.yml", "prometheus/rules/gpugate.rules.yml",
+             "alertmanager/alertmanager.yml", "runtime/gpugate.env", "manifest.json"}
+    assert all(hosts <= files[name] for name in ("local", "dev", "staging"))
+    # A cluster's bundle is the objects it applies: the proxy's Caddyfile and settings are ConfigMaps there.
+    assert files["prod"] - {"manifest.json"} and all(p.startswith("kubernetes/") for p in files["prod"] - {"manifest.json"})
 
 
 def test_caddy_runs_with_the_same_go_runtime_settings_on_every_target():

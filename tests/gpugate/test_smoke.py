@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from gpugate.promote import smoke_gate
 from gpugate.release import release_of
-from gpugate.smoke import INTERNAL_PATHS, closed_check_name, smoke_command
+from gpugate.cli.smoke import smoke_command
+from gpugate.smoke import INTERNAL_PATHS, closed_check_name
 from gpugate.stackfile import load_stack
 from tests.conftest import STACKS
 from tests.e2e.gateway_fixtures import HOSTNAME, Gateway, running_gateway

@@ -7,7 +7,7 @@ import json
 import pulumi
 import pytest
 
-from gpugate.render import render_bundle
+from gpugate.targets import render_bundle
 from gpugate.spec import GpuSpec
 from gpugate.stackfile import load_stack
 from infra.aws import AMI_NAME, SSM_POLICY_ARN, TYPE_TOKEN, AwsGateway, AwsGatewayArgs, instance_type

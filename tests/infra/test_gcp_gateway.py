@@ -5,7 +5,7 @@ from __future__ import annotations
 import pulumi
 import pytest
 
-from gpugate.render import render_bundle
+from gpugate.targets import render_bundle
 from gpugate.spec import GpuSpec
 from gpugate.stackfile import load_stack
 from infra.gcp import (

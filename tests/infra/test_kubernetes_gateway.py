@@ -9,12 +9,14 @@ from typing import Any
 import pulumi
 import pytest
 
-from gpugate.plan import SECRET_SIG, SECRET_SIG_KEY, plain_secrets, plan
+from gpugate.cli.plan import plan
+from gpugate.plan.inventory import SECRET_SIG, SECRET_SIG_KEY
+from infra.policy.evaluate import plain_secrets
 from gpugate.stackfile import NAMESPACE, Stack, load_stack
 from infra.kubernetes import TYPE_TOKEN, KubernetesGateway, KubernetesGatewayArgs, prober_store
 from infra.offline import Recorded, Run, record, use_mocks
 from infra.program import gateway, stack_outputs
-from gpugate.render import render_bundle
+from gpugate.targets import render_bundle
 from gpugate_runtime.keys import KeyStore, TOKEN_RE, token_digest
 from tests.infra.conftest import of_type, one
 from tests.infra.test_policy import broken_rules, changed
@@ -127,7 +129,7 @@ def test_the_autoscaler_targets_vllm_queue_depth_and_waits_for_keda(prod):
 
 
 def test_the_alert_rules_are_the_stack_rules_as_a_prometheus_rule(prod):
-    from gpugate.alerts import rule_groups
+    from gpugate.render.alerts import rule_groups
 
     rule = one(prod, "kubernetes:monitoring.coreos.com/v1:PrometheusRule")
     assert rule.props["spec"] == rule_groups(load_stack("prod").spec)

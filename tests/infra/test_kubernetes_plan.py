@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from gpugate.kube import gpu_node_disk_gib
-from gpugate.prices import price_table
+from gpugate.kubernetes.sizing import gpu_node_disk_gib
+from gpugate.plan.cost import price_table
 from gpugate.stackfile import load_stack
 from tests.conftest import run_gpugate
 
@@ -64,12 +64,12 @@ def test_the_month_at_max_costs_six_more_gpu_nodes_with_their_disks_than_the_mon
 
 
 def test_the_scaling_page_carries_the_planner_own_figures():
-    from gpugate.plan import sizing_markdown
+    from gpugate.cli.plan import sizing_page
     from tests.conftest import REPO
 
     page = (REPO / "docs" / "scaling.md").read_text()
     block = page.split("<!-- sizing:begin -->\n", 1)[1].split("<!-- sizing:end -->", 1)[0]
-    assert block == sizing_markdown(), "regenerate: python -c 'from gpugate.plan import sizing_markdown; print(sizing_markdown())'"
+    assert block == sizing_page(), "regenerate: python -c 'from gpugate.cli.plan import sizing_page; print(sizing_page())'"
 
 
 def test_the_deploy_page_quotes_the_plan_monthly_totals_at_min_and_max(report):
@@ -81,7 +81,8 @@ def test_the_deploy_page_quotes_the_plan_monthly_totals_at_min_and_max(report):
 
 
 def test_a_million_clients_take_many_clusters_of_at_most_500_replicas():
-    from gpugate.plan import MAX_REPLICAS_PER_CLUSTER, PLANNING_WORKLOAD, ReplicaThroughput, fleet
+    from gpugate.plan.capacity import PLANNING_WORKLOAD, ReplicaThroughput
+    from gpugate.plan.sizing import MAX_REPLICAS_PER_CLUSTER, fleet
 
     spec = load_stack("prod").spec
     one_replica = ReplicaThroughput(

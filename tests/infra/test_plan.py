@@ -9,9 +9,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from gpugate.plan import plan, plan_command, plan_stack
-from gpugate.prices import price_table
-from gpugate.render import render_bundle
+from gpugate.cli.plan import plan, plan_command, plan_stack
+from gpugate.plan.cost import price_table
+from gpugate.targets import render_bundle
 from gpugate.stackfile import load_stack
 from infra.aws import AwsGateway, AwsGatewayArgs
 from infra.network import IngressRule

@@ -17,7 +17,9 @@ import pytest
 from google.protobuf import empty_pb2, json_format, struct_pb2
 from pulumi.runtime.proto import analyzer_pb2, analyzer_pb2_grpc
 
-from gpugate.plan import SECRET_SIG_KEY, evaluate_policies, plan_stack
+from gpugate.cli.plan import plan_stack
+from gpugate.plan.inventory import SECRET_SIG_KEY
+from infra.policy.evaluate import evaluate_policies
 from gpugate.stackfile import stack_names
 from infra.offline import Recorded, Run
 from infra.policy.rules import RULES
@@ -229,7 +231,7 @@ def test_a_secret_copied_into_a_plain_input_or_output_is_traced_by_the_plan():
     import pulumi
     import pulumi_aws as aws
 
-    from gpugate.plan import plan
+    from gpugate.cli.plan import plan
     from gpugate.stackfile import load_stack
     from infra.program import gateway
 

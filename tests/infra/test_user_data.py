@@ -7,9 +7,10 @@ import subprocess
 import pytest
 from ruamel.yaml import YAML
 
-from gpugate.render import USER_DATA, render_bundle
+from gpugate.targets import render_bundle
+from gpugate.vm.userdata import USER_DATA
 from gpugate.stackfile import load_stack
-from gpugate.userdata import USER_DATA_LIMIT_BYTES
+from gpugate.vm.userdata import USER_DATA_LIMIT_BYTES
 from infra.offline import ALERT_CANARY, CONFIG_KEY_CANARY, Recorded, Run, record
 from infra.secrets import with_secret_files
 from tests.infra.conftest import of_type

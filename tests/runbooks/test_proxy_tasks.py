@@ -13,7 +13,8 @@ import httpx
 import pytest
 from invoke.exceptions import Exit
 
-from gpugate.runtasks import SshTarget, connect, load_tasks, task_collection
+from gpugate.cli.run import SshTarget, connect, task_collection
+from runbooks.tasks.host import GatewayHost
 from gpugate_runtime.keys import read_store
 from tests.e2e.gateway_fixtures import Gateway, running_gateway, wait_until
 from tests.runbooks.conftest import Sshd, gpugate_run
@@ -40,7 +41,7 @@ class Fab:
 
 
 def facts_for(gateway: Gateway) -> dict[str, Any]:
-    host = load_tasks().GatewayHost(
+    host = GatewayHost(
         stack="stub", root=str(gateway.layout.root), supervisor="supervisord", python=sys.executable,
         service_user=None, caddy_user=None, become_root=False,
     )  # fmt: skip

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gpugate.runtasks import resolve_target, task_collection
+from gpugate.cli.run import resolve_target, task_collection
 from gpugate.stackfile import load_stack
 from tests.runbooks.conftest import gpugate_run
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gpugate.alerts import alerts, rule_groups
+from gpugate.render.alerts import alerts, rule_groups
 from gpugate.oncall import RUNBOOKS_DIR, mitigation_steps, runbook_sections
 from gpugate.stackfile import REPO_ROOT, load_stack, stack_names
 

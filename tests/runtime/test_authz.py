@@ -19,7 +19,9 @@ import pytest
 
 from gpugate.spec import KeyLimits, PortsSpec
 from gpugate_runtime.contract import metrics as metricnames
-from gpugate_runtime.authz import ACCESS_LOG_IDS_FIELD, BODY_LENGTH_HEADER, Inflight, TokenBuckets
+from gpugate_runtime.accesslog import ACCESS_LOG_IDS_FIELD
+from gpugate_runtime.authz import BODY_LENGTH_HEADER
+from gpugate_runtime.limits import Inflight, TokenBuckets
 from gpugate_runtime.contract.host import KEY_ID_HEADER, REQUEST_ID_HEADER, Ports
 from gpugate_runtime.keys import IssuedKey, create_key, revoke_key, utcnow, write_store, read_store
 from gpugate_runtime.settings import AuthzSettings

@@ -5,9 +5,10 @@ from __future__ import annotations
 import typer
 from prometheus_client import disable_created_metrics
 
-from gpugate_runtime.authz import Authz, configure_logging
+from gpugate_runtime.authz import Authz
 from gpugate_runtime.cli.options import settings_or_exit
 from gpugate_runtime.contract.host import LOOPBACK
+from gpugate_runtime.decisionlog import configure_logging
 from gpugate_runtime.settings import AuthzSettings
 
 app = typer.Typer(help="The forward_auth service Caddy asks about every API request.", no_args_is_help=True, add_completion=False)

@@ -24,6 +24,14 @@ PORT_OFFSETS: dict[str, int] = {
 
 SERVICES = ("vllm", "authz", "caddy", "prober", "prometheus", "alertmanager")
 
+# Files of a bundle (paths under the host's etc/gpugate): the renderer writes them, the services read them.
+CADDYFILE = "caddy/Caddyfile"
+LAUNCH_SPEC = "vllm/launch.json"
+PROMETHEUS_CONFIG = "prometheus/prometheus.yml"
+ALERT_RULES = "prometheus/rules/gpugate.rules.yml"
+ALERTMANAGER_CONFIG = "alertmanager/alertmanager.yml"
+RUNTIME_ENV = "runtime/gpugate.env"
+
 # Environment variable names shared by the Caddyfile, the launcher and the service definitions.
 ENV_VLLM_KEY = "GPUGATE_VLLM_API_KEY"
 KEY_ID_HEADER = "X-Gpugate-Key-Id"
@@ -76,6 +84,16 @@ class HostLayout:
         return self.root / "var" / "log" / "gpugate"
 
     @property
+    def access_log(self) -> Path:
+        """Caddy's metadata-only JSON access log; authz follows it to release concurrency slots."""
+        return self.logs / "access.log"
+
+    @property
+    def authz_log(self) -> Path:
+        """authz's decision log, one JSON line per decision."""
+        return self.logs / "authz.log"
+
+    @property
     def key_store(self) -> Path:
         return self.state / "keys.json"
 
@@ -114,7 +132,7 @@ class HostLayout:
 
     @property
     def runtime_env(self) -> Path:
-        return self.etc / "runtime" / "gpugate.env"
+        return self.etc / RUNTIME_ENV
 
     @property
     def alert_log(self) -> Path:
@@ -130,8 +148,3 @@ VM_LAYOUT = HostLayout(Path("/"))
 VM_RUNTIME_VENV = Path("/opt/gpugate/venv")
 VM_RUNTIME_PYTHON = VM_RUNTIME_VENV / "bin" / "python"
 
-
-def systemd_credential(unit: str, name: str) -> Path:
-    """Where systemd's `LoadCredential=name:...` puts a secret for a service that runs as its own user:
-    the secret file stays root-only, and only that unit can read its copy."""
-    return Path("/run/credentials") / f"{unit}.service" / name

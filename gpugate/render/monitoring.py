@@ -4,17 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpugate_runtime.contract.host import HostLayout, Ports
+from gpugate_runtime.alertsink import ALERTS_PATH
+from gpugate_runtime.contract.host import ALERT_RULES, LOOPBACK, HostLayout, Ports
+from gpugate_runtime.contract.services import Service
 
-from gpugate.alerts import inhibit_rules
+from gpugate.render.alerts import inhibit_rules
 from gpugate.spec import GatewaySpec
 
-RULES_FILE = "rules/gpugate.rules.yml"
 
+def prometheus_config(spec: GatewaySpec, ports: Ports, layout: HostLayout, table: tuple[Service, ...]) -> dict:
+    """Scrapes every service of the host's table that exports metrics (job = service name)."""
 
-def prometheus_config(spec: GatewaySpec, ports: Ports, layout: HostLayout) -> dict:
-    def job(name: str, port: int, path: str = "/metrics") -> dict:
-        return {"job_name": name, "metrics_path": path, "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
+    def job(service: Service) -> dict:
+        return {
+            "job_name": service.name,
+            "metrics_path": service.metrics_path,
+            "static_configs": [{"targets": [f"{LOOPBACK}:{service.port}"]}],
+        }
 
     return {
         "global": {
@@ -22,16 +28,9 @@ def prometheus_config(spec: GatewaySpec, ports: Ports, layout: HostLayout) -> di
             "evaluation_interval": spec.monitoring.evaluation_interval,
             "external_labels": {"gpugate_stack_domain": spec.domain},
         },
-        "rule_files": [str(layout.etc / "prometheus" / RULES_FILE)],
-        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{ports.alertmanager}"]}]}]},
-        "scrape_configs": [
-            job("caddy", ports.caddy_metrics),
-            job("authz", ports.authz),
-            job("prober", ports.prober),
-            job("vllm", ports.vllm),
-            job("prometheus", ports.prometheus),
-            job("alertmanager", ports.alertmanager),
-        ],
+        "rule_files": [str(layout.bundle_file(ALERT_RULES))],
+        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"{LOOPBACK}:{ports.alertmanager}"]}]}]},
+        "scrape_configs": [job(s) for s in table if s.metrics_path is not None],
     }
 
 
@@ -78,7 +77,7 @@ def alertmanager_config(spec: GatewaySpec, ports: Ports, layout: HostLayout, cre
         receiver["webhook_configs"] = [config]
     else:  # file: the host's alert sink appends each notification to the alert log
         receiver["webhook_configs"] = [
-            {"url": f"http://127.0.0.1:{ports.alert_sink}/alerts", "send_resolved": True}
+            {"url": f"http://{LOOPBACK}:{ports.alert_sink}{ALERTS_PATH}", "send_resolved": True}
         ]
     return {
         "route": {

@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from gpugate_runtime.contract import metrics as m
 from gpugate_runtime.authz import Outcome
+from gpugate_runtime.contract import metrics as m
 
 from gpugate.spec import GatewaySpec, Target
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import base64
 import gzip
-from typing import TYPE_CHECKING
 
 from gpugate_runtime import __version__ as runtime_version
 from gpugate_runtime.contract.host import VM_RUNTIME_VENV, HostLayout
+from gpugate_runtime.contract.services import Service, unit_name
+from gpugate_runtime.launchspec import LaunchSpec
 
-if TYPE_CHECKING:
-    from gpugate.render import Bundle
+from gpugate.render.bundle import MANIFEST, Bundle, dump_yaml
 
-SERVICES = ("gpugate-authz", "gpugate-vllm", "gpugate-caddy", "gpugate-prober", "gpugate-prometheus", "gpugate-alertmanager")
+USER_DATA = "cloud-init/user-data.yaml"
 PACKAGES = ("caddy", "prometheus", "prometheus-alertmanager", "python3-venv")
 # AWS allows 16 KiB of user-data, GCP 256 KiB of metadata per value: the stricter one binds.
 USER_DATA_LIMIT_BYTES = 16 * 1024
@@ -23,9 +23,7 @@ def _compressed(data: bytes) -> str:
     return base64.b64encode(gzip.compress(data, compresslevel=9, mtime=0)).decode()
 
 
-def user_data_document(bundle: "Bundle", layout: HostLayout) -> dict:
-    from gpugate.render import USER_DATA, MANIFEST  # noqa: PLC0415 - avoid an import cycle
-
+def user_data_document(bundle: Bundle, layout: HostLayout, table: tuple[Service, ...], launch: LaunchSpec) -> dict:
     etc = layout.etc
     files = [
         {
@@ -39,9 +37,6 @@ def user_data_document(bundle: "Bundle", layout: HostLayout) -> dict:
         if relpath not in (USER_DATA, MANIFEST)
     ]
     files.append({"path": str(etc / "BUNDLE_SHA256"), "content": bundle.bundle_sha256 + "\n", "permissions": "0644"})
-    image = next(
-        (line for line in bundle.files["vllm/launch.json"].decode().splitlines() if '"image"' in line), ""
-    ).split('"')[-2:-1]
     venv = str(VM_RUNTIME_VENV)
     state, logs = str(layout.state), str(layout.logs)
     runcmd: list[list[str] | str] = [
@@ -55,7 +50,7 @@ def user_data_document(bundle: "Bundle", layout: HostLayout) -> dict:
         ["install", "-d", "-m", "0700", str(layout.secrets)],
         # authz (user gpugate) follows Caddy's access log to release concurrency slots; Caddy keeps
         # an existing file's owner and mode, also when it rolls the log.
-        ["install", "-m", "0640", "-o", "caddy", "-g", "gpugate", "/dev/null", f"{logs}/access.log"],
+        ["install", "-m", "0640", "-o", "caddy", "-g", "gpugate", "/dev/null", str(layout.access_log)],
         ["python3", "-m", "venv", venv],
         [f"{venv}/bin/pip", "install", "--no-cache-dir", f"gpugate-runtime[gpu]=={runtime_version}"],
         # The prober's own client key: created once, as the user authz reads the key store as.
@@ -65,13 +60,13 @@ def user_data_document(bundle: "Bundle", layout: HostLayout) -> dict:
             f" | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"key\"])' > {layout.prober_key_file})"
         ),
     ]
-    if image:
-        runcmd.append(["docker", "pull", image[0]])
+    if launch.image:
+        runcmd.append(["docker", "pull", launch.image])
     runcmd += [
         "cp /etc/gpugate/systemd/*.service /etc/systemd/system/",
         ["systemctl", "daemon-reload"],
         ["systemctl", "disable", "--now", "caddy.service", "prometheus.service", "prometheus-alertmanager.service"],
-        ["systemctl", "enable", "--now", *[f"{s}.service" for s in SERVICES]],
+        ["systemctl", "enable", "--now", *[f"{unit_name(s)}.service" for s in table]],
     ]
     return {
         "package_update": True,
@@ -81,8 +76,6 @@ def user_data_document(bundle: "Bundle", layout: HostLayout) -> dict:
     }
 
 
-def user_data(bundle: "Bundle", layout: HostLayout, header: str) -> bytes:
-    from gpugate.render import dump_yaml  # noqa: PLC0415
-
-    body = dump_yaml(user_data_document(bundle, layout), header).decode()
+def user_data(bundle: Bundle, layout: HostLayout, table: tuple[Service, ...], launch: LaunchSpec, header: str) -> bytes:
+    body = dump_yaml(user_data_document(bundle, layout, table, launch), header).decode()
     return ("#cloud-config\n" + body).encode()

@@ -1,9 +1,8 @@
-"""`gpugate run TASK --stack S`: find a stack's gateway host and run a runbook task (runbooks/tasks.py) on it over SSH."""
+"""`gpugate run TASK --stack S`: find a stack's gateway host and run a runbook task (runbooks/tasks/) on it over SSH."""
 
 from __future__ import annotations
 
 import getpass
-import importlib.util
 import inspect
 import json
 import shutil
@@ -12,19 +11,26 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Annotated, Any
 
+import paramiko
 import typer
+from fabric import Config, Connection
+from invoke import Collection
+from invoke.exceptions import Exit, ParseError
+from invoke.parser import Parser, ParserContext
 from rich.console import Console
 
+from gpugate.cli.options import ExitCode, OptionalStackOpt, load_or_exit
+from gpugate.local.bundle import local_layout
 from gpugate.spec import Target
-from gpugate.stackfile import REPO_ROOT, Stack
+from gpugate.stackfile import Stack, find_project
+from runbooks.tasks import ns as TASKS
+from runbooks.tasks.host import GatewayHost
 
-RUNBOOK_TASKS = REPO_ROOT / "runbooks" / "tasks.py"
 # Mount with these: the task's own arguments follow TASK, and `--help` is answered per task.
 RUN_CONTEXT_SETTINGS: dict[str, Any] = {"allow_extra_args": True, "ignore_unknown_options": True}
-EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 1, 2
+EXIT_CHECK_FAILED, EXIT_BAD_INPUT = ExitCode.CHECK_FAILED, ExitCode.BAD_INPUT
 SSH_PORT = 22
 CONNECT_TIMEOUT_S = 15
 PULUMI_TIMEOUT_S = 120
@@ -57,24 +63,9 @@ class SshTarget:
         return f"{self.user + '@' if self.user else ''}{self.host}{':' + str(self.port) if self.port else ''}"
 
 
-def load_tasks() -> ModuleType:
-    """runbooks/tasks.py as a module (it lives beside the runbooks, outside the package, as Fabric's tasks files do)."""
-    name = "gpugate_runbook_tasks"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, RUNBOOK_TASKS)
-    if spec is None or spec.loader is None:
-        raise RunError(f"cannot load the runbook tasks from {RUNBOOK_TASKS}", EXIT_CHECK_FAILED)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def task_collection():
-    from invoke import Collection  # noqa: PLC0415 - Fabric is only needed when a task runs
-
-    return Collection.from_module(load_tasks())
+def task_collection() -> Collection:
+    """The runbook tasks (runbooks/tasks/), as Fabric's `fab -r runbooks -c tasks` loads them."""
+    return TASKS
 
 
 def split_host(text: str) -> tuple[str | None, str, int | None]:
@@ -93,17 +84,14 @@ def split_host(text: str) -> tuple[str | None, str, int | None]:
 
 def host_facts(stack: Stack) -> dict[str, Any]:
     """The `gpugate` Fabric config the tasks read: where the stack's files are on its host and how it is supervised."""
-    tasks = load_tasks()
     if stack.spec.target is Target.LOCAL:
-        from gpugate.render import default_layout, local_paths  # noqa: PLC0415
-
-        python = local_paths().runtime_python
-        facts = tasks.GatewayHost(
-            stack=stack.name, root=str(default_layout(stack).root), supervisor="supervisord", python=python,
+        python = str(Path(sys.prefix) / "bin" / "python")
+        facts = GatewayHost(
+            stack=stack.name, root=str(local_layout(stack).root), supervisor="supervisord", python=python,
             supervisorctl=str(Path(python).parent / "supervisorctl"), service_user=None, caddy_user=None, become_root=False,
         )  # fmt: skip
     else:
-        facts = tasks.GatewayHost(stack=stack.name)
+        facts = GatewayHost(stack=stack.name)
     return facts.model_dump(mode="json")
 
 
@@ -117,7 +105,7 @@ def pulumi_outputs(stack: Stack) -> dict[str, Any]:
         )
     try:
         proc = subprocess.run(
-            [pulumi, "stack", "output", "--json", "-s", stack.name], cwd=REPO_ROOT, capture_output=True, text=True, timeout=PULUMI_TIMEOUT_S
+            [pulumi, "stack", "output", "--json", "-s", stack.name], cwd=find_project().root, capture_output=True, text=True, timeout=PULUMI_TIMEOUT_S
         )
     except subprocess.TimeoutExpired:
         raise RunError(f"`pulumi stack output --json -s {stack.name}` did not answer in {PULUMI_TIMEOUT_S} s", EXIT_CHECK_FAILED) from None
@@ -160,8 +148,6 @@ def resolve_target(stack: Stack, host: str | None = None, user: str | None = Non
 
 def connect(target: SshTarget, identity: Path | None, known_hosts: Path | None, dry_run: bool):
     """A Fabric connection that refuses host keys it does not know (~/.ssh/known_hosts, plus --known-hosts)."""
-    import paramiko  # noqa: PLC0415
-    from fabric import Config, Connection  # noqa: PLC0415
 
     config = Config(overrides={"gpugate": target.facts, "run": {"dry": dry_run}})
     connect_kwargs: dict[str, Any] = {"key_filename": [str(identity)]} if identity else {}
@@ -177,8 +163,6 @@ def connect(target: SshTarget, identity: Path | None, known_hosts: Path | None, 
 
 def parse_task_args(name: str, task, args: list[str]) -> dict[str, Any]:
     """The task's keyword arguments from the words after TASK, parsed as Fabric's `fab` would."""
-    from invoke.exceptions import ParseError  # noqa: PLC0415
-    from invoke.parser import Parser, ParserContext  # noqa: PLC0415
 
     context = ParserContext(name=name, args=task.get_arguments())
     try:
@@ -227,8 +211,6 @@ def overview(collection) -> str:
 
 
 def _explain_ssh_error(exc: BaseException, target: SshTarget) -> str:
-    import paramiko  # noqa: PLC0415
-
     where = target.address
     if isinstance(exc, paramiko.BadHostKeyException):
         return f"the host key of {where} does not match the one in known_hosts: refusing to connect (possible impersonation)"
@@ -245,9 +227,6 @@ def _explain_ssh_error(exc: BaseException, target: SshTarget) -> str:
 
 def run_task(name: str, args: list[str], target: SshTarget, identity: Path | None, known_hosts: Path | None, dry_run: bool) -> Any:
     """Parse the task's arguments, connect and run it; errors become RunError with the task's exit code."""
-    import paramiko  # noqa: PLC0415
-    from invoke.exceptions import Exit  # noqa: PLC0415
-
     collection = task_collection()
     if name not in collection.task_names:
         raise RunError(f"no task {name!r}; tasks: {', '.join(sorted(collection.task_names))}")
@@ -269,7 +248,7 @@ def run_task(name: str, args: list[str], target: SshTarget, identity: Path | Non
 def run_command(
     ctx: typer.Context,
     task: Annotated[str | None, typer.Argument(metavar="TASK", help="status, logs, drain, restart, rotate-key, revoke-key, reload-proxy")] = None,
-    stack: Annotated[str | None, typer.Option("--stack", "-s", help="stack name (stacks/Pulumi.<name>.yaml) or a stack file path")] = None,
+    stack: OptionalStackOpt = None,
     host: Annotated[str | None, typer.Option("--host", "-H", help="[user@]host[:port] instead of the stack's host")] = None,
     user: Annotated[str | None, typer.Option("--user", "-u", help="SSH login (default: you on a local stack, else ~/.ssh/config)")] = None,
     identity: Annotated[Path | None, typer.Option("--identity", "-i", help="SSH private key file")] = None,
@@ -277,8 +256,6 @@ def run_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="run the read-only checks, print every change instead of making it")] = False,
 ) -> None:
     """Run a runbook task (status, logs, drain, restart, rotate-key, revoke-key, reload-proxy) on a stack's host over SSH."""
-    from gpugate.cli import load_or_exit  # noqa: PLC0415 - the CLI's stack errors, exit 2
-
     args = list(ctx.args)
     try:
         collection = task_collection()

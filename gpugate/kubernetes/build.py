@@ -1,0 +1,90 @@
+"""The inputs of one build of a stack's Kubernetes objects: the spec, the cluster's facts, the secrets."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpugate_runtime.contract.host import Ports
+
+from gpugate.kubernetes.objects import (
+    ALERT_ITEM,
+    KEY_STORE_FILE,
+    PLACEHOLDER,
+    PROBER_KEY_ITEM,
+    SECRET_ALERT,
+    SECRET_INTERNAL,
+    SECRET_KEYS,
+    VLLM_KEY_ITEM,
+)
+from gpugate.spec import GatewaySpec, KubernetesSpec
+
+
+@dataclass(frozen=True)
+class ClusterFacts:
+    """What the cluster component tells the workloads: the LoadBalancer's fixed address and any
+    provider-specific Service annotations. Values may be Pulumi Outputs, or placeholders when rendering."""
+
+    provider: str
+    load_balancer_ip: Any = None
+    service_annotations: Mapping[str, Any] = field(default_factory=dict)
+
+
+def placeholder_facts(kube: KubernetesSpec) -> ClusterFacts:
+    """The facts as a render shows them: the address the program reserves is only known at `pulumi up`."""
+    if kube.provider == "gke":
+        return ClusterFacts("gke", load_balancer_ip="0.0.0.0")  # replaced by the reserved regional address
+    if kube.provider == "eks":
+        return ClusterFacts("eks", service_annotations=eks_service_annotations("(elastic IP allocations)"))
+    return ClusterFacts("existing")
+
+
+def eks_service_annotations(eip_allocations: Any) -> dict[str, Any]:
+    """The in-tree AWS cloud provider's NLB, on the program's Elastic IPs (one per subnet)."""
+    return {
+        "service.beta.kubernetes.io/aws-load-balancer-type": "nlb",
+        "service.beta.kubernetes.io/aws-load-balancer-eip-allocations": eip_allocations,
+        "service.beta.kubernetes.io/aws-load-balancer-cross-zone-load-balancing-enabled": "true",
+    }
+
+
+@dataclass(frozen=True)
+class Build:
+    """Inputs of one build of the objects."""
+
+    stack: str
+    spec: GatewaySpec
+    header: str
+    facts: ClusterFacts
+    secrets: Mapping[str, Mapping[str, Any]]  # Secret name -> item -> value (Outputs, or placeholders)
+
+    @property
+    def kube(self) -> KubernetesSpec:
+        assert self.spec.kubernetes is not None
+        return self.spec.kubernetes
+
+    @property
+    def ports(self) -> Ports:
+        return Ports(self.spec.ports.internal_base)
+
+    @property
+    def ns(self) -> str:
+        return self.kube.namespace
+
+    @property
+    def gpu_ns(self) -> str:
+        return f"{self.kube.namespace}-gpu"
+
+
+def secret_names(spec: GatewaySpec) -> dict[str, tuple[str, ...]]:
+    """Secret name -> its items, for this stack."""
+    names = {SECRET_INTERNAL: (VLLM_KEY_ITEM, PROBER_KEY_ITEM), SECRET_KEYS: (KEY_STORE_FILE,)}
+    if spec.alerts.needs_credential:
+        names[SECRET_ALERT] = (ALERT_ITEM,)
+    return names
+
+
+def placeholder_secrets(spec: GatewaySpec) -> dict[str, dict[str, str]]:
+    return {name: {item: PLACEHOLDER for item in items} for name, items in secret_names(spec).items()}
+

@@ -1,0 +1,126 @@
+"""What every Kubernetes component shares: names, labels, metadata, resources and security contexts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from gpugate_runtime.contract.host import VM_LAYOUT, VM_RUNTIME_PYTHON
+
+# The pods use the VM's directory layout, so the bundle's Caddyfile and settings mean the same paths.
+LAYOUT = VM_LAYOUT
+MANIFEST_DIR = "kubernetes"
+PART_OF = "gpugate"
+
+# GPU nodes carry this taint and label; only vLLM (and the GPU daemons) tolerate and select them.
+GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+GPU_RESOURCE = "nvidia.com/gpu"
+POOL_LABEL = "gpugate.dev/pool"
+GPU_POOL = "gpu"
+SYSTEM_POOL = "system"
+# kube-prometheus-stack, KEDA: where the addons run (installed there by the program, or already).
+MONITORING_NAMESPACE = "monitoring"
+KEDA_NAMESPACE = "keda"
+PROMETHEUS_URL = f"http://kube-prometheus-stack-prometheus.{MONITORING_NAMESPACE}.svc:9090"
+JOB_LABEL = "gpugate.dev/job"
+DCGM_PORT = 9400
+
+# Object names inside the namespace.
+VLLM = "vllm"
+GATEWAY = "gateway"
+GATEWAY_METRICS = "gateway-metrics"
+DCGM = "dcgm-exporter"
+DEVICE_PLUGIN = "nvidia-device-plugin"
+CADDY_CONFIG = "gpugate-caddy"
+RUNTIME_ENV = "gpugate-runtime-env"
+CERTS_PVC = "gpugate-caddy-certs"
+SECRET_INTERNAL = "gpugate-internal"  # vLLM's internal key and the prober's client key
+SECRET_KEYS = "gpugate-keys"  # the client key store; operators own its contents after creation
+SECRET_ALERT = "gpugate-alert-credential"
+KEY_STORE_FILE = "keys.json"
+VLLM_KEY_ITEM = "vllm_api_key"
+PROBER_KEY_ITEM = "prober_api_key"
+ALERT_ITEM = "credential"
+
+# Where the pods find what the VM gets from user-data.
+KEYS_DIR = Path("/etc/gpugate/keys")
+CADDYFILE_PATH = Path(str(LAYOUT.etc)) / "caddy" / "Caddyfile"
+ENV_FILE_PATH = Path(str(LAYOUT.runtime_env))
+# certmagic's file storage: these directories are shared by every proxy replica (issuance locks,
+# challenge tokens, certificates); the storage root itself stays per pod (Caddy's admin socket).
+SHARED_CERT_DIRS = ("acme", "certificates", "locks", "ocsp")
+# Caddy's dynamic upstreams re-resolve vLLM's pods this often: a new replica takes traffic this soon.
+UPSTREAM_REFRESH = "5s"
+# After a pod is marked for deletion, Services and Caddy's DNS view drop it within this time.
+ENDPOINT_PROPAGATION_SECONDS = 15
+# Startup budget: a cold start downloads the weights, loads them and captures CUDA graphs.
+STARTUP_BASE_SECONDS = 300
+DOWNLOAD_SECONDS_PER_GIB = 20  # ~50 MiB/s from the model hub, a cautious figure
+PROBE_PERIOD_SECONDS = 10
+GIB = 1 << 30
+
+PLACEHOLDER = "(secret: set by pulumi up, never rendered)"
+
+
+def labels(component: str, stack: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": component,
+        "app.kubernetes.io/part-of": PART_OF,
+        "gpugate.dev/stack": stack,
+    }
+
+
+def selector(component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": component, "app.kubernetes.io/part-of": PART_OF}
+
+
+def meta(name: str, namespace: str | None, labels: dict[str, str], **extra: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "labels": labels}
+    if namespace is not None:
+        meta["namespace"] = namespace
+    meta.update(extra)
+    return meta
+
+
+def restricted(read_only: bool = True) -> dict[str, Any]:
+    """A container's security context under the `restricted` Pod Security Standard."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": read_only,
+        "runAsNonRoot": True,
+    }
+
+
+def resources(cpu: str, memory: str, cpu_limit: str, memory_limit: str, **extra_limits: Any) -> dict[str, Any]:
+    return {
+        "requests": {"cpu": cpu, "memory": memory, **extra_limits},
+        "limits": {"cpu": cpu_limit, "memory": memory_limit, **extra_limits},
+    }
+
+
+def exec_http_probe(url: str) -> list[str]:
+    """A probe for a service that listens on loopback only (the kubelet probes the pod address)."""
+    return [str(VM_RUNTIME_PYTHON), "-c", f"import urllib.request; urllib.request.urlopen({url!r}, timeout=3)"]
+
+
+def object_path(obj: Mapping[str, Any]) -> str:
+    """`kubernetes/<namespace>/<kind>-<name>.yaml`; cluster-wide objects under `kubernetes/cluster/`."""
+    meta = obj["metadata"]
+    return f"{MANIFEST_DIR}/{meta.get('namespace', 'cluster')}/{obj['kind'].lower()}-{meta['name']}.yaml"
+
+
+
+def tcp(port: int) -> dict[str, Any]:
+    return {"port": port, "protocol": "TCP"}
+
+
+def network_policy(name: str, namespace: str, stack: str, pods: dict[str, Any], ingress: list[dict[str, Any]]) -> dict[str, Any]:
+    """Who may reach `pods` (a pod selector), and on which ports; anything else is dropped by default-deny."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": meta(name, namespace, labels(name, stack)),
+        "spec": {"podSelector": pods, "policyTypes": ["Ingress"], "ingress": ingress},
+    }

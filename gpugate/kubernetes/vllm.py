@@ -1,0 +1,242 @@
+"""The vLLM component: its Deployment, headless Service, disruption budget, NetworkPolicy and KEDA ScaledObject."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gpugate_runtime.contract import metrics as m
+from gpugate_runtime.contract.host import LOOPBACK, Ports
+from gpugate_runtime.launcher import VLLM_API_KEY_ENV, vllm_args
+
+from gpugate.kubernetes.build import Build
+from gpugate.kubernetes.objects import (
+    ENDPOINT_PROPAGATION_SECONDS,
+    GATEWAY,
+    GPU_POOL,
+    GPU_RESOURCE,
+    GPU_TAINT,
+    JOB_LABEL,
+    LAYOUT,
+    MONITORING_NAMESPACE,
+    POOL_LABEL,
+    PROBE_PERIOD_SECONDS,
+    PROMETHEUS_URL,
+    SECRET_INTERNAL,
+    VLLM,
+    VLLM_KEY_ITEM,
+    labels,
+    meta,
+    network_policy,
+    resources,
+    restricted,
+    selector,
+    tcp,
+)
+from gpugate.kubernetes.sizing import (
+    model_cache_gib,
+    shm_gib,
+    startup_budget_seconds,
+    vllm_memory_gib,
+)
+from gpugate.render.launch import launch_spec
+from gpugate.spec import GatewaySpec
+
+
+def vllm_container_args(spec: GatewaySpec, ports: Ports) -> list[str]:
+    """vLLM's arguments in the pod: the launcher's own, listening on the pod address."""
+    launch = launch_spec(spec, ports, LAYOUT).model_copy(update={"host": "0.0.0.0", "model_cache_dir": None})
+    return vllm_args(launch)
+
+
+def drain_script(port: int, drain_seconds: int, settle_seconds: int = ENDPOINT_PROPAGATION_SECONDS) -> str:
+    """vLLM's preStop (Python, run by the image's python3): wait until its endpoint is gone
+    everywhere, then until it runs and queues nothing (or the drain budget is spent), so the
+    SIGTERM that follows never cuts a stream."""
+    busy = (m.VLLM_RUNNING, m.VLLM_WAITING)
+    return (
+        "import time, urllib.request\n"
+        f"time.sleep({settle_seconds})\n"
+        f"deadline = time.monotonic() + {drain_seconds - settle_seconds}\n"
+        "while time.monotonic() < deadline:\n"
+        "    try:\n"
+        f"        text = urllib.request.urlopen('http://{LOOPBACK}:{port}/metrics', timeout=3).read().decode()\n"
+        "    except OSError:\n"
+        "        break\n"
+        f"    busy = sum(float(l.rsplit(' ', 1)[1]) for l in text.splitlines() if l.startswith({busy!r}))\n"
+        "    if busy == 0:\n"
+        "        break\n"
+        "    time.sleep(2)\n"
+    )
+
+
+def _vllm_deployment(b: Build) -> dict[str, Any]:
+    spec, kube, ports = b.spec, b.kube, b.ports
+    tags = labels(VLLM, b.stack)
+    drain = kube.autoscaling.drain_seconds
+    startup = startup_budget_seconds(spec)
+    memory = vllm_memory_gib(spec)
+    health = {"path": "/health", "port": "http"}
+    container = {
+        "name": VLLM,
+        "image": spec.vllm.image,
+        "args": vllm_container_args(spec, ports),
+        "ports": [{"name": "http", "containerPort": ports.vllm, "protocol": "TCP"}],
+        "env": [
+            {"name": VLLM_API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": SECRET_INTERNAL, "key": VLLM_KEY_ITEM}}},
+            {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+            {"name": "HOME", "value": "/home/vllm"},
+            {"name": "HF_HOME", "value": "/models/hf"},
+            {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+        ],
+        "resources": resources(
+            "4", f"{memory}Gi", "7", f"{memory}Gi", **{GPU_RESOURCE: str(spec.gpu.count)}
+        ),
+        "startupProbe": {
+            "httpGet": health,
+            "periodSeconds": PROBE_PERIOD_SECONDS,
+            "timeoutSeconds": 5,
+            "failureThreshold": startup // PROBE_PERIOD_SECONDS,
+        },
+        "readinessProbe": {"httpGet": health, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3},
+        "livenessProbe": {"httpGet": health, "periodSeconds": 15, "timeoutSeconds": 5, "failureThreshold": 4},
+        "lifecycle": {"preStop": {"exec": {"command": ["python3", "-c", drain_script(ports.vllm, drain)]}}},
+        "securityContext": {**restricted(), "runAsUser": 1000, "runAsGroup": 1000},
+        "volumeMounts": [
+            {"name": "model-cache", "mountPath": "/models"},
+            {"name": "shm", "mountPath": "/dev/shm"},
+            {"name": "home", "mountPath": "/home/vllm"},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta(VLLM, b.ns, tags),
+        "spec": {
+            # KEDA owns the count after creation; the program ignores it on later updates.
+            "replicas": kube.replicas.min,
+            "selector": {"matchLabels": selector(VLLM)},
+            # A new replica comes up before an old one goes: no capacity is lost in a rollout (the GPU
+            # pool keeps one node of headroom above replicas.max for it).
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {"labels": tags},
+                "spec": {
+                    "serviceAccountName": VLLM,
+                    "automountServiceAccountToken": False,
+                    "nodeSelector": {POOL_LABEL: GPU_POOL},
+                    "tolerations": [{**GPU_TAINT, "operator": "Equal"}],
+                    # One replica per GPU node.
+                    "affinity": {
+                        "podAntiAffinity": {
+                            "requiredDuringSchedulingIgnoredDuringExecution": [
+                                {"labelSelector": {"matchLabels": selector(VLLM)}, "topologyKey": "kubernetes.io/hostname"}
+                            ]
+                        }
+                    },
+                    "terminationGracePeriodSeconds": drain + 30,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "fsGroup": 1000,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [container],
+                    "volumes": [
+                        # The weights survive container restarts (crash, liveness kill) without a re-download.
+                        {"name": "model-cache", "emptyDir": {"sizeLimit": f"{model_cache_gib(spec)}Gi"}},
+                        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_gib(spec)}Gi"}},
+                        {"name": "home", "emptyDir": {"sizeLimit": "5Gi"}},
+                        {"name": "tmp", "emptyDir": {"sizeLimit": "5Gi"}},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def queue_query(b: Build) -> str:
+    """Requests waiting in all of this stack's vLLM replicas; KEDA divides it by the replica count."""
+    return f'sum({m.VLLM_WAITING}{{namespace="{b.ns}", job="vllm"}})'
+
+
+def _scaled_object(b: Build) -> dict[str, Any]:
+    kube = b.kube
+    auto = kube.autoscaling
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": meta(VLLM, b.ns, labels(VLLM, b.stack)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": VLLM},
+            "minReplicaCount": kube.replicas.min,
+            "maxReplicaCount": kube.replicas.max,
+            "pollingInterval": 15,
+            "cooldownPeriod": auto.scale_down_stabilization_seconds,
+            # Prometheus unreachable three times in a row: hold the ceiling rather than guess low.
+            "fallback": {"failureThreshold": 3, "replicas": kube.replicas.max},
+            "advanced": {
+                "horizontalPodAutoscalerConfig": {
+                    "name": VLLM,
+                    "behavior": {
+                        "scaleUp": {
+                            "stabilizationWindowSeconds": 0,
+                            "policies": [{"type": "Pods", "value": 2, "periodSeconds": 60}],
+                        },
+                        "scaleDown": {
+                            "stabilizationWindowSeconds": auto.scale_down_stabilization_seconds,
+                            "policies": [{"type": "Pods", "value": 1, "periodSeconds": 300}],
+                        },
+                    },
+                }
+            },
+            "triggers": [
+                {
+                    "type": "prometheus",
+                    "metricType": "AverageValue",
+                    "metadata": {
+                        "serverAddress": PROMETHEUS_URL,
+                        "query": queue_query(b),
+                        "threshold": str(auto.waiting_per_replica),
+                        "ignoreNullValues": "false",
+                    },
+                }
+            ],
+        },
+    }
+
+
+
+def objects(b: Build) -> list[dict[str, Any]]:
+    """Every object of the vLLM component."""
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": MONITORING_NAMESPACE}}}
+    return [
+        _vllm_deployment(b),
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            # Headless: its DNS name lists every ready vLLM pod, for Caddy's dynamic upstreams.
+            "metadata": meta(VLLM, b.ns, {**labels(VLLM, b.stack), JOB_LABEL: "vllm"}),
+            "spec": {
+                "clusterIP": "None",
+                "selector": selector(VLLM),
+                "ports": [{"name": "http", "port": b.ports.vllm, "targetPort": "http", "protocol": "TCP"}],
+            },
+        },
+        {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": meta(VLLM, b.ns, labels(VLLM, b.stack)),
+            # A node drain or upgrade takes one pod at a time, each after its own drain.
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(VLLM)}},
+        },
+        # Only the proxy (and Prometheus, for /metrics) reaches vLLM; authz and the prober listen on
+        # the proxy pod's loopback, out of any other pod's reach.
+        network_policy(
+            "vllm-from-gateway",
+            b.ns,
+            b.stack,
+            {"matchLabels": selector(VLLM)},
+            [{"from": [{"podSelector": {"matchLabels": selector(GATEWAY)}}, monitoring], "ports": [tcp(b.ports.vllm)]}],
+        ),
+        _scaled_object(b),
+    ]

@@ -1,0 +1,70 @@
+"""The Caddyfile: TLS, forward_auth to authz, the public endpoints proxied to vLLM, the metadata-only access log.
+
+One template serves every target; where they differ (how Caddy reaches vLLM, where its metrics site
+listens) is a variable, never a rewrite of the rendered text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gpugate_runtime.accesslog import ACCESS_LOG_IDS_FIELD
+from gpugate_runtime.authz import BODY_LENGTH_HEADER
+from gpugate_runtime.contract.host import ENV_VLLM_KEY, KEY_ID_HEADER, LOOPBACK, REQUEST_ID_HEADER, HostLayout, Ports
+from gpugate_runtime.contract.services import Service, by_name
+
+from gpugate.render.templates import render_template
+from gpugate.spec import GatewaySpec
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """vLLM as Caddy reaches it: one address, or (`dynamic`) every ready pod behind a DNS name,
+    re-resolved every `refresh` so a new replica takes traffic at once, and retried for
+    `try_duration` while a leaving one drains."""
+
+    host: str
+    port: int
+    dynamic: bool = False
+    refresh: str = "5s"
+    try_duration: str = "5s"
+
+
+@dataclass(frozen=True)
+class MetricsSite:
+    """Where Caddy serves its own /metrics: `site` and an optional `bind` address; `routes` are extra
+    /path/metrics -> upstream handlers (a pod exposes authz's and the prober's loopback metrics there)."""
+
+    site: str
+    bind: str | None = None
+    routes: tuple[tuple[str, str], ...] = ()
+
+
+def metrics_site(caddy: Service, routes: tuple[tuple[str, str], ...] = ()) -> MetricsSite:
+    """Caddy's metrics site where the service table says its `metrics` port listens."""
+    listen = next(item for item in caddy.listens if item.name == "metrics")
+    return MetricsSite(f"http://{listen.address}:{listen.port}", bind=listen.address or None, routes=routes)
+
+
+def host_topology(table: tuple[Service, ...], ports: Ports) -> tuple[Upstream, MetricsSite]:
+    """A host (local or VM): vLLM on loopback, Caddy's metrics where the table puts them."""
+    return Upstream(LOOPBACK, ports.vllm), metrics_site(by_name(table)["caddy"])
+
+
+def caddyfile(
+    spec: GatewaySpec, ports: Ports, layout: HostLayout, header: str, upstream: Upstream, metrics: MetricsSite
+) -> bytes:
+    return render_template(
+        "common/Caddyfile.j2",
+        spec=spec,
+        layout=layout,
+        header=header,
+        upstream=upstream,
+        metrics=metrics,
+        authz_address=f"{LOOPBACK}:{ports.authz}",
+        request_id_header=REQUEST_ID_HEADER,
+        key_id_header=KEY_ID_HEADER,
+        env_vllm_key=ENV_VLLM_KEY,
+        body_length_header=BODY_LENGTH_HEADER,
+        access_log_ids_field=ACCESS_LOG_IDS_FIELD,
+    )

@@ -1,0 +1,72 @@
+"""The files every host of a stack reads, whatever runs its processes (local supervisord, a VM's systemd)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gpugate_runtime.contract.host import (
+    ALERT_RULES,
+    ALERTMANAGER_CONFIG,
+    CADDYFILE,
+    LAUNCH_SPEC,
+    LOOPBACK,
+    PROMETHEUS_CONFIG,
+    RUNTIME_ENV,
+)
+from gpugate_runtime.contract.services import VLLM, HostFacts, Service, by_name, credential_path
+from gpugate_runtime.launchspec import LaunchSpec
+
+from gpugate.render.alerts import rule_groups
+from gpugate.render.bundle import dump_json, dump_yaml, header
+from gpugate.render.caddy import caddyfile, host_topology
+from gpugate.render.monitoring import alertmanager_config, prometheus_config
+from gpugate.render.settings import env_file, runtime_settings, settings_env
+from gpugate.stackfile import Stack
+
+
+def vllm_key_file(facts: HostFacts, table: tuple[Service, ...]) -> Path:
+    """Where vLLM's launcher reads the internal key on this host."""
+    vllm = by_name(table)[VLLM]
+    (key,) = vllm.credentials
+    return credential_path(vllm, key, facts)
+
+
+def host_files(
+    stack: Stack, facts: HostFacts, table: tuple[Service, ...], launch: LaunchSpec, *, ca_file: Path | None, expect_gpu: bool
+) -> dict[str, bytes]:
+    """The files a host's services read: the Caddyfile, vLLM's launch spec, Prometheus and its rules,
+    Alertmanager and the runtime env file. Each service finds its credentials where the table says
+    this host hands them over."""
+    spec, layout, ports = stack.spec, facts.layout, facts.ports
+    named = by_name(table)
+    prober = named["prober"]
+    (prober_key,) = prober.credentials
+    alertmanager = named["alertmanager"]
+    alert_credential = next(
+        (credential_path(alertmanager, c, facts) for c in alertmanager.credentials if c.name == "alert_credential"), None
+    )
+    settings = settings_env(
+        runtime_settings(
+            spec,
+            ports,
+            key_store=layout.key_store,
+            authz_log=layout.authz_log,
+            access_log=layout.access_log,
+            vllm_health_url=f"http://{LOOPBACK}:{ports.vllm}/health",
+            prober_key_file=credential_path(prober, prober_key, facts),
+            ca_file=ca_file,
+            expect_gpu=expect_gpu,
+            alert_log=layout.alert_log,
+        )
+    )
+    text = header(stack)
+    upstream, metrics = host_topology(table, ports)
+    files = {
+        CADDYFILE: caddyfile(spec, ports, layout, text, upstream, metrics),
+        LAUNCH_SPEC: dump_json(launch.model_dump(mode="json")),
+        PROMETHEUS_CONFIG: dump_yaml(prometheus_config(spec, ports, layout, table), text),
+        ALERT_RULES: dump_yaml(rule_groups(spec), text),
+        ALERTMANAGER_CONFIG: dump_yaml(alertmanager_config(spec, ports, layout, alert_credential), text),
+        RUNTIME_ENV: env_file(settings, text, layout.secrets),
+    }
+    return files

@@ -1,0 +1,78 @@
+"""The runtime services' settings for a host or a pod, written as the env file they read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gpugate_runtime.contract.host import Ports
+from gpugate_runtime.prober_settings import AlertSinkSettings, ProberSettings
+from gpugate_runtime.settings import AuthzSettings, KeysSettings
+from pydantic_settings import BaseSettings
+
+from gpugate.render.templates import render_template
+from gpugate.spec import GatewaySpec
+
+
+def public_url(spec: GatewaySpec) -> str:
+    port = "" if spec.ports.https == 443 else f":{spec.ports.https}"
+    return f"https://{spec.domain}{port}"
+
+
+def runtime_settings(
+    spec: GatewaySpec,
+    ports: Ports,
+    *,
+    key_store: Path,
+    authz_log: Path | str,
+    access_log: Path,
+    vllm_health_url: str,
+    prober_key_file: Path,
+    ca_file: Path | None,
+    expect_gpu: bool,
+    alert_log: Path,
+) -> list[BaseSettings]:
+    """The runtime services' settings from the spec, built with their own settings models so that a
+    name or a value the runtime would refuse cannot be rendered; where files live is the target's.
+    No secrets: those are files."""
+    return [
+        AuthzSettings(
+            port=ports.authz,
+            key_store=key_store,
+            log_file=authz_log,
+            access_log=access_log,
+            default_rpm=spec.limits.rpm,
+            default_max_concurrent=spec.limits.max_concurrent,
+            max_body_bytes=spec.limits.max_body_kib * 1024,
+        ),
+        KeysSettings(
+            store=key_store,
+            expires_days=spec.limits.expires_days,
+            rotation_overlap_hours=spec.limits.rotation_overlap_hours,
+        ),
+        ProberSettings(
+            port=ports.prober,
+            public_url=public_url(spec),
+            model=spec.model.served_name,
+            vllm_health_url=vllm_health_url,
+            key_file=prober_key_file,
+            ca_file=ca_file,
+            expect_gpu=expect_gpu,
+        ),
+        AlertSinkSettings(port=ports.alert_sink, path=alert_log),
+    ]
+
+
+def settings_env(services: list[BaseSettings]) -> dict[str, str]:
+    """PREFIX_FIELD=value for every set field of each runtime settings model, as the services read them."""
+    env: dict[str, str] = {}
+    for settings in services:
+        prefix = settings.model_config["env_prefix"]
+        for name, value in settings.model_dump(mode="json").items():
+            if value is not None:
+                env[f"{prefix}{name.upper()}"] = str(value)
+    return env
+
+
+def env_file(settings: dict[str, str], header: str, secrets_dir: Path) -> bytes:
+    """The env file every runtime service reads (`runtime/gpugate.env`)."""
+    return render_template("common/gpugate.env.j2", header=header, settings=settings, secrets_dir=secrets_dir)
