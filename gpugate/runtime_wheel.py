@@ -40,6 +40,8 @@ FILE_MODE, DIR_MODE = 0o644, 0o755
 # Build and tool output that can sit in a working tree and is no source.
 _SKIPPED_DIRS = frozenset({"__pycache__", "build", "dist", ".pytest_cache", ".mypy_cache", ".ruff_cache"})
 _SKIPPED_SUFFIXES = (".pyc", ".pyo", ".egg-info")
+# Installed next to the wheel, never built into it: a re-lock must not look like a new runtime.
+_SKIPPED_FILES = frozenset({"requirements.lock"})
 # The umask: setuptools writes the dist-info files afresh, and the wheel records each file's mode.
 _BUILD = """
 import os, sys
@@ -60,7 +62,7 @@ def source_files(source_dir: Path) -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIPPED_DIRS and not d.endswith(_SKIPPED_SUFFIXES))
         for name in sorted(filenames):
             path = Path(root, name)
-            if not name.endswith(_SKIPPED_SUFFIXES) and path.is_file():
+            if not name.endswith(_SKIPPED_SUFFIXES) and name not in _SKIPPED_FILES and path.is_file():
                 found.append(path.relative_to(source_dir))
     return found
 

@@ -80,6 +80,17 @@ def test_a_changed_source_file_builds_a_different_wheel_and_the_old_one_stays_ca
     assert len(list((cache / runtime_wheel.CACHE_SUBDIR).glob("*/*.whl"))) == 2
 
 
+def test_a_relock_or_a_stale_bytecode_file_is_not_a_new_runtime(tmp_path: Path) -> None:
+    tree = _runtime_copy(tmp_path / "runtime")
+    key = runtime_wheel.cache_key(tree)
+    (tree / "requirements.lock").write_text("# re-locked\n")
+    (tree / "gpugate_runtime" / "__pycache__").mkdir(exist_ok=True)
+    (tree / "gpugate_runtime" / "__pycache__" / "cli.cpython-311.pyc").write_bytes(b"stale")
+    assert runtime_wheel.cache_key(tree) == key
+    (tree / "gpugate_runtime" / "new_module.py").write_text("")
+    assert runtime_wheel.cache_key(tree) != key
+
+
 def test_a_tree_without_pyproject_is_refused_by_name(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(runtime_wheel.RuntimeWheelError, match="empty has no pyproject.toml"):
