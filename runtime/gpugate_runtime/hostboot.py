@@ -313,7 +313,8 @@ class Aws:
             import botocore.exceptions
         except ImportError as error:
             raise FetchError(f"boto3 is not importable ({error}); install Debian's python3-boto3", retryable=False) from None
-        self._boto3, self._botocore = boto3, botocore
+        self._botocore = botocore
+        self._session = boto3.session.Session()
         self.region = region
         # The transport errors of botocore's HTTP stack, to retry them like any other.
         self._transient: tuple[type[BaseException], ...] = (botocore.exceptions.BotoCoreError, OSError)
@@ -329,10 +330,9 @@ class Aws:
             read_timeout=HTTP_TIMEOUT_SECONDS,
             retries={"total_max_attempts": 1, "mode": "standard"},  # with_retries() is the one retry policy
         )
-        # A new session each attempt: a session that found no credentials (the role not there yet)
-        # does not look again.
-        session = self._boto3.session.Session()
-        return session.client(service, region_name=self.region, endpoint_url=endpoint, config=config)
+        # A new client each attempt: a client keeps the credentials it was made with, or their absence
+        # while the instance role is not there yet; the session looks again until it finds some.
+        return self._session.client(service, region_name=self.region, endpoint_url=endpoint, config=config)
 
     def _error(self, what: str, error: BaseException, not_found_codes: tuple[str, ...]) -> FetchError:
         client_error = self._botocore.exceptions.ClientError
