@@ -508,6 +508,9 @@ def extract_bundle(archive: Path, into: Path) -> list[str]:
                     os.fsync(out.fileno())
                 os.chmod(target, 0o644)  # whatever the umask
                 files.append(path)
+        # Directories made along the way got the umask's mode; the services (other users) must read them.
+        for directory, _, _ in os.walk(into):
+            os.chmod(directory, 0o755)
     except (tarfile.TarError, EOFError, OSError) as error:
         raise FetchError(f"bundle refused: cannot extract: {error}", retryable=False) from None
     return files
@@ -555,9 +558,8 @@ def install_bundle(config: BootConfig, cloud: Aws | Gcp, deadline: float) -> Non
             size = with_retries(f"bundle {config.bundle_url}", fetch, deadline)
             log.info("bundle %s: fetched %d bytes, sha256 %s (as expected)", config.bundle_url, size, sha)
             staging = Path(scratch) / "tree"
-            staging.mkdir(mode=0o755)
+            staging.mkdir()
             files = extract_bundle(archive, staging)
-            os.chmod(staging, 0o755)
             os.rename(staging, installed)
             _fsync_dir(bundles)
             log.info("bundle %s: %d files extracted into %s", sha, len(files), installed)
@@ -691,7 +693,9 @@ def run(config: BootConfig, retry_seconds: float) -> int:
     )
     try:
         cloud: Aws | Gcp = Aws(config.location) if config.cloud == "aws" else Gcp(config.location)
-        os.makedirs(config.dest / BUNDLES_DIRNAME, mode=0o755, exist_ok=True)
+        os.makedirs(config.dest / BUNDLES_DIRNAME, exist_ok=True)
+        for directory in (config.dest, config.dest / BUNDLES_DIRNAME):
+            os.chmod(directory, 0o755)  # whatever the umask: the services read the bundle through both
         with _locked(config.dest / BUNDLES_DIRNAME):
             install_bundle(config, cloud, deadline)
             failures = install_secrets(config, cloud, deadline)

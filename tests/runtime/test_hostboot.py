@@ -103,13 +103,18 @@ class Host:
         self.dest.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(config, indent=2))
 
-    def boot(self, retry_seconds: float = 0) -> subprocess.CompletedProcess[str]:
-        """Run the boot script as cloud-init would: one file, copied where user data puts it, a fresh interpreter."""
+    def command(self, retry_seconds: float = 0) -> list[str]:
+        """The boot script as cloud-init runs it: one file, copied where user data puts it, a fresh interpreter."""
         script = self.root / "usr" / "local" / "sbin" / "gpugate-hostboot.py"
         script.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(HOSTBOOT, script)
-        command = [*self.python, str(script), "--config", str(self.config_path), "--retry-seconds", str(retry_seconds)]
-        return subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        return [*self.python, str(script), "--config", str(self.config_path), "--retry-seconds", str(retry_seconds)]
+
+    def boot(self, retry_seconds: float = 0) -> subprocess.CompletedProcess[str]:
+        # umask 077, a hardened host's: the modes the services need must not depend on the umask.
+        return subprocess.run(
+            self.command(retry_seconds), env=self.env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, umask=0o077
+        )
 
     def files(self) -> dict[str, bytes]:
         """The bundle as a service on the host reads it: every file reached through <dest>/<name>."""
@@ -266,6 +271,12 @@ def test_first_boot_installs_the_bundle_and_the_secrets(aws_host: Host, aws: Aws
     assert "vllm_api_key" in result.stderr and f"{len(VLLM_KEY)} bytes" in result.stderr
     assert_no_secret_in(result, VLLM_KEY, ALERT_CREDENTIAL)
     assert json.loads(aws_host.config_path.read_text())["cloud"] == "aws"  # the config next to the bundle survives
+    # Readable by the services' own users, though the boot ran with umask 077.
+    bundle_dir = aws_host.dest / ".bundles" / bundle_sha
+    modes = {str(p.relative_to(bundle_dir)): stat.S_IMODE(p.stat().st_mode) for p in [bundle_dir, *bundle_dir.rglob("*")]}
+    assert len(modes) == len(BUNDLE_V1) + 4  # the files, the tree and its prometheus/ systemd/ wheels/
+    assert modes == {name: 0o644 if name in BUNDLE_V1 else 0o755 for name in modes}
+    assert stat.S_IMODE(aws_host.dest.stat().st_mode) == stat.S_IMODE((aws_host.dest / ".bundles").stat().st_mode) == 0o755
 
 
 def test_a_wrong_sha256_is_refused_and_the_installed_bundle_stays(aws_host: Host, aws: AwsAccount) -> None:
@@ -333,6 +344,23 @@ def test_a_rerun_changes_nothing_and_fetches_no_bundle(aws_host: Host, aws: AwsA
     assert "installed (unchanged)" in result.stderr
     assert result.stderr.count("unchanged in") == 2  # both secrets, already current
     assert installed.stat().st_ino == inode
+    assert aws_host.files() == BUNDLE_V1
+    assert_secret_file(aws_host.layout.vllm_key_file, VLLM_KEY)
+
+
+def test_two_runs_at_once_both_succeed(aws_host: Host, aws: AwsAccount) -> None:
+    data = archive(BUNDLE_V1)
+    secrets = [secret_entry(aws_host, "vllm_api_key", aws.secret("vllm", VLLM_KEY))]
+    aws_host.write_config(aws_config(aws_host, aws.put_bundle(data), sha256(data), secrets))
+
+    runs = [
+        subprocess.Popen(aws_host.command(), env=aws_host.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=RUN_TIMEOUT_S) for run in runs]
+
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert sum("already on the host, nothing fetched" in err for _, err in outputs) == 1  # one waited for the other
     assert aws_host.files() == BUNDLE_V1
     assert_secret_file(aws_host.layout.vllm_key_file, VLLM_KEY)
 
