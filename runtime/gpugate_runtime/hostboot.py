@@ -1,6 +1,5 @@
 #!/usr/bin/env python3
-"""A VM host's first-boot fetch: the bundle from object storage and the secrets from the secret manager,
-with the instance's own identity.
+"""A VM host's first-boot fetch of its bundle and secrets, with the instance's own identity.
 
     python3 hostboot.py --config /etc/gpugate/boot.json [--retry-seconds 60]
 
