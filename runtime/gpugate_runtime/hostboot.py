@@ -117,7 +117,7 @@ class Sink(Protocol):
 
 
 def check_bundle_path(name: str) -> str:
-    """The one rule for paths inside a bundle archive (the writer, gpugate.bundle_archive, uses it too):
+    """The one rule for paths inside a bundle archive (the writer, gpugate.render.archive, uses it too):
     relative, `/`-separated, no empty, `.` or `..` parts, and not one of this script's own top-level names.
     Returns the path without a trailing `/`; raises ValueError naming the path."""
     path = name[:-1] if name.endswith("/") else name

@@ -45,9 +45,9 @@ from typing import Any
 import boto3
 import pytest
 
-from gpugate.bundle_archive import archive
+from gpugate.render.archive import archive
 from gpugate_runtime import hostboot
-from gpugate_runtime.host import HostLayout
+from gpugate_runtime.contract.host import HostLayout
 
 REGION = "eu-west-1"
 GCP_PROJECT = "gpugate-test"
