@@ -124,3 +124,13 @@ def network_policy(name: str, namespace: str, stack: str, pods: dict[str, Any], 
         "metadata": meta(name, namespace, labels(name, stack)),
         "spec": {"podSelector": pods, "policyTypes": ["Ingress"], "ingress": ingress},
     }
+
+
+def disruption_budget(name: str, namespace: str, stack: str) -> dict[str, Any]:
+    """A node drain or upgrade takes one pod of `name` at a time, each after its own drain."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": meta(name, namespace, labels(name, stack)),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(name)}},
+    }

@@ -46,6 +46,7 @@ from gpugate.kubernetes.objects import (
     UPSTREAM_REFRESH,
     VLLM,
     VLLM_KEY_ITEM,
+    disruption_budget,
     exec_http_probe,
     labels,
     meta,
@@ -344,13 +345,7 @@ def objects(b: Build) -> list[dict[str, Any]]:
         _certs_pvc(b),
         _gateway_deployment(b),
         *_services(b),
-        {
-            "apiVersion": "policy/v1",
-            "kind": "PodDisruptionBudget",
-            "metadata": meta(GATEWAY, b.ns, labels(GATEWAY, b.stack)),
-            # A node drain or upgrade takes one pod at a time, each after its own drain.
-            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(GATEWAY)}},
-        },
+        disruption_budget(GATEWAY, b.ns, b.stack),
         network_policy(
             "gateway-public",
             b.ns,

@@ -24,6 +24,7 @@ from gpugate.kubernetes.objects import (
     SECRET_INTERNAL,
     VLLM,
     VLLM_KEY_ITEM,
+    disruption_budget,
     labels,
     meta,
     network_policy,
@@ -222,13 +223,7 @@ def objects(b: Build) -> list[dict[str, Any]]:
                 "ports": [{"name": "http", "port": b.ports.vllm, "targetPort": "http", "protocol": "TCP"}],
             },
         },
-        {
-            "apiVersion": "policy/v1",
-            "kind": "PodDisruptionBudget",
-            "metadata": meta(VLLM, b.ns, labels(VLLM, b.stack)),
-            # A node drain or upgrade takes one pod at a time, each after its own drain.
-            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(VLLM)}},
-        },
+        disruption_budget(VLLM, b.ns, b.stack),
         # Only the proxy (and Prometheus, for /metrics) reaches vLLM; authz and the prober listen on
         # the proxy pod's loopback, out of any other pod's reach.
         network_policy(

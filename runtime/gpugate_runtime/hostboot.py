@@ -55,9 +55,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 log = logging.getLogger("gpugate.hostboot")

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from gpugate_runtime.contract.exits import ExitCode
+from gpugate_runtime.cli.options import bad_input
 from gpugate_runtime.launcher import (
     VLLM_PYTHON_ENV,
     LaunchError,
@@ -56,14 +56,11 @@ def run(
         report = plan_for_spec(launch)
         argv = build_argv(launch, interpreter)
     except OSError as exc:
-        typer.echo(f"error: cannot read {exc.filename or spec}: {exc.strerror}", err=True)
-        raise typer.Exit(ExitCode.BAD_INPUT) from None
+        bad_input(f"cannot read {exc.filename or spec}: {exc.strerror}")
     except ValidationError as exc:
-        typer.echo(f"error: {spec} is not a valid launch spec:\n{exc}", err=True)
-        raise typer.Exit(ExitCode.BAD_INPUT) from None
+        bad_input(f"{spec} is not a valid launch spec:\n{exc}")
     except LaunchError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(ExitCode.BAD_INPUT) from None
+        bad_input(str(exc))
 
     if report is not None:
         log.info(
@@ -76,16 +73,14 @@ def run(
         typer.echo(" ".join(redacted(argv, env)))
         typer.echo(json.dumps(report.model_dump(mode="json") if report else None, indent=2))
     if report is not None and not report.fits:
-        typer.echo(f"error: {launch.served_model_name} {report.message}", err=True)
-        raise typer.Exit(ExitCode.BAD_INPUT)
+        bad_input(f"{launch.served_model_name} {report.message}")
     if check and launch.image:
         log.info("argument check skipped: vLLM runs inside %s and checks its own arguments at start", launch.image)
     elif check:
         try:
             check_args(argv, interpreter)
         except LaunchError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(ExitCode.BAD_INPUT) from None
+            bad_input(str(exc))
     if dry_run:
         return
     if launch.pgid_file is not None:
@@ -96,7 +91,6 @@ def run(
     try:
         os.execve(argv[0], argv, env)
     except OSError as exc:
-        typer.echo(f"error: cannot start vLLM with {argv[0]}: {exc.strerror}", err=True)
-        raise typer.Exit(ExitCode.BAD_INPUT) from None
+        bad_input(f"cannot start vLLM with {argv[0]}: {exc.strerror}")
 
 

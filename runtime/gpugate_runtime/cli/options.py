@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, TypeVar
+from typing import Annotated, NoReturn, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -16,6 +16,12 @@ S = TypeVar("S", bound=BaseSettings)
 JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
 
+def bad_input(message: str) -> NoReturn:
+    """End the command with exit 2 and `error: <message>` on stderr."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(ExitCode.BAD_INPUT)
+
+
 def settings_or_exit(cls: type[S], what: str) -> S:
     """`cls` from the process environment and the env file; invalid settings or an unreadable env file
     end the command with exit 2 and a message naming the variables' prefix."""
@@ -23,8 +29,6 @@ def settings_or_exit(cls: type[S], what: str) -> S:
     try:
         return load_settings(cls, env_file())
     except ValidationError as exc:
-        typer.echo(f"error: {what} settings ({prefix}* or the env file) are invalid:\n{exc}", err=True)
-        raise typer.Exit(ExitCode.BAD_INPUT) from None
+        bad_input(f"{what} settings ({prefix}* or the env file) are invalid:\n{exc}")
     except OSError as exc:
-        typer.echo(f"error: cannot read the env file for {what} settings: {exc}", err=True)
-        raise typer.Exit(ExitCode.BAD_INPUT) from None
+        bad_input(f"cannot read the env file for {what} settings: {exc}")
