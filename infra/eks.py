@@ -13,7 +13,8 @@ from gpugate.kubernetes.objects import GPU_POOL, GPU_TAINT, POOL_LABEL, SYSTEM_P
 from gpugate.kubernetes.sizing import gpu_node_disk_gib, gpu_node_max
 from gpugate.spec import GatewaySpec
 from infra.aws import instance_type
-from infra.network import NETWORK_CIDR, WORLD_IPV4
+from infra.awsvpc import PublicSubnet, public_network
+from infra.network import NETWORK_CIDR
 
 TYPE_TOKEN = "gpugate:eks:Cluster"
 SYSTEM_INSTANCE_TYPE = "m6i.large"
@@ -82,37 +83,16 @@ class EksCluster(pulumi.ComponentResource):
         cluster_name = kube.cluster_name or f"gpugate-{stack}"
         tags = {"gpugate:stack": stack}
 
-        vpc = aws.ec2.Vpc(
-            f"{name}-vpc",
-            cidr_block=NETWORK_CIDR,
-            enable_dns_support=True,
-            enable_dns_hostnames=True,
-            tags={**tags, "Name": cluster_name},
-            opts=child,
+        network = public_network(
+            name,
+            [PublicSubnet(suffix, f"{spec.region}{suffix}", cidr) for suffix, cidr in SUBNETS],
+            tags,
+            cluster_name,
+            child,
+            subnet_tags={"kubernetes.io/role/elb": "1", f"kubernetes.io/cluster/{cluster_name}": "shared"},
+            public_ip_on_launch=True,  # nodes reach the model hub and registries directly (no NAT gateway)
         )
-        gateway = aws.ec2.InternetGateway(f"{name}-igw", vpc_id=vpc.id, tags=tags, opts=child)
-        routes = aws.ec2.RouteTable(
-            f"{name}-routes",
-            vpc_id=vpc.id,
-            routes=[aws.ec2.RouteTableRouteArgs(cidr_block=WORLD_IPV4, gateway_id=gateway.id)],
-            tags=tags,
-            opts=child,
-        )
-        subnets = []
-        for suffix, cidr in SUBNETS:
-            subnet = aws.ec2.Subnet(
-                f"{name}-subnet-{suffix}",
-                vpc_id=vpc.id,
-                cidr_block=cidr,
-                availability_zone=f"{spec.region}{suffix}",
-                map_public_ip_on_launch=True,  # nodes reach the model hub and registries directly (no NAT gateway)
-                tags={**tags, "kubernetes.io/role/elb": "1", f"kubernetes.io/cluster/{cluster_name}": "shared"},
-                opts=child,
-            )
-            aws.ec2.RouteTableAssociation(
-                f"{name}-routes-{suffix}", subnet_id=subnet.id, route_table_id=routes.id, opts=child
-            )
-            subnets.append(subnet)
+        vpc, subnets = network.vpc, network.subnets
         subnet_ids = [s.id for s in subnets]
 
         cluster_role = aws.iam.Role(f"{name}-cluster-role", assume_role_policy=_trust("eks.amazonaws.com"), tags=tags, opts=child)
