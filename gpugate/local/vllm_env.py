@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -10,9 +9,10 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
+
+from gpugate.cache import cache_lock, default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ PINNED_REQUIREMENTS: tuple[str, ...] = (
 UNWANTED_PACKAGES: tuple[str, ...] = ("torchvision", "torchaudio", "torchcodec")
 SMOKE_IMPORT = "import vllm, transformers; print(vllm.__version__, transformers.__version__)"
 MARKER_NAME = ".gpugate-ready.json"
-CACHE_ENV = "GPUGATE_CACHE_DIR"
 OUTPUT_TAIL_LINES = 25
 
 
@@ -46,26 +45,8 @@ class LocalEnvError(RuntimeError):
         self.output = output
 
 
-def default_cache_dir() -> Path:
-    """`$GPUGATE_CACHE_DIR`, else `~/.cache/gpugate`."""
-    configured = os.environ.get(CACHE_ENV)
-    return Path(configured) if configured else Path.home() / ".cache" / "gpugate"
-
-
 def venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
-
-
-@contextmanager
-def cache_lock(cache_dir: Path, name: str) -> Iterator[None]:
-    """Hold an exclusive lock so two processes (e.g. parallel test sessions) never build the same thing at once."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f"{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_step(step: str, argv: Sequence[str | Path], env: dict[str, str] | None = None) -> str:

@@ -25,11 +25,11 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from gpugate.local.vllm_env import cache_lock, default_cache_dir
+from gpugate.cache import cache_lock, default_cache_dir
 
 log = logging.getLogger(__name__)
 
-RUNTIME_SOURCE = Path(__file__).resolve().parents[1] / "runtime"
+RUNTIME_SOURCE = Path(__file__).resolve().parents[2] / "runtime"
 # 1980-01-01T00:00:00Z, the earliest time a zip entry can carry: the wheel is named by its content, never
 # by when it was built.
 SOURCE_DATE_EPOCH = 315532800

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gpugate import runtime_wheel
+from gpugate.render import wheel as runtime_wheel
 from gpugate.lockfiles import REPO_ROOT, RUNTIME_LOCK
-from gpugate.runtime_wheel import build_runtime_wheel
+from gpugate.render.wheel import build_runtime_wheel
 
 
 def _sha256(path: Path) -> str:
@@ -55,7 +55,7 @@ def test_two_builds_of_one_tree_are_byte_identical_whatever_the_modes_umask_time
 def test_the_wheel_holds_every_module_of_the_runtime_and_its_console_script(tmp_path: Path) -> None:
     wheel = build_runtime_wheel(tmp_path / "dist", cache_dir=tmp_path / "cache")
     archive = zipfile.ZipFile(wheel)
-    modules = sorted(p.relative_to(runtime_wheel.RUNTIME_SOURCE).as_posix() for p in (runtime_wheel.RUNTIME_SOURCE / "gpugate_runtime").glob("*.py"))
+    modules = sorted(p.relative_to(runtime_wheel.RUNTIME_SOURCE).as_posix() for p in (runtime_wheel.RUNTIME_SOURCE / "gpugate_runtime").rglob("*.py"))
     assert len(modules) >= 5
     assert sorted(n for n in archive.namelist() if n.startswith("gpugate_runtime/")) == modules
     entry_points = archive.read("gpugate_runtime-0.1.0.dist-info/entry_points.txt").decode()
@@ -71,12 +71,12 @@ def test_a_changed_source_file_builds_a_different_wheel_and_the_old_one_stays_ca
     assert _sha256(again) == _sha256(before)
     assert len(list((cache / runtime_wheel.CACHE_SUBDIR).glob("*/*.whl"))) == 1, "an unchanged tree was built twice"
 
-    cli = tree / "gpugate_runtime" / "cli.py"
+    cli = tree / "gpugate_runtime" / "cli" / "__init__.py"
     cli.write_text(cli.read_text() + "\n# a changed line\n")
     after = build_runtime_wheel(tmp_path / "after", tree, cache_dir=cache)
 
     assert _sha256(after) != _sha256(before)
-    assert zipfile.ZipFile(after).read("gpugate_runtime/cli.py").decode().endswith("# a changed line\n")
+    assert zipfile.ZipFile(after).read("gpugate_runtime/cli/__init__.py").decode().endswith("# a changed line\n")
     assert len(list((cache / runtime_wheel.CACHE_SUBDIR).glob("*/*.whl"))) == 2
 
 
