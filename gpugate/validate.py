@@ -14,12 +14,16 @@ import json
 import re
 import shutil
 import subprocess
+import tarfile
 import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpugate_runtime import __version__ as runtime_version
 from gpugate_runtime.contract.host import VM_RUNTIME_PYTHON, HostLayout
+from gpugate_runtime.hostboot import FetchError, extract_bundle
 from gpugate_runtime.launchspec import LaunchSpec
 from gpugate_runtime.prober_settings import AlertSinkSettings, ProberSettings
 from gpugate_runtime.settings import AuthzSettings, KeysSettings, load_settings
@@ -28,6 +32,7 @@ from ruamel.yaml import YAML
 
 from gpugate.kubernetes.checks import check_manifest as check_kubernetes
 from gpugate.kubernetes.objects import CADDY_CONFIG, CADDYFILE_PATH
+from gpugate.lockfiles import LockError, read_pins
 from gpugate.render.bundle import MANIFEST, Bundle, write_bundle
 from gpugate.render.dashboards import dashboard_exprs, dashboard_problems, recording_rules
 from gpugate.stackfile import Stack
@@ -106,7 +111,7 @@ def check_launch_spec(path: Path, root: Path) -> tuple[bool, str]:
 
 
 def check_supervisord(path: Path, root: Path) -> tuple[bool, str]:
-    from supervisor.options import ServerOptions  # noqa: PLC0415 - only needed here
+    from supervisor.options import ServerOptions
 
     options = ServerOptions()
     try:
@@ -163,6 +168,45 @@ def check_rule_object(path: Path, root: Path) -> tuple[bool, str]:
     return check_rules(rules, root)
 
 
+def check_wheel(path: Path, root: Path) -> tuple[bool, str]:
+    """The runtime wheel: a zip whose metadata names gpugate-runtime at the version this checkout renders for."""
+    try:
+        with zipfile.ZipFile(path) as wheel:
+            bad = wheel.testzip()
+            meta = next((n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")), None)
+            text = wheel.read(meta).decode() if meta else ""
+    except (OSError, zipfile.BadZipFile) as err:
+        return False, f"not a wheel: {err}"
+    fields = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+    wanted = {"Name": "gpugate-runtime", "Version": runtime_version}
+    wrong = [f"{k} is {fields.get(k)!r}, expected {v!r}" for k, v in wanted.items() if fields.get(k) != v]
+    if bad:
+        wrong.append(f"{bad} is corrupt")
+    return not wrong, "; ".join(wrong)
+
+
+def check_lock(path: Path, root: Path) -> tuple[bool, str]:
+    """A hash-locked requirements file: every pin exact and hashed, as `pip install --require-hashes` needs."""
+    try:
+        pins = read_pins(path)
+    except (OSError, LockError) as err:
+        return False, str(err)
+    unhashed = sorted(name for name, pin in pins.items() if not pin.hashes)
+    return bool(pins) and not unhashed, f"pins without hashes: {', '.join(unhashed)}" if unhashed else ("" if pins else "no pins")
+
+
+def check_archive(path: Path, root: Path) -> tuple[bool, str]:
+    """The bundle archive as the host unpacks it (hostboot's own extraction), holding the bundle's files."""
+    into = root / f"{path.stem}.unpacked"
+    try:
+        names = extract_bundle(path, into)
+    except (OSError, FetchError, tarfile.TarError) as err:
+        return False, f"the host would refuse it: {err}"
+    bundle = path.parents[1]
+    differ = [n for n in names if (into / n).is_file() and (into / n).read_bytes() != (bundle / n).read_bytes()]
+    return not differ, f"differs from the bundle: {', '.join(differ)}" if differ else ""
+
+
 # file pattern -> (tool shown in the verdict, checker); a file may match several.
 CHECKS: list[tuple[str, str, Callable[[Path, Path], tuple[bool, str]]]] = [
     ("caddy/Caddyfile", "caddy validate", check_caddyfile),
@@ -170,6 +214,9 @@ CHECKS: list[tuple[str, str, Callable[[Path, Path], tuple[bool, str]]]] = [
     ("prometheus/rules/*.yml", "promtool check rules", check_rules),
     ("alertmanager/alertmanager.yml", "amtool check-config", check_alertmanager),
     ("cloud-init/user-data.yaml", "cloud-init schema", check_cloud_init),
+    ("cloud-init/bundle.tar.gz", "gpugate-runtime hostboot extraction", check_archive),
+    ("runtime/*.whl", "wheel metadata", check_wheel),
+    ("runtime/requirements.lock", "hash-locked requirements", check_lock),
     ("systemd/*.service", "systemd-analyze verify", check_systemd_unit),
     ("supervisor/supervisord.conf", "supervisord config parser", check_supervisord),
     ("vllm/launch.json", "gpugate-runtime LaunchSpec", check_launch_spec),
@@ -209,10 +256,11 @@ def _labelled(tool: str) -> str:
 def check_manifest(bundle: Bundle) -> Verdict:
     manifest = json.loads(bundle.files[MANIFEST])
     listed = manifest["files"]
-    actual = {p for p in bundle.files if p != MANIFEST}
+    actual = {p for p in bundle.files if p != MANIFEST and p not in bundle.derived}
     wrong = [p for p in actual if listed.get(p) != hashlib.sha256(bundle.files[p]).hexdigest()]
     missing = sorted(actual - set(listed))
-    ok = not wrong and not missing
+    derived = sorted(manifest.get("derived", [])) == sorted(bundle.derived)
+    ok = not wrong and not missing and derived
     return Verdict(bundle.stack, MANIFEST, "sha256 of every file", ok, "" if ok else f"mismatch: {wrong + missing}")
 
 

@@ -8,11 +8,11 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
+from gpugate.catalog import machine
 from gpugate.kubernetes.build import ClusterFacts, eks_service_annotations
 from gpugate.kubernetes.objects import GPU_POOL, GPU_TAINT, POOL_LABEL, SYSTEM_POOL
 from gpugate.kubernetes.sizing import gpu_node_disk_gib, gpu_node_max
 from gpugate.spec import GatewaySpec
-from infra.aws import instance_type
 from infra.awsvpc import PublicSubnet, public_network
 from infra.network import NETWORK_CIDR
 
@@ -158,7 +158,7 @@ class EksCluster(pulumi.ComponentResource):
         gpu = group(
             "gpu",
             ami_type=GPU_AMI_TYPE,
-            instance_types=[instance_type(spec)],
+            instance_types=[machine("aws", spec.gpu.type, spec.gpu.count)],
             disk_size=gpu_node_disk_gib(spec),
             scaling_config=aws.eks.NodeGroupScalingConfigArgs(
                 min_size=kube.replicas.min, max_size=gpu_node_max(kube), desired_size=kube.replicas.min

@@ -1,31 +1,28 @@
-"""GcpGateway: one GPU VM on Google Cloud with its network, firewall, identity, static IP and DNS record."""
+"""GcpGateway: one VM on Google Cloud (Debian 12) with its network, firewall, identity, bundle bucket, secrets, static IP and DNS record."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import pulumi
 import pulumi_gcp as gcp
 
-from gpugate.catalog import GPUS
+from gpugate.catalog import machine
 from gpugate.render.bundle import Bundle
-from gpugate.spec import GatewaySpec, Target
+from gpugate.spec import Target
 from gpugate.stackfile import Stack
-from gpugate.vm.userdata import USER_DATA
-from infra.network import GCP_IAP_RANGE, SUBNET_CIDR, IngressRule, ingress_rules, public_url
-from infra.secrets import host_secrets, secret_user_data
+from infra.network import GCP_IAP_RANGE, SUBNET_CIDR, ingress_rules, public_url
+from infra.vm import VmGatewayArgs, secret_values
 
 TYPE_TOKEN = "gpugate:gcp:Gateway"
-# Google's Deep Learning VM images: NVIDIA driver (installed on first boot), CUDA, Docker, cloud-init.
-IMAGE_PROJECT = "deeplearning-platform-release"
-IMAGE_FAMILY = "common-cu124-ubuntu-2204-py310"
+# Google's Debian 12 images (cloud-init, the guest agent with OS Login): the release the user data is
+# written for and tests/vm boots.
+IMAGE_PROJECT = "debian-cloud"
+IMAGE_FAMILY = "debian-12"
 BOOT_DISK_TYPE = "pd-balanced"  # encrypted at rest by Google by default (Google-managed keys)
-# The host may write logs and metrics, nothing else: the access scopes match the two IAM roles.
+# The host may write logs and metrics in the project, and read its bundle object and its secrets (granted
+# on those resources alone, below). Secret Manager has no narrower OAuth scope than cloud-platform: IAM
+# decides what the host may do.
 SERVICE_ACCOUNT_ROLES = ("roles/logging.logWriter", "roles/monitoring.metricWriter")
-SERVICE_ACCOUNT_SCOPES = (
-    "https://www.googleapis.com/auth/logging.write",
-    "https://www.googleapis.com/auth/monitoring.write",
-)
+SERVICE_ACCOUNT_SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 NETWORK_TIER = "PREMIUM"
 # SSH through IAP (%h is the instance name); OS Login decides who may log in.
 IAP_PROXY_COMMAND = "gcloud compute start-iap-tunnel %h %p --listen-on-stdin --zone {zone} --project {project}"
@@ -33,55 +30,27 @@ IAP_PROXY_COMMAND = "gcloud compute start-iap-tunnel %h %p --listen-on-stdin --z
 BUNDLE_LABEL_CHARS = 16
 
 
-def machine_type(spec: GatewaySpec) -> str:
-    """The catalog's machine type for gpu.type x gpu.count (the spec refuses others; this is the backstop)."""
-    table = GPUS[spec.gpu.type].gcp_machine_types
-    if spec.gpu.count not in table:
-        allowed = ", ".join(f"{n} ({t})" for n, t in sorted(table.items())) or "none"
-        raise ValueError(f"GCP has no machine with {spec.gpu.count} x {spec.gpu.type}; allowed gpu.count: {allowed}")
-    return table[spec.gpu.count]
-
-
-@dataclass(frozen=True)
-class GcpGatewayArgs:
-    """What the GCP gateway is built from: the spec, and the bundle's user-data and hash."""
-
-    spec: GatewaySpec
-    stack: str
-    user_data: bytes  # the bundle's cloud-init document; holds no secret
-    bundle_sha256: str
-    ingress: tuple[IngressRule, ...]  # derived from the spec by from_bundle
-
-    @classmethod
-    def from_bundle(cls, stack: Stack, bundle: Bundle) -> GcpGatewayArgs:
-        if stack.spec.target is not Target.GCP:
-            raise ValueError(f"stack {stack.name} targets {stack.spec.target}, not gcp")
-        return cls(
-            spec=stack.spec,
-            stack=stack.name,
-            user_data=bundle.files[USER_DATA],
-            bundle_sha256=bundle.bundle_sha256,
-            # Without admin networks SSH comes only through Google's IAP proxy range.
-            ingress=ingress_rules(stack.spec, ssh_fallback=(GCP_IAP_RANGE,)),
-        )
+def args_from_bundle(stack: Stack, bundle: Bundle) -> VmGatewayArgs:
+    # Without admin networks SSH comes only through Google's IAP proxy range.
+    return VmGatewayArgs.from_bundle(stack, bundle, Target.GCP, ingress_rules(stack.spec, ssh_fallback=(GCP_IAP_RANGE,)))
 
 
 class GcpGateway(pulumi.ComponentResource):
-    """A GPU VM behind firewall rules that open 80/443 to the world and SSH to admins or IAP only."""
+    """A VM behind firewall rules that open 80/443 to the world and SSH to admins or IAP only; it fetches its
+    bundle and secrets with its service account, which may read exactly those."""
 
     url: pulumi.Output[str]
     public_ip: pulumi.Output[str]
     ssh_host: pulumi.Output[str]
     ssh_proxy_command: pulumi.Output[str]
     bundle_sha256: pulumi.Output[str]
-    user_data: pulumi.Output[str]  # secret
     vllm_api_key: pulumi.Output[str]  # secret
 
-    def __init__(self, name: str, args: GcpGatewayArgs, opts: pulumi.ResourceOptions | None = None):
+    def __init__(self, name: str, args: VmGatewayArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__(TYPE_TOKEN, name, None, opts)
         spec = args.spec
         assert spec.vm is not None and spec.zone is not None  # the spec requires both for gcp
-        mtype = machine_type(spec)
+        mtype = machine("gcp", spec.gpu.type, spec.gpu.count)
         provider = gcp.Provider(
             f"{name}-gcp",
             project=spec.project,
@@ -132,9 +101,55 @@ class GcpGateway(pulumi.ComponentResource):
             opts=child,
         )
 
-        secrets = host_secrets(spec, name, self)
-        self.vllm_api_key = secrets[0].value
-        self.user_data = secret_user_data(args.user_data, secrets)
+        # The bundle, in a private bucket of its own (uniform access, no public access); the host reads this one object.
+        bucket = gcp.storage.Bucket(
+            f"{name}-bundles",
+            name=args.bucket,
+            location=spec.region.upper(),
+            uniform_bucket_level_access=True,
+            public_access_prevention="enforced",
+            force_destroy=True,
+            labels=labels,
+            opts=child,
+        )
+        bundle_object = gcp.storage.BucketObject(
+            f"{name}-bundle",
+            bucket=bucket.name,
+            name=args.object_key,
+            source=pulumi.FileAsset(str(args.archive)),
+            content_type="application/gzip",
+            opts=child,
+        )
+        member = account.email.apply(lambda email: f"serviceAccount:{email}")
+        gcp.storage.BucketIAMMember(
+            f"{name}-bundles-read", bucket=bucket.name, role="roles/storage.objectViewer", member=member, opts=child
+        )
+
+        # Each secret in Secret Manager; its value is a Pulumi secret (encrypted in the state).
+        values = secret_values(args, name, self)
+        self.vllm_api_key = values["vllm_api_key"]
+        versions: list[pulumi.Resource] = []
+        for ref in args.secrets:
+            secret_name = ref.name.replace("_", "-")
+            secret = gcp.secretmanager.Secret(
+                f"{name}-secret-{secret_name}",
+                secret_id=ref.id.rsplit("/", 1)[-1],
+                replication=gcp.secretmanager.SecretReplicationArgs(auto=gcp.secretmanager.SecretReplicationAutoArgs()),
+                labels=labels,
+                opts=child,
+            )
+            versions.append(
+                gcp.secretmanager.SecretVersion(
+                    f"{name}-secret-{secret_name}-value", secret=secret.id, secret_data=values[ref.name], opts=child
+                )
+            )
+            gcp.secretmanager.SecretIamMember(
+                f"{name}-secret-{secret_name}-read",
+                secret_id=secret.id,
+                role="roles/secretmanager.secretAccessor",
+                member=member,
+                opts=child,
+            )
 
         spot = spec.vm.spot
         instance = gcp.compute.Instance(
@@ -153,32 +168,29 @@ class GcpGateway(pulumi.ComponentResource):
                 gcp.compute.InstanceNetworkInterfaceArgs(
                     subnetwork=subnetwork,
                     access_configs=[
-                        gcp.compute.InstanceNetworkInterfaceAccessConfigArgs(
-                            nat_ip=address.address, network_tier=NETWORK_TIER
-                        )
+                        gcp.compute.InstanceNetworkInterfaceAccessConfigArgs(nat_ip=address.address, network_tier=NETWORK_TIER)
                     ],
                 )
             ],
             scheduling=gcp.compute.InstanceSchedulingArgs(
-                on_host_maintenance="TERMINATE",  # GPU hosts cannot live-migrate
+                on_host_maintenance="TERMINATE" if spec.gpu.count else "MIGRATE",  # GPU hosts cannot live-migrate
                 automatic_restart=not spot,  # spot VMs must not restart automatically
                 preemptible=spot,
                 provisioning_model="SPOT" if spot else "STANDARD",
                 instance_termination_action="STOP" if spot else None,
             ),
-            service_account=gcp.compute.InstanceServiceAccountArgs(
-                email=account.email, scopes=list(SERVICE_ACCOUNT_SCOPES)
-            ),
+            service_account=gcp.compute.InstanceServiceAccountArgs(email=account.email, scopes=list(SERVICE_ACCOUNT_SCOPES)),
             shielded_instance_config=gcp.compute.InstanceShieldedInstanceConfigArgs(
                 enable_vtpm=True,
                 enable_integrity_monitoring=True,
-                enable_secure_boot=False,  # the image's NVIDIA driver is built on first boot, unsigned
+                enable_secure_boot=False,  # the NVIDIA driver's module is built on first boot, unsigned
             ),
             metadata={
-                "user-data": self.user_data,
+                # gzip, base64: cloud-init's GCE source decodes it (user-data-encoding). No secret is in it.
+                "user-data": args.user_data_base64,
+                "user-data-encoding": "base64",
                 "enable-oslogin": "TRUE",
                 "block-project-ssh-keys": "TRUE",
-                "install-nvidia-driver": "True",
                 "gpugate-bundle-sha256": args.bundle_sha256,
             },
             labels=labels,
@@ -189,6 +201,8 @@ class GcpGateway(pulumi.ComponentResource):
                 # cloud-init runs once per instance: new user-data means a new host; the static IP
                 # holds one host at a time, so the old one goes first.
                 pulumi.ResourceOptions(
+                    # It boots to find its bundle and secrets in place.
+                    depends_on=[bundle_object, *versions],
                     replace_on_changes=["metadata"],
                     delete_before_replace=True,
                     # A newer image in the family alone does not replace a running host.
@@ -216,9 +230,7 @@ class GcpGateway(pulumi.ComponentResource):
             self.ssh_proxy_command = pulumi.Output.from_input("")
         else:
             self.ssh_host = instance.name
-            self.ssh_proxy_command = pulumi.Output.from_input(
-                IAP_PROXY_COMMAND.format(zone=spec.zone, project=spec.project)
-            )
+            self.ssh_proxy_command = pulumi.Output.from_input(IAP_PROXY_COMMAND.format(zone=spec.zone, project=spec.project))
         self.register_outputs(
             {
                 "url": self.url,

@@ -6,12 +6,11 @@ import pulumi
 import pulumi_gcp as gcp
 import pulumi_kubernetes as k8s
 
-from gpugate.catalog import GPUS
+from gpugate.catalog import GPUS, machine
 from gpugate.kubernetes.build import ClusterFacts
 from gpugate.kubernetes.objects import GPU_POOL, GPU_TAINT, POOL_LABEL, SYSTEM_POOL
 from gpugate.kubernetes.sizing import gpu_node_disk_gib, gpu_node_max
 from gpugate.spec import GatewaySpec
-from infra.gcp import machine_type
 
 TYPE_TOKEN = "gpugate:gke:Cluster"
 # The proxy pods, the addons (KEDA, kube-prometheus-stack) and kube-system run here, never on a GPU.
@@ -185,7 +184,7 @@ class GkeCluster(pulumi.ComponentResource):
                 total_min_node_count=kube.replicas.min, total_max_node_count=gpu_node_max(kube), location_policy="ANY"
             ),
             node_config=gcp.container.NodePoolNodeConfigArgs(
-                machine_type=machine_type(spec),
+                machine_type=machine("gcp", spec.gpu.type, spec.gpu.count),
                 guest_accelerators=[
                     gcp.container.NodePoolNodeConfigGuestAcceleratorArgs(
                         type=accelerator(spec),

@@ -54,6 +54,8 @@ class Recorded:
     ignore_changes: tuple[str, ...] = ()
     replace_on_changes: tuple[str, ...] = ()
     delete_before_replace: bool = False
+    # URNs of the resources this one waits for (depends_on and the Outputs its inputs use).
+    dependencies: tuple[str, ...] = ()
 
     @property
     def props(self) -> dict[str, Any]:
@@ -79,7 +81,7 @@ class _RecordingMonitor(MockMonitor):
         super().__init__(mocks)
         self.run = run
 
-    def RegisterResource(self, request):  # noqa: N802 - gRPC method name
+    def RegisterResource(self, request):
         self.run.resources.append(
             Recorded(
                 type=request.type,
@@ -90,6 +92,7 @@ class _RecordingMonitor(MockMonitor):
                 ignore_changes=tuple(request.ignoreChanges),
                 replace_on_changes=tuple(request.replaceOnChanges),
                 delete_before_replace=bool(request.deleteBeforeReplace),
+                dependencies=tuple(request.dependencies),
             )
         )
         return super().RegisterResource(request)
@@ -117,7 +120,11 @@ class PlanMocks(pulumi.runtime.Mocks):
             state.update(endpoint=PLACEHOLDER_API_IP, masterAuth={"clusterCaCertificate": PLACEHOLDER_CA})
         elif args.typ == "aws:eks/cluster:Cluster":
             endpoint = f"https://{short.upper()}.gr7.{self.spec.region}.eks.amazonaws.com"
-            state.update(endpoint=endpoint, certificateAuthority={"data": PLACEHOLDER_CA}, arn=f"arn:aws:eks::000000000000:cluster/{args.name}")
+            state.update(
+                endpoint=endpoint,
+                certificateAuthority={"data": PLACEHOLDER_CA},
+                arn=f"arn:aws:eks::000000000000:cluster/{args.name}",
+            )
         elif args.typ == "gcp:serviceaccount/account:Account":
             state["email"] = f"{args.inputs['accountId']}@{project}.iam.gserviceaccount.com"
         elif args.typ.startswith("gcp:compute/"):
@@ -137,7 +144,7 @@ class PlanMocks(pulumi.runtime.Mocks):
                 "id": "ami-0planned00000000",
                 "imageId": "ami-0planned00000000",
                 "architecture": "x86_64",
-                "name": "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) (newest at pulumi up)",
+                "name": "debian-12-amd64-(newest at pulumi up)",
             }
         if token == "aws:ec2/getInstanceTypeOfferings:getInstanceTypeOfferings":
             itype = given["filters"][0]["values"][0]
@@ -192,9 +199,7 @@ def use_mocks(stack: Stack, run: Run) -> None:
         config[f"{NAMESPACE}:vllm_api_key"] = CONFIG_KEY_CANARY
     pulumi.runtime.set_all_config(config, list(config))
     mocks = PlanMocks(stack.spec)
-    pulumi.runtime.set_mocks(
-        mocks, project=PROJECT, stack=stack.name, preview=False, monitor=_RecordingMonitor(mocks, run)
-    )
+    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack.name, preview=False, monitor=_RecordingMonitor(mocks, run))
 
 
 def _record(stack: Stack, build: Any) -> Run:

@@ -26,20 +26,18 @@ def gateway(stack: Stack) -> pulumi.ComponentResource:
     target = stack.spec.target
     name = f"gpugate-{stack.name}"
     if target is Target.AWS:
-        from infra.aws import AwsGateway, AwsGatewayArgs  # noqa: PLC0415 - load one cloud's SDK only
+        from infra.aws import AwsGateway, args_from_bundle
 
-        return AwsGateway(name, AwsGatewayArgs.from_bundle(stack, render_bundle(stack)))
+        return AwsGateway(name, args_from_bundle(stack, render_bundle(stack)))
     if target is Target.GCP:
-        from infra.gcp import GcpGateway, GcpGatewayArgs  # noqa: PLC0415
+        from infra.gcp import GcpGateway, args_from_bundle
 
-        return GcpGateway(name, GcpGatewayArgs.from_bundle(stack, render_bundle(stack)))
+        return GcpGateway(name, args_from_bundle(stack, render_bundle(stack)))
     if target is Target.KUBERNETES:
-        from infra.kubernetes import KubernetesGateway, KubernetesGatewayArgs  # noqa: PLC0415
+        from infra.kubernetes import KubernetesGateway, KubernetesGatewayArgs
 
         return KubernetesGateway(name, KubernetesGatewayArgs.from_bundle(stack, render_bundle(stack)))
-    raise TargetNotProvisioned(
-        f"the {target} target runs on this machine (`gpugate up`); Pulumi provisions nothing for it"
-    )
+    raise TargetNotProvisioned(f"the {target} target runs on this machine (`gpugate up`); Pulumi provisions nothing for it")
 
 
 def stack_outputs(component: pulumi.ComponentResource) -> dict[str, Any]:

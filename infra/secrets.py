@@ -1,21 +1,14 @@
-"""The gateway's secrets: where each one comes from, and the secret user-data that carries them to the host.
-
-The bundle's user-data holds no secret. Here each secret is appended as one more
-`write_files` entry (mode 0600 under /etc/gpugate/secrets/), and the whole document
-becomes a Pulumi secret, so it is encrypted in the state and masked in every diff.
-"""
+"""The gateway's secrets and where each one comes from. They reach a VM host through the cloud's secret
+manager (infra/aws.py, infra/gcp.py) and a cluster through Secrets (infra/kubernetes.py); never user data."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pulumi
 import pulumi_random as random
 from gpugate_runtime.contract.host import VM_LAYOUT
-from ruamel.yaml import YAML
 
-from gpugate.render.bundle import dump_yaml
 from gpugate.spec import GatewaySpec
 from gpugate.stackfile import NAMESPACE
 
@@ -60,30 +53,3 @@ def host_secrets(spec: GatewaySpec, name: str, parent: pulumi.Resource) -> list[
             )
         )
     return secrets
-
-
-def secret_user_data(base: bytes, secrets: Sequence[HostSecret]) -> pulumi.Output[str]:
-    """The bundle's user-data with the secrets appended, as one secret Output."""
-    paths = [s.path for s in secrets]
-    merged = pulumi.Output.all(*[s.value for s in secrets]).apply(
-        lambda values: with_secret_files(base, list(zip(paths, values, strict=True)))
-    )
-    return pulumi.Output.secret(merged)
-
-
-def with_secret_files(base: bytes, files: Sequence[tuple[str, str]]) -> str:
-    """Append `write_files` entries (root-owned, 0600) to a `#cloud-config` document; keeps its header comment."""
-    text = base.decode()
-    lines = text.splitlines()
-    if not lines or lines[0].strip() != CLOUD_CONFIG:
-        raise ValueError("the bundle's user-data must start with #cloud-config")
-    header = lines[1].removeprefix("# ") if len(lines) > 1 and lines[1].startswith("# ") else "gpugate user-data"
-    document = YAML(typ="safe", pure=True).load(text)
-    entries = list(document.get("write_files", []))
-    taken = {entry["path"] for entry in entries}
-    for path, content in files:
-        if path in taken:
-            raise ValueError(f"user-data already writes {path}; a secret must not overwrite a bundle file")
-        entries.append({"path": path, "content": content, "permissions": SECRET_FILE_MODE, "owner": "root:root"})
-    document["write_files"] = entries
-    return f"{CLOUD_CONFIG}\n" + dump_yaml(document, header).decode()

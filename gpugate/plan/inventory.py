@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -15,7 +16,6 @@ class ResourceRow(BaseModel):
     name: str
     role: str
     properties: dict[str, str]
-
 
 
 class Resource(Protocol):
@@ -106,7 +106,7 @@ EKS_GROUP = "aws:eks/nodeGroup:NodeGroup"
 
 
 KEY_PROPERTIES = {
-    AWS_INSTANCE: ("instanceType", "ami", "rootBlockDevice", "metadataOptions", "instanceMarketOptions", "userData"),
+    AWS_INSTANCE: ("instanceType", "ami", "rootBlockDevice", "metadataOptions", "instanceMarketOptions", "userDataBase64"),
     GCP_INSTANCE: ("machineType", "zone", "bootDisk", "scheduling", "serviceAccount", "metadata"),
     "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule": ("ipProtocol", "fromPort", "toPort", "cidrIpv4"),
     "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule": ("ipProtocol", "cidrIpv4"),
@@ -125,7 +125,13 @@ KEY_PROPERTIES = {
     "random:index/randomPassword:RandomPassword": ("length",),
     "pulumi:providers:aws": ("region",),
     "pulumi:providers:gcp": ("project", "region", "zone"),
-    "gcp:container/cluster:Cluster": ("name", "location", "minMasterVersion", "datapathProvider", "masterAuthorizedNetworksConfig"),
+    "gcp:container/cluster:Cluster": (
+        "name",
+        "location",
+        "minMasterVersion",
+        "datapathProvider",
+        "masterAuthorizedNetworksConfig",
+    ),
     "aws:eks/cluster:Cluster": ("name", "version", "vpcConfig"),
     GKE_POOL: ("autoscaling",),
     EKS_GROUP: ("amiType", "instanceTypes", "scalingConfig", "taints", "labels"),
@@ -141,7 +147,9 @@ KUBE_SUMMARY = {
         "ports": [port.get("port") for port in (p.get("spec") or {}).get("ports") or []],
     },
     "ScaledObject": lambda p: {
-        "replicas": "{:g}..{:g}".format((p.get("spec") or {}).get("minReplicaCount", 0), (p.get("spec") or {}).get("maxReplicaCount", 0)),
+        "replicas": "{:g}..{:g}".format(
+            (p.get("spec") or {}).get("minReplicaCount", 0), (p.get("spec") or {}).get("maxReplicaCount", 0)
+        ),
         "query": ((p.get("spec") or {}).get("triggers") or [{}])[0].get("metadata", {}).get("query"),
     },
 }
@@ -194,9 +202,10 @@ def vm_of(resources: list[Resource]) -> Resource | None:
 
 
 def user_data_size(resources: list[Resource]) -> int | None:
+    """Bytes of user data the cloud receives (gzipped, before base64): what AWS's 16 KiB limit counts."""
     vm = vm_of(resources)
     if vm is None:
         return None
     props = vm.props
-    text = props.get("userData") if vm.type == AWS_INSTANCE else (props.get("metadata") or {}).get("user-data")
-    return len(text.encode()) if isinstance(text, str) else None
+    text = props.get("userDataBase64") if vm.type == AWS_INSTANCE else (props.get("metadata") or {}).get("user-data")
+    return len(base64.b64decode(text)) if isinstance(text, str) else None

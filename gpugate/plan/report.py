@@ -97,13 +97,11 @@ class PlanReport(BaseModel):
             mark = "[green]ok[/]" if self.user_data_bytes <= self.user_data_limit_bytes else "[bold red]TOO LARGE[/]"
             parts.append(
                 Text.from_markup(
-                    f"user-data {self.user_data_bytes:,} of {self.user_data_limit_bytes:,} bytes (raw, secrets included) {mark}"
+                    f"user-data {self.user_data_bytes:,} of {self.user_data_limit_bytes:,} bytes (gzipped, as the cloud receives it; no secret in it) {mark}"
                 )
             )
         if self.capacity is not None:
-            parts.append(
-                Text("capacity: ") + Text(self.capacity.message, style=None if self.capacity.fits else "bold red")
-            )
+            parts.append(Text("capacity: ") + Text(self.capacity.message, style=None if self.capacity.fits else "bold red"))
         if self.scaling is not None:
             sc = self.scaling
             parts.append(
@@ -139,8 +137,7 @@ def _cost_table(cost: CostEstimate, label: str = "") -> list[Any]:
         "unit price",
         "per month",
         "source",
-        title=f"cost{label} ({cost.currency}, "
-        f"{cost.hours_per_month} h/month, list prices as of {cost.prices_as_of}; re-check)",
+        title=f"cost{label} ({cost.currency}, {cost.hours_per_month} h/month, list prices as of {cost.prices_as_of}; re-check)",
         title_justify="left",
     )
     for line in cost.lines:

@@ -20,6 +20,10 @@ from gpugate.stackfile import Stack
 MANIFEST = "manifest.json"
 
 
+# Files a bundle carries packed (the runtime's wheel, the VM bundle archive): bytes, no header.
+PACKED_SUFFIXES = (".whl", ".tar.gz")
+
+
 @dataclass
 class Bundle:
     stack: str
@@ -37,6 +41,10 @@ class Bundle:
             if path != MANIFEST and path not in self.derived:
                 digest.update(f"{path}\0{sha256(self.files[path])}\n".encode())
         return digest.hexdigest()
+
+    def text_files(self) -> dict[str, str]:
+        """Every file but the packed ones (a wheel, an archive), decoded: what a reader can open."""
+        return {path: data.decode() for path, data in self.files.items() if not path.endswith(PACKED_SUFFIXES)}
 
 
 def sha256(data: bytes) -> str:
@@ -72,7 +80,8 @@ def dump_json(data: Any) -> bytes:
 
 
 def seal(bundle: Bundle, layout: HostLayout) -> Bundle:
-    """Add the manifest: every file's sha256, the spec's and the bundle's."""
+    """Add the manifest: every (non-derived) file's sha256, the spec's and the bundle's. Derived files are
+    added after sealing, from the sealed bundle."""
     spec_sha256 = bundle.spec_sha256
     bundle.files[MANIFEST] = dump_json(
         {
@@ -82,7 +91,13 @@ def seal(bundle: Bundle, layout: HostLayout) -> Bundle:
             "spec_sha256": spec_sha256,
             "bundle_sha256": bundle.bundle_sha256,
             "layout_root": str(layout.root),
-            "files": {path: sha256(data) for path, data in sorted(bundle.files.items()) if path != MANIFEST},
+            "files": {
+                path: sha256(data)
+                for path, data in sorted(bundle.files.items())
+                if path != MANIFEST and path not in bundle.derived
+            },
+            # Made from the files above (and so not listed with them): e.g. a VM's user data and bundle archive.
+            "derived": sorted(bundle.derived),
         }
     )
     return bundle

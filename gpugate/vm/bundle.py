@@ -1,16 +1,32 @@
-"""The VM targets' bundle (AWS, GCP): the host files, a systemd unit per service, and the user data that installs them."""
+"""The VM targets' bundle (AWS, GCP): the host files, a systemd unit per service, the runtime wheel and its lock,
+then what the cloud gets: the bundle archive the host fetches, and the user data that fetches it."""
 
 from __future__ import annotations
 
-from gpugate_runtime.contract.host import VM_LAYOUT, VM_RUNTIME_PYTHON, HostLayout, Ports
-from gpugate_runtime.contract.services import USER_ROOT, HostFacts, VllmProcess, services
+import tempfile
+from pathlib import Path
 
-from gpugate.render.bundle import Bundle, header, seal
+from gpugate_runtime.contract.host import VM_LAYOUT, VM_RUNTIME_PYTHON, VM_VLLM_VENV, HostLayout, Ports
+from gpugate_runtime.contract.services import USER_GATEWAY, USER_ROOT, HostFacts, VllmProcess, services
+
+from gpugate.render.archive import archive
+from gpugate.render.bundle import Bundle, header, seal, sha256
 from gpugate.render.host import host_files, vllm_key_file
 from gpugate.render.launch import launch_spec
+from gpugate.render.wheel import RUNTIME_SOURCE, build_runtime_wheel
 from gpugate.stackfile import Stack
 from gpugate.vm.systemd import units
-from gpugate.vm.userdata import USER_DATA, user_data
+from gpugate.vm.userdata import RUNTIME_LOCK, USER_DATA, user_data
+
+ARCHIVE = "cloud-init/bundle.tar.gz"
+
+
+def vllm_process(stack: Stack, layout: HostLayout) -> VllmProcess:
+    """GPU hosts: the launcher runs vLLM's pinned image with Docker (root), the weights cached in the state dir.
+    Hosts without a GPU: vLLM's CPU build from its own venv, as the gateway's user."""
+    if stack.spec.gpu.type == "cpu":
+        return VllmProcess(python=VM_VLLM_VENV / "bin" / "python", user=USER_GATEWAY, env={"HF_HUB_OFFLINE": "1"})
+    return VllmProcess(python=None, user=USER_ROOT, env={"HF_HOME": str(layout.state / "hf")})
 
 
 def vm_facts(stack: Stack, layout: HostLayout) -> HostFacts:
@@ -22,11 +38,17 @@ def vm_facts(stack: Stack, layout: HostLayout) -> HostFacts:
         https_port=spec.ports.https,
         http_port=spec.ports.http,
         public_address="",
-        # The launcher runs vLLM's pinned image with Docker (root); the weights stay in the state dir.
-        vllm=VllmProcess(python=None, user=USER_ROOT, env={"HF_HOME": str(layout.state / "hf")}),
+        vllm=vllm_process(stack, layout),
         alert_credential=spec.alerts.needs_credential,
         service_credentials=True,
     )
+
+
+def runtime_files() -> dict[str, bytes]:
+    """The runtime as the host installs it: the wheel built from ./runtime and its hash-locked requirements."""
+    with tempfile.TemporaryDirectory(prefix="gpugate-wheel-") as tmp:
+        wheel = build_runtime_wheel(Path(tmp))
+        return {f"runtime/{wheel.name}": wheel.read_bytes(), RUNTIME_LOCK: (RUNTIME_SOURCE / "requirements.lock").read_bytes()}
 
 
 def render_vm(stack: Stack, layout: HostLayout | None = None) -> Bundle:
@@ -35,10 +57,18 @@ def render_vm(stack: Stack, layout: HostLayout | None = None) -> Bundle:
     facts = vm_facts(stack, layout)
     table = services(facts)
     launch = launch_spec(spec, facts.ports, layout, key_file=vllm_key_file(facts, table))
-    # VMs run no Grafana (`gpugate dashboard` prints the JSON to import), and user data has no room for it.
-    files = host_files(stack, facts, table, launch, ca_file=None, expect_gpu=True)
+    # VMs run no Grafana (`gpugate dashboard` prints the JSON to import).
+    files = host_files(stack, facts, table, launch, ca_file=None, expect_gpu=spec.gpu.type != "cpu")
     text = header(stack)
     files.update(units(facts, table, text))
-    bundle = Bundle(stack=stack.name, target=spec.target, spec_sha256=stack.spec_sha256, files=files, derived=frozenset({USER_DATA}))
-    files[USER_DATA] = user_data(bundle, layout, table, launch, text)
-    return seal(bundle, layout)
+    runtime = runtime_files()
+    files.update(runtime)
+    (wheel,) = [path for path in runtime if path.endswith(".whl")]
+    bundle = Bundle(
+        stack=stack.name, target=spec.target, spec_sha256=stack.spec_sha256, files=files, derived=frozenset({USER_DATA, ARCHIVE})
+    )
+    seal(bundle, layout)
+    packed = archive({path: data for path, data in files.items() if path not in bundle.derived})
+    files[ARCHIVE] = packed
+    files[USER_DATA] = user_data(spec, stack.name, layout, table, wheel, sha256(packed), text)
+    return bundle

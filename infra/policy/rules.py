@@ -12,6 +12,8 @@ hands the policies pulumi-policy's secrets-preserving proxy instead, through whi
 
 from __future__ import annotations
 
+import base64
+import gzip
 import ipaddress
 import re
 from collections.abc import Iterator, Mapping
@@ -39,7 +41,6 @@ SSH_PORT = 22
 MIN_SSH_PREFIX_V4 = 16
 MIN_SSH_PREFIX_V6 = 48
 SECRET_DIR = f"{VM_LAYOUT.secrets}/"
-SECRET_FILE_MODES = frozenset({"0600", "0400", "600", "400"})
 # How the engine marks a value it does not know yet (during a preview).
 UNKNOWN = "04da6b54-80e4-46f7-96ec-b56ff0331ba9"
 
@@ -104,9 +105,7 @@ class Ingress:
         ports = (
             "all ports"
             if self.ports is None
-            else (
-                f"port {self.ports[0]}" if self.ports[0] == self.ports[1] else f"ports {self.ports[0]}-{self.ports[1]}"
-            )
+            else (f"port {self.ports[0]}" if self.ports[0] == self.ports[1] else f"ports {self.ports[0]}-{self.ports[1]}")
         )
         return f"{self.protocol} {ports} from {', '.join(self.sources)}"
 
@@ -347,16 +346,29 @@ def cluster_api_not_public(args: ResourceValidationArgs, report_violation: Repor
     else:
         return
     if wide:
-        report_violation(f"{args.name}: the Kubernetes API is open to {', '.join(map(str, wide))}; allow the admin networks only", None)
+        report_violation(
+            f"{args.name}: the Kubernetes API is open to {', '.join(map(str, wide))}; allow the admin networks only", None
+        )
 
 
 def user_data_of(resource_type: str, props: Mapping[str, Any]) -> Any:
-    """The cloud-init document an instance boots with (None when it has none)."""
+    """The cloud-init document an instance boots with, as cloud-init reads it (decoded from base64 and
+    gzip as the clouds deliver it); None when it has none, UNKNOWN while it is not known yet."""
     if resource_type == AWS_INSTANCE:
-        return props.get("userData")
-    if resource_type == GCP_INSTANCE:
-        return (props.get("metadata") or {}).get("user-data")
-    return None
+        raw = props.get("userDataBase64") or props.get("userData")
+        encoded = "userDataBase64" in props
+    elif resource_type == GCP_INSTANCE:
+        metadata = props.get("metadata") or {}
+        raw = metadata.get("user-data")
+        encoded = metadata.get("user-data-encoding") == "base64"
+    else:
+        return None
+    if not isinstance(raw, str) or raw == UNKNOWN:
+        return raw
+    data = base64.b64decode(raw) if encoded else raw.encode()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    return data.decode(errors="replace")
 
 
 def _raw(value: Any) -> Any:
@@ -367,18 +379,9 @@ def _raw(value: Any) -> Any:
         return None
 
 
-def _is_secret(resource_type: str, props: Mapping[str, Any]) -> bool:
-    raw = _raw(props)
-    if resource_type == AWS_INSTANCE:
-        return isinstance(raw.get("userData"), Secret)
-    metadata = raw.get("metadata")
-    if isinstance(metadata, Secret):
-        return True
-    inner = _raw(metadata)
-    return inner is not None and isinstance(inner.get("user-data"), Secret)
-
-
-def secret_user_data(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+def no_secrets_in_user_data(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    """Secrets reach a VM through the cloud's secret manager: user data is readable with
+    ec2:DescribeInstanceAttribute / compute.instances.get, so it writes no secret file."""
     text = user_data_of(args.resource_type, args.props)
     if not isinstance(text, str) or text == UNKNOWN:
         return
@@ -387,24 +390,11 @@ def secret_user_data(args: ResourceValidationArgs, report_violation: ReportViola
     except YAMLError:
         report_violation(f"{args.name}: user-data is not a YAML cloud-config document", None)
         return
-    secret_files = [
-        entry
-        for entry in (document or {}).get("write_files") or []
-        if isinstance(entry, Mapping) and str(entry.get("path", "")).startswith(SECRET_DIR)
-    ]
-    for entry in secret_files:
-        mode = str(entry.get("permissions", ""))
-        if mode not in SECRET_FILE_MODES:
-            shown = mode or "the default"
-            report_violation(f"{args.name}: {entry['path']} must be written with permissions 0600, not {shown}", None)
-        if str(entry.get("owner", "root:root")) != "root:root":
-            report_violation(f"{args.name}: {entry['path']} must be owned by root:root", None)
-    if secret_files and isinstance(args.props, SECRETS_VISIBLE) and not _is_secret(args.resource_type, args.props):
-        report_violation(
-            f"{args.name}: user-data writes {len(secret_files)} secret file(s) but is not a Pulumi secret; "
-            "wrap it in pulumi.Output.secret",
-            None,
-        )
+    for entry in (document or {}).get("write_files") or []:
+        if isinstance(entry, Mapping) and str(entry.get("path", "")).startswith(SECRET_DIR):
+            report_violation(
+                f"{args.name}: user-data writes the secret file {entry['path']}; deliver it through the secret manager", None
+            )
 
 
 @dataclass(frozen=True)
@@ -451,10 +441,9 @@ RULES: tuple[Rule, ...] = (
         cluster_api_not_public,
     ),
     Rule(
-        "secret-user-data",
-        "Secret files in user-data are root-only 0600, and the user-data carrying them is a Pulumi secret "
-        "(the latter is visible to the offline plan only).",
-        secret_user_data,
+        "no-secrets-in-user-data",
+        "User data writes no file under /etc/gpugate/secrets: hosts fetch their secrets from the cloud's secret manager.",
+        no_secrets_in_user_data,
     ),
 )
 

@@ -55,8 +55,10 @@ def test_local_and_kubernetes_bundles_carry_the_dashboard_and_vm_bundles_do_not(
     def carried(files: dict[str, bytes]) -> bool:
         return any(p.startswith(f"{DASHBOARD_DIR}/") or p.startswith("kubernetes/monitoring/configmap-gpugate-dashboard-") for p in files)
 
-    found = {name: carried(render_bundle(load_stack(name)).files) for name in stack_names()}
-    assert found == {"local": True, "prod": True, "dev": False, "staging": False}
+    stacks = {name: load_stack(name) for name in stack_names()}
+    found = {name: carried(render_bundle(stack).files) for name, stack in stacks.items()}
+    assert found == {name: stack.spec.target not in ("aws", "gcp") for name, stack in stacks.items()}
+    assert {"local", "prod"} <= {n for n, f in found.items() if f} and {"dev", "staging", "smoke"} <= {n for n, f in found.items() if not f}
 
 
 def test_each_stack_has_its_own_uid_and_title():

@@ -63,7 +63,7 @@ def local():
 def vm(request):
     stack = load_stack(request.param)
     bundle = render_bundle(stack)
-    return services(vm_facts(stack, VM_LAYOUT)), {p: d.decode() for p, d in bundle.files.items()}
+    return services(vm_facts(stack, VM_LAYOUT)), bundle.text_files()
 
 
 def test_every_service_is_one_supervisord_program_with_the_table_argv_and_ports(local):

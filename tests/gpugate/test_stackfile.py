@@ -42,7 +42,7 @@ BAD_STACKS = [
     ("unknown GPU type", "staging", _set("T4", "gpugate:gpu", "type"), "gpugate:gpu.type", "'cpu', 'L4', 'A10G', 'A100-80GB' or 'H100-80GB'"),
     ("max_model_len above the model's limit", "staging", _set(65536, "gpugate:model", "max_model_len"), "gpugate:model.max_model_len", "allowed: 1..32768"),
     ("impossible GPU count on AWS", "staging", _set(2, "gpugate:gpu", "count"), "gpugate:gpu.count", "allowed: 1 (g6.xlarge), 4 (g6.12xlarge), 8 (g6.48xlarge)"),
-    ("GPU type the cloud lacks", "dev", _set("A10G", "gpugate:gpu", "type"), "gpugate:gpu.type", "allowed on GCP: L4, A100-80GB, H100-80GB"),
+    ("GPU type the cloud lacks", "dev", _set("A10G", "gpugate:gpu", "type"), "gpugate:gpu.type", "allowed on GCP: cpu, L4, A100-80GB, H100-80GB"),
     ("image not pinned by digest", "prod", _set("vllm/vllm-openai:latest", "gpugate:vllm", "image"), "gpugate:vllm.image", "@sha256:"),
     ("unknown alert channel", "staging", _set({"kind": "teams"}, "gpugate:alerts", "channel"), "gpugate:alerts.channel", "allowed: slack, pagerduty, email, webhook, file"),
     ("unpinned model", "staging", _delete("gpugate:model", "revision"), "gpugate:model.revision", "40-hex commit"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 
 import pulumi
@@ -10,7 +12,10 @@ import pytest
 from gpugate.targets import render_bundle
 from gpugate.spec import GpuSpec
 from gpugate.stackfile import load_stack
-from infra.aws import AMI_NAME, SSM_POLICY_ARN, TYPE_TOKEN, AwsGateway, AwsGatewayArgs, instance_type
+from gpugate.vm.delivery import bucket_name
+from infra.aws import AMI_NAME, AMI_OWNER, TYPE_TOKEN, AwsGateway, args_from_bundle
+from gpugate.catalog import machine
+from infra.vm import VmGatewayArgs
 from infra.offline import record
 from infra.program import gateway
 from tests.infra.conftest import of_type, one, under_mocks
@@ -41,7 +46,7 @@ def test_staging_vm_is_the_catalog_type_with_an_encrypted_gp3_root_of_the_spec_s
     assert vm["userDataReplaceOnChange"] is True
 
 
-def test_the_ami_is_the_newest_amazon_deep_learning_base_ami(staging, monkeypatch):
+def test_the_ami_is_the_newest_official_debian_12_ami(staging, monkeypatch):
     # given the planner's mocks, which record each data-source call
     from infra import offline
 
@@ -52,7 +57,7 @@ def test_the_ami_is_the_newest_amazon_deep_learning_base_ami(staging, monkeypatc
     run = record(load_stack("staging"))
     # then it looked the AMI up by owner and name and boots from what the lookup returned
     ami = next(c.args for c in calls if c.token == "aws:ec2/getAmi:getAmi")
-    assert ami["owners"] == ["amazon"] and ami["mostRecent"] is True
+    assert ami["owners"] == [AMI_OWNER] and ami["mostRecent"] is True
     assert {"name": "name", "values": [AMI_NAME]} in ami["filters"]
     assert one(run, INSTANCE).props["ami"] == "ami-0planned00000000"
 
@@ -66,26 +71,71 @@ def test_staging_opens_exactly_80_and_443_to_the_world_and_ssh_only_to_the_admin
     assert not one(staging, "aws:ec2/securityGroup:SecurityGroup").props.get("ingress")  # no inline rules beside them
 
 
-def test_without_admin_networks_there_is_no_ssh_rule_and_ssh_goes_through_session_manager(stack_copy):
+def test_without_admin_networks_ssh_comes_only_through_the_instance_connect_endpoint(stack_copy):
     # given staging with admin_cidrs emptied
     path = stack_copy("staging", lambda c: c.__setitem__("gpugate:admin_cidrs", []), name="nossh")
     # when planned
     run = record(load_stack(path))
-    # then only the web ports are open, and the SSH host is the instance, reached through SSM
-    assert {r.props["fromPort"] for r in of_type(run, INGRESS)} == {80, 443}
-    instance_id = run.outputs["ssh_host"][0]
-    assert instance_id.startswith("gpugate-nossh-vm")
-    assert run.outputs["ssh_proxy_command"][0].startswith("aws ssm start-session --target %h")
+    # then the world reaches only the web ports; 22 only from the endpoint's security group
+    world = {r.props["fromPort"] for r in of_type(run, INGRESS) if r.props.get("cidrIpv4")}
+    assert world == {80, 443}
+    (ssh,) = [r for r in of_type(run, INGRESS) if r.props["fromPort"] == 22]
+    endpoint = one(run, "aws:ec2transitgateway/instanceConnectEndpoint:InstanceConnectEndpoint")
+    assert "cidrIpv4" not in ssh.props and ssh.props["referencedSecurityGroupId"] in endpoint.props["securityGroupIds"]
+    assert run.outputs["ssh_host"][0].startswith("gpugate-nossh-vm")
+    assert run.outputs["ssh_proxy_command"][0].startswith("aws ec2-instance-connect open-tunnel --instance-id %h")
 
 
-def test_the_host_role_may_only_do_session_manager(staging):
-    attachments = of_type(staging, "aws:iam/rolePolicyAttachment:RolePolicyAttachment")
-    assert [a.props["policyArn"] for a in attachments] == [SSM_POLICY_ARN]
-    assert not of_type(staging, "aws:iam/rolePolicy:RolePolicy")  # no inline policies either
+def test_the_host_role_reads_its_bundle_object_and_its_secrets_and_nothing_else(staging):
+    assert not of_type(staging, "aws:iam/rolePolicyAttachment:RolePolicyAttachment")  # no managed policy
+    (policy,) = of_type(staging, "aws:iam/rolePolicy:RolePolicy")
+    statements = json.loads(policy.props["policy"])["Statement"]
+    assert len(statements) == 2
+    s3, secrets = statements
+    bundle = one(staging, "aws:s3/bucketObjectv2:BucketObjectv2").props
+    assert s3 == {"Effect": "Allow", "Action": "s3:GetObject", "Resource": f"arn:aws:s3::000000000000:gpugate-staging-bundles/{bundle['key']}"}
+    stored = of_type(staging, "aws:secretsmanager/secret:Secret")
+    assert len(stored) == 2 and {s.props["name"] for s in stored} == {"gpugate/staging/vllm_api_key", "gpugate/staging/alert_credential"}
+    assert secrets["Action"] == "secretsmanager:GetSecretValue" and len(secrets["Resource"]) == 2
     trust = json.loads(one(staging, "aws:iam/role:Role").props["assumeRolePolicy"])
-    assert trust["Statement"] == [
-        {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}
-    ]
+    assert trust["Statement"] == [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]
+
+
+def test_the_bundle_is_a_private_encrypted_object_named_by_its_sha256_in_the_stack_bucket(staging):
+    stack = load_stack("staging")
+    bucket = one(staging, "aws:s3/bucketV2:BucketV2").props
+    assert bucket["bucket"] == bucket_name(stack.spec, stack.name)
+    block = one(staging, "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock").props
+    assert all(block[k] is True for k in ("blockPublicAcls", "blockPublicPolicy", "ignorePublicAcls", "restrictPublicBuckets"))
+    assert one(staging, "aws:s3/bucketServerSideEncryptionConfigurationV2:BucketServerSideEncryptionConfigurationV2")
+    key = one(staging, "aws:s3/bucketObjectv2:BucketObjectv2").props["key"]
+    assert key.startswith("bundles/") and key.endswith(".tar.gz") and len(key) == len("bundles/") + 64 + len(".tar.gz")
+
+
+def test_secret_values_are_pulumi_secrets_and_user_data_carries_none(staging):
+    for version in of_type(staging, "aws:secretsmanager/secretVersion:SecretVersion"):
+        assert version.wire["secretString"]["4dabf18193072939515e22adb298388d"] == "1b47061264138c4ac30d75fd1eb44270"
+    user_data = gzip.decompress(base64.b64decode(one(staging, INSTANCE).props["userDataBase64"])).decode()
+    assert user_data.startswith("#cloud-config")
+    assert not any(canary in user_data for canary in staging.canaries)
+
+
+def test_the_elastic_ip_waits_for_the_internet_gateway_and_the_host_for_routes_bundle_and_secrets(staging):
+    by_urn = {r.urn: r for r in staging.resources}
+
+    def waits_for(resource, kind: str) -> bool:
+        return any(by_urn[u].type == kind for u in resource.dependencies if u in by_urn)
+
+    eip = one(staging, "aws:ec2/eip:Eip")
+    assert waits_for(eip, "aws:ec2/internetGateway:InternetGateway")
+    vm = one(staging, INSTANCE)
+    for kind in (
+        "aws:ec2/routeTableAssociation:RouteTableAssociation",
+        "aws:ec2/internetGateway:InternetGateway",
+        "aws:s3/bucketObjectv2:BucketObjectv2",
+        "aws:secretsmanager/secretVersion:SecretVersion",
+    ):
+        assert waits_for(vm, kind), kind
 
 
 def test_the_domain_points_at_the_elastic_ip_which_sits_on_the_host_interface_from_boot(staging):
@@ -95,8 +145,8 @@ def test_the_domain_points_at_the_elastic_ip_which_sits_on_the_host_interface_fr
     assert record_["records"] == [staging.outputs["public_ip"][0]]
     nic = one(staging, "aws:ec2/networkInterface:NetworkInterface")
     assert eip.props["networkInterface"].startswith(nic.name)
-    attached = one(staging, INSTANCE).props["networkInterfaces"]
-    assert attached == [{"deviceIndex": 0, "networkInterfaceId": eip.props["networkInterface"]}]
+    assert "networkInterfaces" not in one(staging, INSTANCE).props  # deprecated in the provider
+    assert one(staging, INSTANCE).props["primaryNetworkInterface"] == {"networkInterfaceId": eip.props["networkInterface"]}
 
 
 def test_the_subnet_is_in_an_availability_zone_that_offers_the_instance_type(staging):
@@ -119,21 +169,21 @@ def test_a_spot_stack_asks_for_persistent_spot_capacity_that_stops_when_interrup
     }
 
 
-def test_stack_outputs_are_plain_and_the_user_data_and_vllm_key_are_secret():
+def test_stack_outputs_are_plain_and_the_vllm_key_is_secret():
     stack = load_stack("staging")
 
     def check():
         component = gateway(stack)
         outputs = [component.url, component.public_ip, component.ssh_host, component.bundle_sha256]
-        return pulumi.Output.all(
-            component.user_data.is_secret(), component.vllm_api_key.is_secret(), *[o.is_secret() for o in outputs]
-        ).apply(lambda flags: _assert_secrets(flags[:2], flags[2:]))
+        return pulumi.Output.all(component.vllm_api_key.is_secret(), *[o.is_secret() for o in outputs]).apply(
+            lambda flags: _assert_secrets(flags[:1], flags[1:])
+        )
 
     under_mocks(stack, check)
 
 
 def _assert_secrets(secret: list[bool], plain: list[bool]) -> None:
-    assert secret == [True, True]
+    assert secret == [True]
     assert plain == [False] * len(plain)
 
 
@@ -142,11 +192,11 @@ def test_an_instance_type_the_catalog_does_not_map_is_refused_by_the_component()
     stack = load_stack("staging")
     bad = stack.spec.model_copy(update={"gpu": GpuSpec.model_construct(type="L4", count=2)})
     # then the component's own backstop names the allowed counts
-    with pytest.raises(ValueError, match=r"AWS has no instance with 2 x L4; allowed gpu.count: 1 \(g6.xlarge\), 4"):
-        instance_type(bad)
-    args = AwsGatewayArgs.from_bundle(stack, render_bundle(stack))
-    with pytest.raises(ValueError, match="AWS has no instance with 2 x L4"):
-        under_mocks(stack, lambda: AwsGateway("bad", AwsGatewayArgs(**{**args.__dict__, "spec": bad})).url)
+    with pytest.raises(ValueError, match=r"AWS has no machine with 2 x L4; allowed gpu.count: 1 \(g6.xlarge\), 4"):
+        machine("aws", bad.gpu.type, bad.gpu.count)
+    args = args_from_bundle(stack, render_bundle(stack))
+    with pytest.raises(ValueError, match="AWS has no machine with 2 x L4"):
+        under_mocks(stack, lambda: AwsGateway("bad", VmGatewayArgs(**{**args.__dict__, "spec": bad})).url)
 
 
 def test_a_new_bundle_replaces_the_host_but_a_newer_ami_alone_does_not(staging):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
+
 import pulumi
 import pytest
 
@@ -14,8 +17,8 @@ from infra.gcp import (
     SERVICE_ACCOUNT_ROLES,
     SERVICE_ACCOUNT_SCOPES,
     TYPE_TOKEN,
-    machine_type,
 )
+from gpugate.catalog import machine
 from infra.network import GCP_IAP_RANGE
 from infra.offline import record
 from infra.program import gateway
@@ -64,7 +67,7 @@ def test_the_network_is_dedicated_and_custom_mode(dev):
     assert one(dev, "gcp:compute/subnetwork:Subnetwork").props["region"] == "europe-west4"
 
 
-def test_dev_vm_is_the_catalog_machine_on_a_balanced_disk_from_the_deep_learning_image(dev):
+def test_dev_vm_is_the_catalog_machine_on_a_balanced_disk_from_googles_debian_12_image(dev):
     vm = one(dev, INSTANCE).props
     assert vm["machineType"] == "g2-standard-8" and vm["zone"] == "europe-west4-a"
     disk = vm["bootDisk"]["initializeParams"]
@@ -87,13 +90,34 @@ def test_an_on_demand_vm_restarts_automatically(stack_copy):
     assert scheduling["automaticRestart"] is True and scheduling["provisioningModel"] == "STANDARD"
 
 
-def test_the_host_identity_may_only_write_logs_and_metrics(dev):
+def test_the_host_identity_writes_logs_and_metrics_and_reads_its_bundle_and_its_secrets_only(dev):
     account = one(dev, "gcp:serviceaccount/account:Account")
-    members = of_type(dev, "gcp:projects/iAMMember:IAMMember")
-    assert sorted(m.props["role"] for m in members) == sorted(SERVICE_ACCOUNT_ROLES)
     email = f"{account.props['accountId']}@gpugate-dev-4711.iam.gserviceaccount.com"
+    members = of_type(dev, "gcp:projects/iAMMember:IAMMember")
+    assert sorted(m.props["role"] for m in members) == sorted(SERVICE_ACCOUNT_ROLES)  # project-wide: logs, metrics
     assert {m.props["member"] for m in members} == {f"serviceAccount:{email}"}
+    (bucket_read,) = of_type(dev, "gcp:storage/bucketIAMMember:BucketIAMMember")
+    assert bucket_read.props["role"] == "roles/storage.objectViewer" and bucket_read.props["member"] == f"serviceAccount:{email}"
+    secret_reads = of_type(dev, "gcp:secretmanager/secretIamMember:SecretIamMember")
+    secrets = of_type(dev, "gcp:secretmanager/secret:Secret")
+    assert len(secret_reads) == len(secrets) == 2  # the vLLM key and the Slack webhook, each readable on its own
+    assert {r.props["role"] for r in secret_reads} == {"roles/secretmanager.secretAccessor"}
     assert one(dev, INSTANCE).props["serviceAccount"] == {"email": email, "scopes": list(SERVICE_ACCOUNT_SCOPES)}
+
+
+def test_user_data_is_gzipped_base64_metadata_with_no_secret_in_it(dev):
+    metadata = one(dev, INSTANCE).props["metadata"]
+    assert metadata["user-data-encoding"] == "base64"
+    text = gzip.decompress(base64.b64decode(metadata["user-data"])).decode()
+    assert text.startswith("#cloud-config") and not any(canary in text for canary in dev.canaries)
+    for version in of_type(dev, "gcp:secretmanager/secretVersion:SecretVersion"):
+        assert version.wire["secretData"]["4dabf18193072939515e22adb298388d"] == "1b47061264138c4ac30d75fd1eb44270"
+
+
+def test_the_host_boots_after_its_bundle_and_secrets_exist(dev):
+    by_urn = {r.urn: r for r in dev.resources}
+    kinds = {by_urn[u].type for u in one(dev, INSTANCE).dependencies if u in by_urn}
+    assert {"gcp:storage/bucketObject:BucketObject", "gcp:secretmanager/secretVersion:SecretVersion"} <= kinds
 
 
 def test_the_domain_points_at_the_static_address_the_vm_uses(dev):
@@ -117,18 +141,17 @@ def test_the_vm_carries_the_bundle_hash_in_metadata_and_a_label(dev):
     assert bundle.bundle_sha256.startswith(vm["labels"]["gpugate-bundle"])
 
 
-def test_stack_outputs_are_plain_and_the_user_data_and_vllm_key_are_secret():
+def test_stack_outputs_are_plain_and_the_vllm_key_is_secret():
     stack = load_stack("dev")
 
     def check():
         component = gateway(stack)
         return pulumi.Output.all(
-            component.user_data.is_secret(),
             component.vllm_api_key.is_secret(),
             component.url.is_secret(),
             component.public_ip.is_secret(),
             component.bundle_sha256.is_secret(),
-        ).apply(lambda flags: _assert_flags(flags, [True, True, False, False, False]))
+        ).apply(lambda flags: _assert_flags(flags, [True, False, False, False]))
 
     under_mocks(stack, check)
 
@@ -140,7 +163,7 @@ def _assert_flags(flags: list[bool], expected: list[bool]) -> None:
 def test_a_gpu_count_google_has_no_machine_for_is_refused_by_the_component():
     bad = load_stack("dev").spec.model_copy(update={"gpu": GpuSpec.model_construct(type="L4", count=3)})
     with pytest.raises(ValueError, match=r"GCP has no machine with 3 x L4; allowed gpu.count: 1 \(g2-standard-8\)"):
-        machine_type(bad)
+        machine("gcp", bad.gpu.type, bad.gpu.count)
 
 
 def test_new_user_data_replaces_the_host_but_a_newer_image_alone_does_not(dev):

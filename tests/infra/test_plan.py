@@ -13,7 +13,7 @@ from gpugate.cli.plan import plan, plan_command, plan_stack
 from gpugate.plan.cost import price_table
 from gpugate.targets import render_bundle
 from gpugate.stackfile import load_stack
-from infra.aws import AwsGateway, AwsGatewayArgs
+from infra.aws import AwsGateway, args_from_bundle
 from infra.network import IngressRule
 
 app = typer.Typer()
@@ -92,7 +92,7 @@ def test_a_component_built_with_ssh_open_to_the_world_fails_both_ingress_rules()
     stack = load_stack("staging")
 
     def build(s):
-        args = AwsGatewayArgs.from_bundle(s, render_bundle(s))
+        args = args_from_bundle(s, render_bundle(s))
         wide_open = args.ingress + (IngressRule("ssh-world", 22, ("0.0.0.0/0",), "SSH from anywhere"),)
         return AwsGateway(f"gpugate-{s.name}", replace(args, ingress=wide_open))
 

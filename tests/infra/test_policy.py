@@ -6,7 +6,10 @@ validate functions the way `pulumi up --policy-pack` and `gpugate plan` feed the
 
 from __future__ import annotations
 
+import base64
 import copy
+import gzip
+import io
 import os
 import subprocess
 import sys
@@ -14,11 +17,11 @@ from collections.abc import Callable
 
 import grpc
 import pytest
+from ruamel.yaml import YAML
 from google.protobuf import empty_pb2, json_format, struct_pb2
 from pulumi.runtime.proto import analyzer_pb2, analyzer_pb2_grpc
 
 from gpugate.cli.plan import plan_stack
-from gpugate.plan.inventory import SECRET_SIG_KEY
 from infra.policy.evaluate import evaluate_policies
 from gpugate.stackfile import stack_names
 from infra.offline import Recorded, Run
@@ -137,37 +140,34 @@ def test_a_vm_type_the_catalog_does_not_map_is_caught_on_both_clouds(staging, de
     assert list(broken_rules(gcp)) == ["mapped-gpu-machines"]
 
 
-# ---- secret-user-data ------------------------------------------------------------------------
+# ---- no-secrets-in-user-data ---------------------------------------------------------------------
 
 
-def _unwrap_secret(value: dict) -> str:
-    assert SECRET_SIG_KEY in value  # the program sent it as a secret
-    return value["value"]
+def _with_secret_file(encoded: str) -> str:
+    """The user data as the cloud receives it (base64 of gzip), with one more write_files entry: a secret file."""
+    document = YAML(typ="safe", pure=True).load(gzip.decompress(base64.b64decode(encoded)))
+    assert not [f for f in document["write_files"] if f["path"].startswith("/etc/gpugate/secrets/")]
+    document["write_files"].append({"path": "/etc/gpugate/secrets/vllm_api_key", "content": "vllm-abc", "permissions": "0600"})
+    buffer = io.StringIO()
+    YAML(typ="safe", pure=True).dump(document, buffer)
+    return base64.b64encode(gzip.compress(("#cloud-config\n" + buffer.getvalue()).encode())).decode()
 
 
-def test_user_data_sent_as_plain_text_is_caught_on_both_clouds(staging, dev):
-    aws = changed(one(staging, AWS_INSTANCE), lambda w: w.update(userData=_unwrap_secret(w["userData"])))
-    gcp = changed(
-        one(dev, GCP_INSTANCE),
-        lambda w: w["metadata"].update({"user-data": _unwrap_secret(w["metadata"]["user-data"])}),
+def test_user_data_that_writes_a_secret_file_is_caught_on_both_clouds(staging, dev):
+    aws_vm, gcp_vm = one(staging, AWS_INSTANCE), one(dev, GCP_INSTANCE)
+    assert "no-secrets-in-user-data" not in broken_rules(aws_vm) and "no-secrets-in-user-data" not in broken_rules(gcp_vm)
+    aws = changed(aws_vm, lambda w: w.update(userDataBase64=_with_secret_file(w["userDataBase64"])))
+    gcp = changed(gcp_vm, lambda w: w["metadata"].update({"user-data": _with_secret_file(w["metadata"]["user-data"])}))
+    assert list(broken_rules(aws)) == ["no-secrets-in-user-data"]
+    assert list(broken_rules(gcp)) == ["no-secrets-in-user-data"]
+    assert "/etc/gpugate/secrets/vllm_api_key" in broken_rules(aws)["no-secrets-in-user-data"][0]
+
+
+def test_user_data_that_is_not_a_cloud_config_is_caught(staging):
+    garbled = changed(
+        one(staging, AWS_INSTANCE), lambda w: w.update(userDataBase64=base64.b64encode(b"#cloud-config\n: [").decode())
     )
-    assert list(broken_rules(aws)) == ["secret-user-data"]
-    assert list(broken_rules(gcp)) == ["secret-user-data"]
-    assert "not a Pulumi secret" in broken_rules(aws)["secret-user-data"][0]
-
-
-def test_a_secret_file_readable_by_others_is_caught(staging):
-    vm = one(staging, AWS_INSTANCE)
-
-    def loosen(wire: dict) -> None:
-        text = wire["userData"]["value"]
-        wire["userData"]["value"] = text.replace(
-            "  path: /etc/gpugate/secrets/vllm_api_key\n  permissions: '0600'",
-            "  path: /etc/gpugate/secrets/vllm_api_key\n  permissions: '0644'",
-        )
-        assert wire["userData"]["value"] != text
-
-    assert "0644" in broken_rules(changed(vm, loosen))["secret-user-data"][0]
+    assert "not a YAML cloud-config" in broken_rules(garbled)["no-secrets-in-user-data"][0]
 
 
 # ---- the pack as the engine sees it ------------------------------------------------------------
@@ -210,17 +210,17 @@ def test_the_pack_serves_every_rule_as_mandatory_to_the_engine(analyzer):
     assert {p.enforcementLevel for p in info.policies} == {analyzer_pb2.MANDATORY}
 
 
-def test_the_engine_gets_the_same_verdicts_as_the_plan_except_for_secretness(analyzer, staging):
+def test_the_engine_gets_the_same_verdicts_as_the_plan(analyzer, staging):
     ssh = named(staging, AWS_INGRESS, "in-ssh")
     assert _analyze(analyzer, ssh) == []
     assert _analyze(analyzer, changed(ssh, lambda w: w.update(cidrIpv4="0.0.0.0/0"))) == [
         "no-world-ssh",
         "web-only-from-world",
     ]
-    # Under `pulumi up` a policy gets secrets unwrapped: it cannot see that user-data is plain text.
-    plain = changed(one(staging, AWS_INSTANCE), lambda w: w.update(userData=_unwrap_secret(w["userData"])))
-    assert _analyze(analyzer, plain) == []
-    assert list(broken_rules(plain)) == ["secret-user-data"]  # the offline plan can
+    vm = one(staging, AWS_INSTANCE)
+    assert _analyze(analyzer, vm) == []
+    leaky = changed(vm, lambda w: w.update(userDataBase64=_with_secret_file(w["userDataBase64"])))
+    assert _analyze(analyzer, leaky) == ["no-secrets-in-user-data"] == list(broken_rules(leaky))
 
 
 # ---- secrets-stay-secret (plan only) -----------------------------------------------------------

@@ -1,113 +1,120 @@
-"""The user-data a gateway VM boots with: the bundle plus its secrets, valid for cloud-init, small enough, secret."""
+"""The user data a gateway VM boots with: packages, the boot script and its config, the first-boot script.
+Valid for cloud-init, within AWS's limit even with the longest values a stack allows, and free of secrets."""
 
 from __future__ import annotations
 
+import base64
+import gzip
+import hashlib
+import json
 import subprocess
+from pathlib import Path
 
 import pytest
+from gpugate_runtime import hostboot
 from ruamel.yaml import YAML
 
-from gpugate.targets import render_bundle
-from gpugate.vm.userdata import USER_DATA
 from gpugate.stackfile import load_stack
-from gpugate.vm.userdata import USER_DATA_LIMIT_BYTES
-from infra.offline import ALERT_CANARY, CONFIG_KEY_CANARY, Recorded, Run, record
-from infra.secrets import with_secret_files
-from tests.infra.conftest import of_type
+from gpugate.targets import render_bundle
+from gpugate.vm.bundle import ARCHIVE
+from gpugate.vm.delivery import BOOT_CONFIG, bucket_name, object_key, secret_id
+from gpugate.vm.userdata import HOSTBOOT, USER_DATA, USER_DATA_LIMIT_BYTES, delivered
+from infra.offline import Recorded, Run, record
+from tests.conftest import edit_stack
 
 VM_TYPES = ("aws:ec2/instance:Instance", "gcp:compute/instance:Instance")
-SECRETS = "/etc/gpugate/secrets/"
+VM_STACKS = ("staging", "dev", "smoke")
 
 
 def _vm(run: Run) -> Recorded:
     return next(r for r in run.resources if r.type in VM_TYPES)
 
 
-def user_data(run: Run) -> str:
+def received(run: Run) -> bytes:
+    """The user data as the cloud receives it (gzipped), from the recorded plan."""
     vm = _vm(run)
-    props = vm.props
-    return props["userData"] if vm.type == VM_TYPES[0] else props["metadata"]["user-data"]
+    text = vm.props["userDataBase64"] if vm.type == VM_TYPES[0] else vm.props["metadata"]["user-data"]
+    return base64.b64decode(text)
 
 
 def write_files(text: str) -> dict[str, dict]:
     return {entry["path"]: entry for entry in YAML(typ="safe").load(text)["write_files"]}
 
 
-@pytest.mark.parametrize("stack", ["staging", "dev"])
-def test_user_data_is_a_valid_cloud_config_by_cloud_inits_own_schema(stack, request, tmp_path):
-    # given the user-data the program hands the cloud, secrets included
+@pytest.fixture(scope="module")
+def runs() -> dict[str, Run]:
+    return {name: record(load_stack(name)) for name in VM_STACKS}
+
+
+@pytest.mark.parametrize("stack", VM_STACKS)
+def test_the_cloud_receives_the_rendered_user_data_gzipped_and_cloud_init_accepts_it(stack, runs, tmp_path):
+    rendered = render_bundle(load_stack(stack)).files[USER_DATA]
+    assert received(runs[stack]) == delivered(rendered)
     path = tmp_path / "user-data.yaml"
-    path.write_text(user_data(request.getfixturevalue(stack)))
-    # when cloud-init itself checks it
-    result = subprocess.run(
-        ["cloud-init", "schema", "--config-file", str(path)], capture_output=True, text=True, timeout=120
-    )
-    # then it is valid
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Valid cloud-config" in result.stdout
+    path.write_bytes(gzip.decompress(received(runs[stack])))
+    result = subprocess.run(["cloud-init", "schema", "--config-file", str(path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "Valid cloud-config" in result.stdout, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("stack", ["staging", "dev"])
-def test_user_data_carries_the_bundle_hash_the_vm_is_labelled_with(stack, request):
-    run = request.getfixturevalue(stack)
-    bundle = render_bundle(load_stack(stack))
-    files = write_files(user_data(run))
-    assert files["/etc/gpugate/BUNDLE_SHA256"]["content"] == bundle.bundle_sha256 + "\n"
-    assert run.outputs["bundle_sha256"][0] == bundle.bundle_sha256
+@pytest.mark.parametrize("stack", VM_STACKS)
+def test_the_boot_config_names_the_bundle_object_and_the_secrets_the_program_creates(stack, runs):
+    loaded = load_stack(stack)
+    bundle = render_bundle(loaded)
+    files = write_files(bundle.files[USER_DATA].decode())
+    config = json.loads(files[str(BOOT_CONFIG)]["content"])
+    assert files[str(BOOT_CONFIG)]["permissions"] == "0600"
+    archive_sha = hashlib.sha256(bundle.files[ARCHIVE]).hexdigest()
+    assert config["bundle_sha256"] == archive_sha
+    scheme = "s3" if loaded.spec.target == "aws" else "gs"
+    assert config["bundle_url"] == f"{scheme}://{bucket_name(loaded.spec, stack)}/{object_key(archive_sha)}"
+    names = [s["name"] for s in config["secrets"]]
+    assert names[0] == "vllm_api_key" and len(names) == len(set(names)) >= 1
+    assert {s["id"] for s in config["secrets"]} == {secret_id(loaded.spec, stack, n) for n in names}
+    # the boot package is the runtime's own, every module verbatim
+    sources = sorted(Path(hostboot.__file__).parent.glob("*.py"))
+    assert len(sources) >= 4
+    for source in sources:
+        assert files[str(HOSTBOOT / source.name)]["content"] == source.read_text()
 
 
-@pytest.mark.parametrize("stack", ["staging", "dev"])
-def test_user_data_fits_the_16_kib_aws_limit_with_its_secrets(stack, request):
-    # AWS limits user-data to 16 KiB *before* base64 (the provider encodes it); GCP allows 256 KiB
-    # per metadata value, so AWS's limit is the one that binds. The plan's secrets are as long as
-    # the longest real ones (48-char key, 128-char alert credential).
-    raw = user_data(request.getfixturevalue(stack)).encode()
-    assert len(raw) <= USER_DATA_LIMIT_BYTES, f"{len(raw)} bytes"
-    assert len(raw) > len(render_bundle(load_stack(stack)).files[USER_DATA])  # the secrets are in it
+@pytest.mark.parametrize("stack", VM_STACKS)
+def test_no_secret_travels_in_user_data(stack, runs):
+    text = gzip.decompress(received(runs[stack])).decode()
+    assert runs[stack].canaries and not any(canary in text for canary in runs[stack].canaries)
+    assert not [path for path in write_files(text) if path.startswith("/etc/gpugate/secrets/")]
 
 
-@pytest.mark.parametrize("stack", ["staging", "dev"])
-def test_secrets_are_root_only_files_from_the_generated_key_and_the_config_secret(stack, request):
-    run = request.getfixturevalue(stack)
-    files = {path: entry for path, entry in write_files(user_data(run)).items() if path.startswith(SECRETS)}
-    assert set(files) == {SECRETS + "vllm_api_key", SECRETS + "alert_credential"}
-    assert all(e["permissions"] == "0600" and e["owner"] == "root:root" for e in files.values())
-    generated = of_type(run, "random:index/randomPassword:RandomPassword")
-    assert len(generated) == 1 and generated[0].props["length"] == 48 and generated[0].props["special"] is False
-    assert files[SECRETS + "vllm_api_key"]["content"] in run.canaries  # the generated password's result
-    assert files[SECRETS + "alert_credential"]["content"] == ALERT_CANARY  # config.require_secret("alert_credential")
+def _noise(n: int, seed: str) -> str:
+    """n lowercase letters that compress as badly as real names do (not a run of one letter)."""
+    out, block = "", seed.encode()
+    while len(out) < n:
+        block = hashlib.sha256(block).digest()
+        out += "".join(chr(ord("a") + b % 26) for b in block)
+    return out[:n]
 
 
-def test_a_vllm_key_set_as_config_secret_replaces_the_generated_one(stack_copy):
-    # given a stack whose file holds gpugate:vllm_api_key as a Pulumi secret
-    path = stack_copy("staging", lambda c: c.__setitem__("gpugate:vllm_api_key", {"secure": "v1:AAAA"}), name="ownkey")
-    # when planned
-    run = record(load_stack(path))
-    # then no password is generated, and the host gets the configured key
-    assert not of_type(run, "random:index/randomPassword:RandomPassword")
-    assert write_files(user_data(run))[SECRETS + "vllm_api_key"]["content"] == CONFIG_KEY_CANARY
+def _longest(config: dict) -> None:
+    """Every value the user data carries at the longest the spec allows."""
+    labels = [_noise(63, str(i)) for i in range(3)]
+    config["gpugate:domain"] = ".".join([*labels, _noise(61, "tld")])  # 253 characters
+    config["gpugate:vm"]["bundle_bucket"] = _noise(63, "bucket")
+    config["gpugate:alerts"] = {
+        "channel": {"kind": "webhook", "url": "https://alerts.example.com/" + _noise(200, "url"), "bearer_token": True},
+        "runbook_base_url": "https://runbooks.example.com/" + _noise(200, "runbooks"),
+    }
+    if "gpugate:vllm" in config and config["gpugate:vllm"].get("image"):
+        path = "/".join(_noise(60, f"repo{i}") for i in range(3))
+        config["gpugate:vllm"]["image"] = f"registry.example.com/{path}@sha256:" + hashlib.sha256(b"x").hexdigest()
+    if "gpugate:project" in config:
+        config["gpugate:project"] = "p" + _noise(28, "project") + "q"
 
 
-def test_a_channel_without_a_credential_puts_no_alert_credential_on_the_host(stack_copy):
-    # given a plain webhook receiver (no bearer token)
-    channel = {"kind": "webhook", "url": "https://alerts.example.com/gpugate"}
-    path = stack_copy("staging", lambda c: c["gpugate:alerts"].__setitem__("channel", channel), name="webhook")
-    files = write_files(user_data(record(load_stack(path))))
-    assert SECRETS + "vllm_api_key" in files and SECRETS + "alert_credential" not in files
-
-
-def test_a_secret_may_not_overwrite_a_file_of_the_bundle():
-    base = render_bundle(load_stack("staging")).files[USER_DATA]
-    with pytest.raises(ValueError, match="already writes /etc/gpugate/BUNDLE_SHA256"):
-        with_secret_files(base, [("/etc/gpugate/BUNDLE_SHA256", "x")])
-
-
-def test_only_a_cloud_config_document_takes_secrets():
-    with pytest.raises(ValueError, match="must start with #cloud-config"):
-        with_secret_files(b"#!/bin/sh\necho hi\n", [("/etc/gpugate/secrets/x", "y")])
-
-
-def test_the_merged_document_keeps_the_bundles_header_comment(staging):
-    lines = user_data(staging).splitlines()
-    assert lines[0] == "#cloud-config"
-    assert lines[1].startswith("# Generated by gpugate") and "stacks/Pulumi.staging.yaml" in lines[1]
+@pytest.mark.parametrize("stack", VM_STACKS)
+def test_user_data_stays_under_the_aws_limit_with_the_longest_values_a_stack_allows(stack, tmp_path):
+    longest = _noise(60, "stack")  # a stack name of 60 characters
+    path = edit_stack(stack, tmp_path / f"Pulumi.{longest}.yaml", _longest)
+    bundle = render_bundle(load_stack(path))
+    size = len(delivered(bundle.files[USER_DATA]))
+    assert size <= USER_DATA_LIMIT_BYTES, f"{stack}: {size} bytes of user data, AWS takes {USER_DATA_LIMIT_BYTES}"
+    # and the stack's own is smaller than that worst case
+    assert len(delivered(render_bundle(load_stack(stack)).files[USER_DATA])) < size

@@ -52,7 +52,7 @@ from gpugate_runtime.contract.host import HostLayout
 REGION = "eu-west-1"
 GCP_PROJECT = "gpugate-test"
 RUN_TIMEOUT_S = 120
-HOSTBOOT = Path(hostboot.__file__)
+HOSTBOOT = Path(hostboot.__file__).parent  # the package's directory
 
 BUNDLE_V1 = {
     "Caddyfile": b"# v1\n:443 { respond ok }\n",
@@ -104,11 +104,22 @@ class Host:
         self.config_path.write_text(json.dumps(config, indent=2))
 
     def command(self, retry_seconds: float = 0) -> list[str]:
-        """The boot script as cloud-init runs it: one file, copied where user data puts it, a fresh interpreter."""
-        script = self.root / "usr" / "local" / "sbin" / "gpugate-hostboot.py"
-        script.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(HOSTBOOT, script)
-        return [*self.python, str(script), "--config", str(self.config_path), "--retry-seconds", str(retry_seconds)]
+        """The boot package as cloud-init runs it: its files copied where user data puts them, as the top-level
+        package gpugate_hostboot, in a fresh interpreter that sees nothing else of gpugate_runtime."""
+        lib = self.root / "usr" / "local" / "lib" / "gpugate"
+        package = lib / "gpugate_hostboot"
+        package.mkdir(parents=True, exist_ok=True)
+        for source in HOSTBOOT.glob("*.py"):
+            shutil.copyfile(source, package / source.name)
+        return [
+            *self.python,
+            "-c",
+            f"import sys; sys.path.insert(0, {str(lib)!r}); import runpy; runpy.run_module('gpugate_hostboot', run_name='__main__')",
+            "--config",
+            str(self.config_path),
+            "--retry-seconds",
+            str(retry_seconds),
+        ]
 
     def boot(self, retry_seconds: float = 0) -> subprocess.CompletedProcess[str]:
         # umask 077, a hardened host's: the modes the services need must not depend on the umask.

@@ -147,4 +147,6 @@ VM_LAYOUT = HostLayout(Path("/"))
 # The runtime's virtualenv on VM hosts (user-data creates it; units and runbook tasks run it).
 VM_RUNTIME_VENV = Path("/opt/gpugate/venv")
 VM_RUNTIME_PYTHON = VM_RUNTIME_VENV / "bin" / "python"
+# vLLM's CPU build on a VM without a GPU: its own venv, built from the bundle's hash-locked requirements.
+VM_VLLM_VENV = Path("/opt/gpugate/vllm")
 

@@ -1,0 +1,72 @@
+"""What both VM gateways (AWS, GCP) are built from: the machine, the user data, and the bundle and secrets the host fetches."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from pathlib import Path
+
+import pulumi
+from gpugate_runtime.contract.host import VM_LAYOUT
+
+from gpugate.cache import default_cache_dir
+from gpugate.render.bundle import Bundle, sha256
+from gpugate.spec import GatewaySpec, Target
+from gpugate.stackfile import Stack
+from gpugate.vm.bundle import ARCHIVE
+from gpugate.vm.delivery import SecretRef, bucket_name, object_key, secrets
+from gpugate.vm.userdata import USER_DATA, delivered
+from infra.network import IngressRule
+from infra.secrets import host_secrets
+
+
+@dataclass(frozen=True)
+class VmGatewayArgs:
+    """A VM gateway's inputs, from the stack's rendered bundle: no secret among them."""
+
+    spec: GatewaySpec
+    stack: str
+    user_data: bytes  # what the cloud receives: the gzipped cloud-config
+    bundle_sha256: str
+    archive: Path  # the bundle archive the host fetches (a file, so the state keeps only its hash)
+    bucket: str
+    object_key: str
+    secrets: tuple[SecretRef, ...]
+    ingress: tuple[IngressRule, ...]
+
+    @classmethod
+    def from_bundle(cls, stack: Stack, bundle: Bundle, target: Target, ingress: tuple[IngressRule, ...]) -> VmGatewayArgs:
+        if stack.spec.target is not target:
+            raise ValueError(f"stack {stack.name} targets {stack.spec.target}, not {target}")
+        packed = bundle.files[ARCHIVE]
+        digest = sha256(packed)
+        path = default_cache_dir() / "bundles" / f"{digest}.tar.gz"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(packed)
+            tmp.replace(path)
+        return cls(
+            spec=stack.spec,
+            stack=stack.name,
+            user_data=delivered(bundle.files[USER_DATA]),
+            bundle_sha256=bundle.bundle_sha256,
+            archive=path,
+            bucket=bucket_name(stack.spec, stack.name),
+            object_key=object_key(digest),
+            secrets=secrets(stack.spec, stack.name, VM_LAYOUT),
+            ingress=ingress,
+        )
+
+    @property
+    def user_data_base64(self) -> str:
+        return base64.b64encode(self.user_data).decode()
+
+
+def secret_values(args: VmGatewayArgs, name: str, parent: pulumi.Resource) -> dict[str, pulumi.Output[str]]:
+    """Each secret the host fetches, by name, as a Pulumi secret (infra/secrets.py says where each comes from)."""
+    values = {s.name: s.value for s in host_secrets(args.spec, name, parent)}
+    missing = sorted({ref.name for ref in args.secrets} - set(values))
+    if missing:
+        raise ValueError(f"no value for the host secret(s) {', '.join(missing)}")
+    return values
