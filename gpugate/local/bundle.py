@@ -47,6 +47,7 @@ def local_facts(stack: Stack, layout: HostLayout) -> HostFacts:
         vllm=VllmProcess(python=venv_python(default_cache_dir() / VENV_NAME), user=USER_GATEWAY, env=VLLM_ENV),
         alert_sink=spec.alerts.channel.kind == "file",
         alert_credential=spec.alerts.needs_credential,
+        internal_ca=True,  # the local target always serves with Caddy's internal CA
     )
 
 
@@ -56,7 +57,7 @@ def render_local(stack: Stack, layout: HostLayout | None = None, model: Path | N
     facts = local_facts(stack, layout)
     table = services(facts)
     launch = launch_spec(spec, facts.ports, layout, model or model_dir())
-    files = host_files(stack, facts, table, launch, ca_file=layout.local_ca_file, expect_gpu=False)
+    files = host_files(stack, facts, table, launch, expect_gpu=False)
     bundle = Bundle(stack=stack.name, target=spec.target, spec_sha256=stack.spec_sha256, files=files)
     files.update(dashboard_files(spec, stack.name))
     files[SUPERVISOR_CONF] = supervisord_conf(table, layout, stack.name, header(stack))

@@ -13,7 +13,7 @@ from gpugate_runtime.contract.host import (
     PROMETHEUS_CONFIG,
     RUNTIME_ENV,
 )
-from gpugate_runtime.contract.services import VLLM, HostFacts, Service, by_name, credential_path
+from gpugate_runtime.contract.services import CADDY_ROOT_CA, VLLM, HostFacts, Service, by_name, credential_path
 from gpugate_runtime.launchspec import LaunchSpec
 
 from gpugate.render.alerts import rule_groups
@@ -31,8 +31,15 @@ def vllm_key_file(facts: HostFacts, table: tuple[Service, ...]) -> Path:
     return credential_path(vllm, key, facts)
 
 
+def prober_ca_file(facts: HostFacts, table: tuple[Service, ...]) -> Path | None:
+    """Where the prober finds Caddy's internal root certificate on this host; None when a public CA signs the site."""
+    prober = by_name(table)["prober"]
+    root = next((c for c in prober.credentials if c.name == CADDY_ROOT_CA), None)
+    return credential_path(prober, root, facts) if root else None
+
+
 def host_files(
-    stack: Stack, facts: HostFacts, table: tuple[Service, ...], launch: LaunchSpec, *, ca_file: Path | None, expect_gpu: bool
+    stack: Stack, facts: HostFacts, table: tuple[Service, ...], launch: LaunchSpec, *, expect_gpu: bool
 ) -> dict[str, bytes]:
     """The files a host's services read: the Caddyfile, vLLM's launch spec, Prometheus and its rules,
     Alertmanager and the runtime env file. Each service finds its credentials where the table says
@@ -40,7 +47,7 @@ def host_files(
     spec, layout, ports = stack.spec, facts.layout, facts.ports
     named = by_name(table)
     prober = named["prober"]
-    (prober_key,) = prober.credentials
+    prober_key = next(c for c in prober.credentials if c.name != CADDY_ROOT_CA)
     alertmanager = named["alertmanager"]
     alert_credential = next(
         (credential_path(alertmanager, c, facts) for c in alertmanager.credentials if c.name == "alert_credential"), None
@@ -54,7 +61,7 @@ def host_files(
             access_log=layout.access_log,
             vllm_health_url=f"http://{LOOPBACK}:{ports.vllm}/health",
             prober_key_file=credential_path(prober, prober_key, facts),
-            ca_file=ca_file,
+            ca_file=prober_ca_file(facts, table),
             expect_gpu=expect_gpu,
             alert_log=layout.alert_log,
         )

@@ -41,6 +41,7 @@ def vm_facts(stack: Stack, layout: HostLayout) -> HostFacts:
         vllm=vllm_process(stack, layout),
         alert_credential=spec.alerts.needs_credential,
         service_credentials=True,
+        internal_ca=spec.tls.mode == "internal",
     )
 
 
@@ -58,7 +59,7 @@ def render_vm(stack: Stack, layout: HostLayout | None = None) -> Bundle:
     table = services(facts)
     launch = launch_spec(spec, facts.ports, layout, key_file=vllm_key_file(facts, table))
     # VMs run no Grafana (`gpugate dashboard` prints the JSON to import).
-    files = host_files(stack, facts, table, launch, ca_file=None, expect_gpu=spec.gpu.type != "cpu")
+    files = host_files(stack, facts, table, launch, expect_gpu=spec.gpu.type != "cpu")
     text = header(stack)
     files.update(units(facts, table, text))
     runtime = runtime_files()

@@ -51,6 +51,7 @@ VLLM = "vllm"
 AUTHZ = "authz"
 CADDY_SERVICE = "caddy"
 PROBER = "prober"
+CADDY_ROOT_CA = "caddy_root_ca"
 ALERTSINK = "alertsink"
 PROMETHEUS_SERVICE = "prometheus"
 ALERTMANAGER_SERVICE = "alertmanager"
@@ -164,6 +165,8 @@ class HostFacts:
     service_credentials: bool = False
     # Where Caddy's metrics site listens: loopback on a host; every address in a pod, for Prometheus.
     metrics_address: str = LOOPBACK
+    # Caddy's internal CA signs the public site (tls.mode internal): the prober trusts its root certificate.
+    internal_ca: bool = False
 
 
 def dirname(bundle_file: str) -> str:
@@ -254,7 +257,11 @@ def services(facts: HostFacts) -> tuple[Service, ...]:
             argv=_runtime(facts, "prober", "serve"),
             user=USER_GATEWAY,
             listens=(Listen("http", ports.prober),),
-            credentials=(Credential("prober_api_key", layout.prober_key_file),),
+            # The root certificate is public, but it sits in Caddy's private storage: handed over like a secret.
+            credentials=(
+                Credential("prober_api_key", layout.prober_key_file),
+                *((Credential(CADDY_ROOT_CA, layout.local_ca_file),) if facts.internal_ca else ()),
+            ),
             health=Health("/metrics"),
             metrics_path="/metrics",
             reads=(dirname(RUNTIME_ENV),),
