@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -28,7 +29,7 @@ from tests.vm.apt_sources import RELEASE, guest_sources_files, release_mirror
 log = logging.getLogger(__name__)
 
 # Bump when the build steps change in a way the recipe below does not show.
-BUILD_SCRIPT_VERSION = 1
+BUILD_SCRIPT_VERSION = 3
 IMAGE_PREFIX = "debian12"
 LOCK_NAME = "debian12-image"
 DISK_NAME = "disk.raw"
@@ -39,10 +40,12 @@ IMAGE_SIZE = "4G"  # the file system's size; an overlay may be larger and cloud-
 ROOT_DEVICE = "/dev/vda"  # the first virtio disk, which Vm attaches the overlay as
 FS_LABEL = "cloudimg-rootfs"
 
+KERNEL_PACKAGE = "linux-image-cloud-amd64"  # the kernel Debian's cloud images boot
+POLICY_RC_D = "#!/bin/sh\n# gpugate VM image build: start no service inside the build chroot\nexit 101\n"
 # debootstrap's minbase plus what a cloud's Debian 12 image has. python3-cffi-backend must be named:
 # without it debootstrap cannot configure python3-cryptography and cloud-init stays unconfigured.
 PACKAGES: tuple[str, ...] = (
-    "linux-image-cloud-amd64",
+    KERNEL_PACKAGE,
     "systemd-sysv",
     "udev",
     "kmod",
@@ -185,7 +188,7 @@ def ensure_disk_image(cache_dir: Path | None = None) -> DiskImage:
         if (image.directory / RECIPE_NAME).is_file():  # another process built it while we waited
             return image
         for dead in root.glob(".build-*"):  # builds run only under this lock: these are from killed builds
-            shutil.rmtree(dead, ignore_errors=True)
+            _remove_build_dir(dead)
         started = time.monotonic()
         log.info("building the Debian 12 VM image %s (debootstrap from %s)", image.directory, spec["mirror"])
         build_dir = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=root))
@@ -194,11 +197,20 @@ def ensure_disk_image(cache_dir: Path | None = None) -> DiskImage:
             build_dir.chmod(0o755)  # mkdtemp made it private
             build_dir.rename(image.directory)  # atomic: readers see a whole image or none
         except BaseException:
-            shutil.rmtree(build_dir, ignore_errors=True)
+            _remove_build_dir(build_dir)
             raise
         _remove_stale_images(root, keep=image.directory)
         log.info("built %s in %.0f s", image.directory, time.monotonic() - started)
     return image
+
+
+def _remove_build_dir(build_dir: Path) -> None:
+    """Remove a build directory, first unmounting what a killed debootstrap or upgrade left mounted in it."""
+    prefix = str(build_dir.resolve()) + "/"
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for mount_point in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mount_point], check=False)
+    shutil.rmtree(build_dir, ignore_errors=True)
 
 
 def _build(spec: dict[str, object], root: Path, build_dir: Path) -> None:
@@ -214,7 +226,9 @@ def _build(spec: dict[str, object], root: Path, build_dir: Path) -> None:
             ],
         )
         _configure(rootfs, spec["files"])  # type: ignore[arg-type]
-        _copy_boot_files(rootfs, build_dir)
+        kernel_release = _upgrade(rootfs)
+        _clean(rootfs)
+        _copy_boot_files(rootfs, build_dir, kernel_release)
         disk = build_dir / DISK_NAME
         run_step("truncate", ["truncate", "-s", IMAGE_SIZE, disk])
         run_step("mkfs.ext4", ["mkfs.ext4", "-q", "-F", "-L", FS_LABEL, "-d", rootfs, disk])
@@ -227,7 +241,7 @@ def _build(spec: dict[str, object], root: Path, build_dir: Path) -> None:
 
 
 def _configure(rootfs: Path, files: dict[str, str]) -> None:
-    """Make the debootstrapped tree boot like a cloud image: config files, no identity baked in, clean apt state."""
+    """Check debootstrap's work, then write the image's config files and trust this machine's extra CAs."""
     leftover = rootfs / "usr/sbin/policy-rc.d"
     if leftover.exists():
         raise DiskImageError(
@@ -243,6 +257,49 @@ def _configure(rootfs: Path, files: dict[str, str]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     run_step("update-ca-certificates", ["chroot", rootfs, "update-ca-certificates"])
+
+
+def _upgrade(rootfs: Path) -> str:
+    """Apply the release's updates and security fixes, as a cloud's freshly published image has them.
+
+    Returns the release of the kernel the image boots (the one `linux-image-cloud-amd64` depends on now);
+    older kernels are purged.
+    """
+    policy = rootfs / "usr/sbin/policy-rc.d"
+    policy.write_text(POLICY_RC_D)  # without it, an upgraded package's init script would start a daemon here
+    policy.chmod(0o755)
+    proc = rootfs / "proc"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    # No Recommends, as debootstrap installed none (the new kernel's would add apparmor and firmware).
+    apt = ["chroot", rootfs, "apt-get", "-y", "-q", "--no-install-recommends", "-o", "Dpkg::Options::=--force-confold"]
+    run_step("mount /proc in the image", ["mount", "-t", "proc", "proc", proc])
+    try:
+        run_step("apt-get update (image)", ["chroot", rootfs, "apt-get", "-q", "update"], env)
+        run_step("apt-get dist-upgrade (image)", [*apt, "dist-upgrade"], env)
+        depends = run_step(
+            "dpkg-query (kernel)", ["chroot", rootfs, "dpkg-query", "-W", "-f", "${Depends}", KERNEL_PACKAGE]
+        )
+        match = re.match(r"linux-image-(\S+)", depends.strip())
+        if match is None:
+            raise DiskImageError(f"cannot tell which kernel {KERNEL_PACKAGE} depends on: {depends!r}")
+        release = match.group(1)
+        known = run_step(
+            "dpkg-query (kernels)",
+            ["chroot", rootfs, "dpkg-query", "-W", "-f", "${db:Status-Abbrev}${Package}\n", "linux-image-[0-9]*"],
+        ).splitlines()
+        installed = [line[3:] for line in known if line.startswith("ii ")]
+        older = [name for name in installed if name != f"linux-image-{release}"]
+        if older:
+            run_step("apt-get purge (older kernels)", [*apt, "purge", *older], env)
+    finally:
+        run_step("umount /proc in the image", ["umount", proc])
+        policy.unlink()
+    return release
+
+
+def _clean(rootfs: Path) -> None:
+    """No identity and no state of the build machine in the image."""
+    (rootfs / "etc/resolv.conf").unlink(missing_ok=True)  # debootstrap copied this machine's; DHCP writes the guest's
     # Each boot is a new machine: systemd makes a machine id, cloud-init makes SSH host keys.
     (rootfs / "etc/machine-id").write_text("")
     (rootfs / "var/lib/dbus/machine-id").unlink(missing_ok=True)
@@ -256,13 +313,12 @@ def _configure(rootfs: Path, files: dict[str, str]) -> None:
             entry.unlink()
 
 
-def _copy_boot_files(rootfs: Path, build_dir: Path) -> None:
-    kernels = sorted((rootfs / "boot").glob("vmlinuz-*"))
-    initrds = sorted((rootfs / "boot").glob("initrd.img-*"))
-    if len(kernels) != 1 or len(initrds) != 1:
-        raise DiskImageError(f"expected one kernel and one initrd in {rootfs / 'boot'}, found {kernels} and {initrds}")
-    shutil.copyfile(kernels[0], build_dir / KERNEL_NAME)
-    shutil.copyfile(initrds[0], build_dir / INITRD_NAME)
+def _copy_boot_files(rootfs: Path, build_dir: Path, kernel_release: str) -> None:
+    for source, name in ((f"vmlinuz-{kernel_release}", KERNEL_NAME), (f"initrd.img-{kernel_release}", INITRD_NAME)):
+        path = rootfs / "boot" / source
+        if not path.is_file():
+            raise DiskImageError(f"{path} is missing after the upgrade; /boot holds {sorted(p.name for p in path.parent.iterdir())}")
+        shutil.copyfile(path, build_dir / name)
 
 
 def _remove_stale_images(root: Path, keep: Path) -> None:

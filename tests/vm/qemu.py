@@ -157,7 +157,7 @@ class Vm:
             "-kernel", str(self.image.kernel),
             "-initrd", str(self.image.initrd),
             "-append", " ".join((*KERNEL_ARGS, *self.kernel_args)),
-            "-drive", f"file={self._overlay},if=virtio,format=qcow2",
+            "-drive", f"file={self._overlay},if=virtio,format=qcow2,cache=unsafe",  # a throwaway disk: skip flushes
             "-drive", f"file={self._seed},if=virtio,format=raw,readonly=on",
             "-netdev", ",".join(netdev),
             "-device", "virtio-net-pci,netdev=net0",
