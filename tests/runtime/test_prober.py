@@ -354,6 +354,31 @@ def test_missing_ca_file_fails_the_public_checks_naming_the_file(
         assert run.result(check).detail == f"CA file {missing} not found"
 
 
+def test_a_run_loads_no_ca_bundle_once_one_is_loaded_and_a_changed_ca_file_is_read_again(
+    gateway: Gateway, upstream: Upstream, key_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca_file = tmp_path / "root.crt"  # absent at first: Caddy writes its local CA after the prober starts
+    prober = Prober(settings_for(gateway, upstream, key_file, ca_file=ca_file))
+    assert asyncio.run(prober.run_once()).result(Check.TLS).detail == f"CA file {ca_file} not found"
+    shutil.copy(gateway.root_ca, ca_file)
+    assert asyncio.run(prober.run_once()).ok
+
+    # Loading a CA bundle costs ~35 ms of CPU, more than the rest of a run (bench/idle_cpu.py): the
+    # next runs reuse the contexts, and each check still makes its own connection and handshake.
+    loaded: list[object] = []
+    real = ssl.create_default_context
+    monkeypatch.setattr(ssl, "create_default_context", lambda *a, **k: loaded.append(k) or real(*a, **k))
+    before = len(upstream.requests)
+    assert asyncio.run(prober.run_once()).ok
+    assert loaded == []
+    assert len(upstream.requests) - before == 2  # /v1/models and /v1/chat/completions, through Caddy
+
+    ca_file.write_text("not a certificate\n")  # replaced (a renewed CA): read again on the next run
+    run = asyncio.run(prober.run_once())
+    assert loaded == [{"cafile": str(ca_file)}]
+    assert run.result(Check.TLS).ok is False and run.result(Check.TLS).detail.startswith(f"cannot load CA file {ca_file}")
+
+
 def test_missing_served_model_fails_the_models_check_naming_what_is_served(
     gateway: Gateway, upstream: Upstream, key_file: Path
 ) -> None:
