@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gpugate_runtime.host import LOOPBACK
 from gpugate_runtime.prober_settings import AlertSinkSettings
+from gpugate_runtime.quietserver import QuietServer
 from gpugate_runtime.settings import env_file, load_settings
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ def serve_command() -> None:
         raise typer.Exit(EXIT_BAD_INPUT) from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("alert sink on http://%s:%d%s -> %s", LOOPBACK, settings.port, ALERTS_PATH, settings.path)
-    uvicorn.run(
+    config = uvicorn.Config(
         build_app(settings),
         host=LOOPBACK,
         port=settings.port,
@@ -211,6 +212,7 @@ def serve_command() -> None:
         access_log=False,
         log_level=settings.log_level,
     )
+    QuietServer(config).run()
 
 
 if __name__ == "__main__":

@@ -699,6 +699,8 @@ def serve() -> None:
     disable_created_metrics()
     import uvicorn  # noqa: PLC0415 - only the service needs it, not the renderer that imports constants
 
+    from gpugate_runtime.quietserver import QuietServer  # noqa: PLC0415 - same: it imports uvicorn
+
     config = uvicorn.Config(
         Authz(settings),
         host=LOOPBACK,
@@ -713,4 +715,4 @@ def serve() -> None:
         # Longer than Caddy's upstream keep-alive (2 min), so Caddy never reuses a connection we just closed.
         timeout_keep_alive=180,
     )
-    uvicorn.Server(config).run()
+    QuietServer(config).run()

@@ -28,6 +28,7 @@ from gpugate_runtime import __version__
 from gpugate_runtime import metricnames as m
 from gpugate_runtime.host import LOOPBACK
 from gpugate_runtime.prober_settings import ProberSettings
+from gpugate_runtime.quietserver import QuietServer
 from gpugate_runtime.settings import env_file, load_settings
 
 log = logging.getLogger(__name__)
@@ -488,7 +489,7 @@ async def serve(settings: ProberSettings) -> None:
         access_log=False,
         log_level=settings.log_level,
     )
-    server = uvicorn.Server(config)
+    server = QuietServer(config)
     loop = asyncio.create_task(prober.run_forever(), name="prober-loop")
     log.info(
         "prober on http://%s:%d: %s every %gs", LOOPBACK, settings.port, settings.public_base, settings.interval_seconds
