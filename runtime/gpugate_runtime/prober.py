@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 # sensitive, and it never reads, logs or stores what the model answers.
 PROMPT = "ping"
 USER_AGENT = f"gpugate-prober/{__version__}"
+# Pause between runs until every check has passed once since the prober started (see run_forever).
+STARTUP_RETRY_SECONDS = 2.0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
@@ -231,13 +233,18 @@ class Prober:
 
     async def run_forever(self) -> None:
         interval = self.settings.interval_seconds
+        passed_once = False
         while True:
             started = time.monotonic()
             try:
-                await self.run_once()
+                passed_once = (await self.run_once()).ok or passed_once
             except Exception:  # noqa: BLE001 - the loop must outlive a bad run; /status shows the last good one
                 log.exception("a run of the checks failed")
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+            # Until every check has passed once, the next run comes soon: `gpugate up` waits for the
+            # first all-green run, and a starting vLLM is ready up to an interval before the prober
+            # would otherwise look. After that, the interval even while failing: never probe harder.
+            pause = interval if passed_once else min(interval, STARTUP_RETRY_SECONDS)
+            await asyncio.sleep(max(0.0, pause - (time.monotonic() - started)))
 
     def metrics(self) -> bytes:
         return generate_latest(self.registry)

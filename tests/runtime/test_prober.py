@@ -501,6 +501,38 @@ def test_metrics_show_one_for_each_passing_check_and_zero_for_each_failing_one(
     assert values[(m.PROBE_DURATION, (("check", "completion"),))] > 0
 
 
+def test_until_every_check_has_passed_once_the_prober_retries_within_seconds_then_keeps_its_interval(
+    gateway: Gateway, upstream: Upstream, key_file: Path
+) -> None:
+    # `gpugate up` waits for the first all-green run: a gateway that has just become healthy is seen
+    # within seconds, not up to an interval later. A gateway that fails after that is not probed harder.
+    upstream.status = 503  # vLLM still starting
+    prober = Prober(settings_for(gateway, upstream, key_file, interval_seconds=60))
+
+    def completions() -> int:
+        return sum(r["path"] == "/v1/chat/completions" for r in upstream.requests)
+
+    async def scenario() -> tuple[float, int, int]:
+        task = asyncio.create_task(prober.run_forever())
+        await asyncio.sleep(0.5)
+        assert prober.last is not None and not prober.last.ok
+        upstream.status = None
+        started = time.monotonic()
+        while not (prober.last and prober.last.ok) and time.monotonic() - started < 10:
+            await asyncio.sleep(0.05)
+        green_after = time.monotonic() - started
+        upstream.status = 503  # fails again: the next run is an interval away
+        before = completions()
+        await asyncio.sleep(4)
+        task.cancel()
+        return green_after, before, completions()
+
+    green_after, before, after = asyncio.run(scenario())
+
+    assert green_after < 3.5
+    assert before >= 2 and after == before
+
+
 def test_neither_the_key_nor_the_reply_appears_in_logs_or_output(
     gateway: Gateway, upstream: Upstream, key_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
