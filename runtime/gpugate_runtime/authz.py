@@ -209,6 +209,7 @@ class Authz:
         self.last_used: dict[str, float] = {}
         self._children: dict[tuple[str, Outcome], Any] = {}
         self._task: asyncio.Task[None] | None = None
+        self._activity = asyncio.Event()  # set by each decision; wakes an idle maintenance loop
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -229,8 +230,10 @@ class Authz:
 
     async def _maintain(self) -> None:
         interval = self.settings.reload_interval_seconds
+        poll = self.settings.access_log_poll_seconds
         next_check = 0.0
         while True:
+            self._activity.clear()
             try:
                 now = time.monotonic()
                 finished = list(self.tail.read())
@@ -246,7 +249,19 @@ class Authz:
                 sync_decision_log()
             except Exception:  # noqa: BLE001 - this loop must outlive any one bad iteration
                 log.exception("authz maintenance failed; retrying")
-            await asyncio.sleep(self.settings.access_log_poll_seconds)
+            if self.inflight.total():
+                await asyncio.sleep(poll)
+                continue
+            # No slot open: there is nothing to release or expire, so an idle authz wakes only for
+            # the next store check (not 20 times a second). A decision wakes it (`record`), and the
+            # tick then comes `poll` later, as it would have: its decision line is still written
+            # within one poll, and a slot it took is watched at the usual pace.
+            try:
+                async with asyncio.timeout(max(0.0, next_check - time.monotonic())):
+                    await self._activity.wait()
+            except TimeoutError:
+                continue
+            await asyncio.sleep(poll)
 
     # -- the decision ----------------------------------------------------------------------------
 
@@ -314,6 +329,7 @@ class Authz:
             self._children[(decision.key_id, decision.outcome)] = child
         child.inc()
         self._latency.observe(decision.seconds)
+        self._activity.set()
         log.info(
             {
                 "request_id": decision.request_id,

@@ -18,9 +18,9 @@ class DecisionLog(WatchedFileHandler):
     WatchedFileHandler stats the file (has logrotate moved it?) and flushes its buffer for every
     record: two system calls per decision, which measured a third of authz's CPU per request
     (bench/gateway_overhead.py). Here decision lines collect in the file object's buffer and go out
-    on the maintenance loop's tick (`sync`, every access_log_poll_seconds, 50 ms by default), which
-    is also when rotation is checked; any other record (start-up, store reloads, warnings, errors)
-    is written at once. A crash can lose at most one tick of decision lines.
+    on the maintenance loop's next tick (`sync`), at most access_log_poll_seconds (50 ms by default)
+    after the decision, which is also when rotation is checked; any other record (start-up, store
+    reloads, warnings, errors) is written at once. A crash can lose at most one tick of decision lines.
     """
 
     def emit(self, record: logging.LogRecord) -> None:

@@ -33,6 +33,13 @@ VLLM_PYTHON_ENV = "GPUGATE_VLLM_PYTHON"
 # vLLM 0.32 flags that keep request contents and per-request lines out of the logs.
 QUIET_FLAGS: tuple[str, ...] = ("--no-enable-log-requests", "--disable-uvicorn-access-log")
 REDACTED = "***"
+# On the CPU build, "0" runs the model inside vLLM's engine-core process (UniProcExecutor) instead
+# of a separate worker process. That worker waits for each step in shm_broadcast's SpinCondition,
+# which busy-loops (sched_yield) for a hard-coded 1 s after every message it reads: about 1 s of a
+# core after every request, 4 s a minute for the prober's completion alone (bench/idle_cpu.py).
+# In-process there is nothing to wait on, and one process (one import of vLLM) fewer to start.
+VLLM_MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+OMP_THREADS_ENV = "OMP_NUM_THREADS"
 
 # Run by the vLLM venv's python: parse (and validate) an argv exactly as the API server would.
 # Newer vLLM keeps its serve parser in entrypoints.launchers, older releases in entrypoints.openai.
@@ -119,9 +126,30 @@ def build_env(spec: LaunchSpec, base: Mapping[str, str] | None = None) -> dict[s
     env["VLLM_NO_USAGE_STATS"] = "1"  # a self-hosted gateway does not report home
     if spec.device == "cpu" and spec.cpu_kv_cache_gib is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.cpu_kv_cache_gib)
+    if spec.device == "cpu":
+        # setdefault: an operator's own value in the environment wins.
+        env.setdefault(VLLM_MULTIPROCESSING_ENV, "0")
+        # vLLM's worker process gave the model one OpenMP thread per physical core but one, keeping
+        # a core for the API server and the scheduler; in-process nobody sets that, and OpenMP's
+        # default (a thread per logical CPU) made 1-token completions ~3x slower here (2 cores).
+        env.setdefault(OMP_THREADS_ENV, str(cpu_threads()))
     if spec.device == "cpu" or Path(spec.model).is_dir():
         env["HF_HUB_OFFLINE"] = "1"  # a local model must never fall back to the hub
     return env
+
+
+def cpu_threads(cpus: set[int] | None = None, sys_cpu: Path = Path("/sys/devices/system/cpu")) -> int:
+    """OpenMP threads for the model on the CPU build: the physical cores this process may run on, less
+    one kept for vLLM's API server and scheduler (as vLLM's own CPU worker binding does); at least 1."""
+    allowed = os.sched_getaffinity(0) if cpus is None else cpus
+    cores: set[tuple[str, str]] = set()
+    for cpu in allowed:
+        topology = sys_cpu / f"cpu{cpu}" / "topology"
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))  # no topology (a container may hide it): count it as a core
+    return max(1, len(cores) - 1)
 
 
 def kv_dtype_bytes(spec: LaunchSpec, arch: ModelArch) -> int:

@@ -26,6 +26,7 @@ from gpugate_runtime import __version__
 from gpugate_runtime.contract import metrics as m
 from gpugate_runtime.contract.host import LOOPBACK
 from gpugate_runtime.prober_settings import ProberSettings
+from gpugate_runtime.quietserver import QuietServer
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 # sensitive, and it never reads, logs or stores what the model answers.
 PROMPT = "ping"
 USER_AGENT = f"gpugate-prober/{__version__}"
+# Pause between runs until every check has passed once since the prober started (see run_forever).
+STARTUP_RETRY_SECONDS = 2.0
 
 _HTTP_HINTS = {
     401: "the prober's key was rejected",
@@ -120,6 +123,11 @@ def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
         raise CheckFailed(f"cannot load CA file {ca_file}: {exc}") from None
 
 
+def _file_stamp(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
 def _http_failure(response: httpx.Response) -> CheckFailed:
     hint = _HTTP_HINTS.get(response.status_code) or response.reason_phrase
     return CheckFailed(f"HTTP {response.status_code}: {hint}")
@@ -175,12 +183,28 @@ class Prober:
         self.last: ProbeRun | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_ProbeCollector(self))
+        # TLS contexts are built once, not per run: loading a CA bundle costs about 35 ms of CPU,
+        # more than the rest of a run. Every check still opens its own connection, with a full handshake.
+        self._health_tls = httpx.create_ssl_context()  # what a bare httpx client would build for vllm_health_url
+        self._public_tls: tuple[tuple[int, int, int] | None, ssl.SSLContext] | None = None
+
+    def _public_tls_context(self) -> ssl.SSLContext:
+        """The context for the public URL, rebuilt when the CA file changes (Caddy writes its local
+        CA after the prober may have started; a renewed CA replaces it)."""
+        ca_file = self.settings.ca_file
+        try:
+            stamp = None if ca_file is None else _file_stamp(ca_file)
+        except OSError:
+            return _tls_context(ca_file)  # raises CheckFailed naming the file and the reason
+        if self._public_tls is None or self._public_tls[0] != stamp:
+            self._public_tls = (stamp, _tls_context(ca_file))
+        return self._public_tls[1]
 
     async def run_once(self) -> ProbeRun:
         """Run every check now (concurrently, each bounded by timeout_seconds) and keep the result."""
         findings = _Findings()
         try:
-            findings.tls_context = _tls_context(self.settings.ca_file)
+            findings.tls_context = self._public_tls_context()
         except CheckFailed as exc:
             findings.tls_context_error = str(exc)
         checks: dict[Check, Callable[[_Findings], Awaitable[str]]] = {
@@ -204,13 +228,18 @@ class Prober:
 
     async def run_forever(self) -> None:
         interval = self.settings.interval_seconds
+        passed_once = False
         while True:
             started = time.monotonic()
             try:
-                await self.run_once()
+                passed_once = (await self.run_once()).ok or passed_once
             except Exception:  # noqa: BLE001 - the loop must outlive a bad run; /status shows the last good one
                 log.exception("a run of the checks failed")
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+            # Until every check has passed once, the next run comes soon: `gpugate up` waits for the
+            # first all-green run, and a starting vLLM is ready up to an interval before the prober
+            # would otherwise look. After that, the interval even while failing: never probe harder.
+            pause = interval if passed_once else min(interval, STARTUP_RETRY_SECONDS)
+            await asyncio.sleep(max(0.0, pause - (time.monotonic() - started)))
 
     def metrics(self) -> bytes:
         return generate_latest(self.registry)
@@ -250,7 +279,9 @@ class Prober:
     # -- the checks: each returns its detail, or raises CheckFailed / NotApplicable ----------------
 
     async def _vllm_health(self, findings: _Findings) -> str:
-        async with httpx.AsyncClient(timeout=self.settings.timeout_seconds, trust_env=False) as client:
+        async with httpx.AsyncClient(
+            verify=self._health_tls, timeout=self.settings.timeout_seconds, trust_env=False
+        ) as client:
             response = await client.get(str(self.settings.vllm_health_url), headers={"User-Agent": USER_AGENT})
         if response.status_code != 200:
             raise _http_failure(response)
@@ -460,7 +491,7 @@ async def serve(settings: ProberSettings) -> None:
         access_log=False,
         log_level=settings.log_level,
     )
-    server = uvicorn.Server(config)
+    server = QuietServer(config)
     loop = asyncio.create_task(prober.run_forever(), name="prober-loop")
     log.info(
         "prober on http://%s:%d: %s every %gs", LOOPBACK, settings.port, settings.public_base, settings.interval_seconds

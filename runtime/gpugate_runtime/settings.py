@@ -41,7 +41,10 @@ class AuthzSettings(BaseSettings):
     inflight_ttl_seconds: float = Field(
         900, gt=0, description="an in-flight slot whose access-log entry never arrives is released after this"
     )
-    access_log_poll_seconds: float = Field(0.05, gt=0, le=5, description="how often new access-log lines are read")
+    access_log_poll_seconds: float = Field(
+        0.05, gt=0, le=5,
+        description="how often new access-log lines are read while a request holds a slot, and the longest a decision line waits to be written",
+    )  # fmt: skip
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="before")

@@ -425,6 +425,53 @@ def test_one_json_log_line_per_decision_with_request_id_and_no_key(authz: AuthzP
     assert key.token not in text and key.token.rsplit("_", 1)[1] not in text and "2" * 64 not in text
 
 
+def wakeups_per_second(pid: int, seconds: float) -> float:
+    """How often the process's main thread woke from sleep (voluntary context switches) over `seconds`."""
+
+    def switches() -> int:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("voluntary_ctxt_switches")))
+
+    before = switches()
+    time.sleep(seconds)
+    return (switches() - before) / seconds
+
+
+def test_an_idle_authz_sleeps_until_its_store_check_and_a_decision_still_reaches_its_log_at_once(own_authz) -> None:  # noqa: ANN001
+    # The store check every 10 s is then the only timer of authz's own: with no slot open there is
+    # nothing to read in the access log, so nothing wakes it 20 times a second (bench/idle_cpu.py).
+    authz = own_authz(reload_interval_seconds="10")
+    key = authz.key("idle", max_concurrent=1)
+    time.sleep(0.5)
+    # Was 30 a second: the old 50 ms tick, plus uvicorn's housekeeping at 10 Hz (now 1 Hz: QuietServer).
+    assert wakeups_per_second(authz.process.pid, 3) < 5
+
+    # Each decision wakes it: its line is written within a tick, not at the next store check up to
+    # 10 s away (which could serve at most one of these three).
+    delays = []
+    for n in range(3):
+        started = time.monotonic()
+        assert authz.ask(key.token, request_id=f"after-idle-{n}").status_code == 200
+        wait_for(lambda: any(e.get("request_id") == f"after-idle-{n}" for e in authz.log_entries()), 11, "the line")
+        delays.append(time.monotonic() - started)
+        authz.finish(key.record.id, f"after-idle-{n}")  # gives the slot back, so authz is idle again
+        time.sleep(1.2)
+    assert len(delays) == 3 and max(delays) < 0.75, delays
+
+
+def test_sigterm_stops_authz_at_once_though_its_server_ticks_once_a_second(own_authz) -> None:  # noqa: ANN001
+    # A stop that waited for the next 1 s tick would take 0.1-1.1 s; three stops rule out luck.
+    stops = []
+    for _ in range(3):
+        authz = own_authz()
+        time.sleep(0.3)
+        started = time.monotonic()
+        authz.process.send_signal(signal.SIGTERM)
+        authz.process.wait(timeout=10)
+        stops.append(time.monotonic() - started)
+    assert len(stops) == 3 and max(stops) < 0.45, stops
+
+
 def test_other_paths_are_404(authz: AuthzProcess) -> None:
     assert httpx.get(f"{authz.url}/v1/models", timeout=5).status_code == 404
 

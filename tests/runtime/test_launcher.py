@@ -11,7 +11,15 @@ from typing import Any
 import pytest
 from gpugate_runtime import launcher
 from gpugate_runtime.cli.launch import app
-from gpugate_runtime.launcher import CONTAINER_CACHE, LaunchError, end_leftovers, build_argv, build_env, check_args
+from gpugate_runtime.launcher import (
+    CONTAINER_CACHE,
+    LaunchError,
+    build_argv,
+    build_env,
+    check_args,
+    cpu_threads,
+    end_leftovers,
+)
 from gpugate_runtime.launchspec import LaunchSpec
 from typer.testing import CliRunner
 
@@ -140,6 +148,35 @@ def test_cpu_environment_sizes_the_kv_cache_and_stays_offline(key_file: Path) ->
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"
     assert env["HF_HUB_OFFLINE"] == "1"
     assert env["PATH"] == "/usr/bin"
+
+
+def test_cpu_model_runs_in_the_engine_process_on_all_physical_cores_but_one(key_file: Path, tmp_path: Path) -> None:
+    env = build_env(cpu_spec(key_file), base={})
+
+    # No separate worker process: its 1 s busy-wait after every step is gone (bench/idle_cpu.py).
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert env["OMP_NUM_THREADS"] == str(cpu_threads())
+    # 4 logical CPUs on 2 cores (SMT): one core for the model, one kept for the API server.
+    topology = {0: ("0", "0"), 1: ("0", "1"), 2: ("0", "0"), 3: ("0", "1")}
+    for cpu, (package, core) in topology.items():
+        (tmp_path / f"cpu{cpu}" / "topology").mkdir(parents=True)
+        (tmp_path / f"cpu{cpu}" / "topology" / "physical_package_id").write_text(package + "\n")
+        (tmp_path / f"cpu{cpu}" / "topology" / "core_id").write_text(core + "\n")
+    assert cpu_threads(set(topology), tmp_path) == 1
+    assert cpu_threads({0}, tmp_path) == 1  # never 0
+    assert cpu_threads({0, 1, 2, 3, 4, 5}, tmp_path) == 3  # cpu4, cpu5 without topology count as cores
+
+
+def test_an_operators_own_cpu_settings_win(key_file: Path) -> None:
+    env = build_env(cpu_spec(key_file), base={"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "OMP_NUM_THREADS": "7"})
+
+    assert (env["VLLM_ENABLE_V1_MULTIPROCESSING"], env["OMP_NUM_THREADS"]) == ("1", "7")
+
+
+def test_gpu_environment_leaves_vllm_multiprocessing_and_openmp_alone(key_file: Path) -> None:
+    env = build_env(gpu_spec(key_file), base={})
+
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env and "OMP_NUM_THREADS" not in env
 
 
 def test_missing_key_file_is_a_launch_error_naming_the_file(tmp_path: Path) -> None:

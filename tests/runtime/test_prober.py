@@ -355,6 +355,31 @@ def test_missing_ca_file_fails_the_public_checks_naming_the_file(
         assert run.result(check).detail == f"CA file {missing} not found"
 
 
+def test_a_run_loads_no_ca_bundle_once_one_is_loaded_and_a_changed_ca_file_is_read_again(
+    gateway: Gateway, upstream: Upstream, key_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca_file = tmp_path / "root.crt"  # absent at first: Caddy writes its local CA after the prober starts
+    prober = Prober(settings_for(gateway, upstream, key_file, ca_file=ca_file))
+    assert asyncio.run(prober.run_once()).result(Check.TLS).detail == f"CA file {ca_file} not found"
+    shutil.copy(gateway.root_ca, ca_file)
+    assert asyncio.run(prober.run_once()).ok
+
+    # Loading a CA bundle costs ~35 ms of CPU, more than the rest of a run (bench/idle_cpu.py): the
+    # next runs reuse the contexts, and each check still makes its own connection and handshake.
+    loaded: list[object] = []
+    real = ssl.create_default_context
+    monkeypatch.setattr(ssl, "create_default_context", lambda *a, **k: loaded.append(k) or real(*a, **k))
+    before = len(upstream.requests)
+    assert asyncio.run(prober.run_once()).ok
+    assert loaded == []
+    assert len(upstream.requests) - before == 2  # /v1/models and /v1/chat/completions, through Caddy
+
+    ca_file.write_text("not a certificate\n")  # replaced (a renewed CA): read again on the next run
+    run = asyncio.run(prober.run_once())
+    assert loaded == [{"cafile": str(ca_file)}]
+    assert run.result(Check.TLS).ok is False and run.result(Check.TLS).detail.startswith(f"cannot load CA file {ca_file}")
+
+
 def test_missing_served_model_fails_the_models_check_naming_what_is_served(
     gateway: Gateway, upstream: Upstream, key_file: Path
 ) -> None:
@@ -475,6 +500,38 @@ def test_metrics_show_one_for_each_passing_check_and_zero_for_each_failing_one(
         "tls": 1,
     }
     assert values[(m.PROBE_DURATION, (("check", "completion"),))] > 0
+
+
+def test_until_every_check_has_passed_once_the_prober_retries_within_seconds_then_keeps_its_interval(
+    gateway: Gateway, upstream: Upstream, key_file: Path
+) -> None:
+    # `gpugate up` waits for the first all-green run: a gateway that has just become healthy is seen
+    # within seconds, not up to an interval later. A gateway that fails after that is not probed harder.
+    upstream.status = 503  # vLLM still starting
+    prober = Prober(settings_for(gateway, upstream, key_file, interval_seconds=60))
+
+    def completions() -> int:
+        return sum(r["path"] == "/v1/chat/completions" for r in upstream.requests)
+
+    async def scenario() -> tuple[float, int, int]:
+        task = asyncio.create_task(prober.run_forever())
+        await asyncio.sleep(0.5)
+        assert prober.last is not None and not prober.last.ok
+        upstream.status = None
+        started = time.monotonic()
+        while not (prober.last and prober.last.ok) and time.monotonic() - started < 10:
+            await asyncio.sleep(0.05)
+        green_after = time.monotonic() - started
+        upstream.status = 503  # fails again: the next run is an interval away
+        before = completions()
+        await asyncio.sleep(4)
+        task.cancel()
+        return green_after, before, completions()
+
+    green_after, before, after = asyncio.run(scenario())
+
+    assert green_after < 3.5
+    assert before >= 2 and after == before
 
 
 def test_neither_the_key_nor_the_reply_appears_in_logs_or_output(

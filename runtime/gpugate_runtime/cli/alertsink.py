@@ -11,6 +11,7 @@ from gpugate_runtime.alertsink import ALERTS_PATH, build_app
 from gpugate_runtime.cli.options import settings_or_exit
 from gpugate_runtime.contract.host import LOOPBACK
 from gpugate_runtime.prober_settings import AlertSinkSettings
+from gpugate_runtime.quietserver import QuietServer
 
 log = logging.getLogger("gpugate_runtime.alertsink")
 
@@ -30,7 +31,7 @@ def serve_command() -> None:
     settings = settings_or_exit(AlertSinkSettings, "the alert sink's")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("alert sink on http://%s:%d%s -> %s", LOOPBACK, settings.port, ALERTS_PATH, settings.path)
-    uvicorn.run(
+    config = uvicorn.Config(
         build_app(settings),
         host=LOOPBACK,
         port=settings.port,
@@ -38,3 +39,4 @@ def serve_command() -> None:
         access_log=False,
         log_level=settings.log_level,
     )
+    QuietServer(config).run()

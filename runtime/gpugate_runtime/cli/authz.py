@@ -27,6 +27,8 @@ def serve() -> None:
     disable_created_metrics()
     import uvicorn  # noqa: PLC0415 - start-up cost only for the service, not for `--help`
 
+    from gpugate_runtime.quietserver import QuietServer  # noqa: PLC0415 - same: it imports uvicorn
+
     config = uvicorn.Config(
         Authz(settings),
         host=LOOPBACK,
@@ -41,4 +43,4 @@ def serve() -> None:
         # Longer than Caddy's upstream keep-alive (2 min), so Caddy never reuses a connection we just closed.
         timeout_keep_alive=180,
     )
-    uvicorn.Server(config).run()
+    QuietServer(config).run()

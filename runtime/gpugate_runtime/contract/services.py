@@ -186,7 +186,11 @@ def services(facts: HostFacts) -> tuple[Service, ...]:
     if facts.vllm is not None:
         launch = ["launch", "run", "--spec", str(layout.bundle_file(LAUNCH_SPEC))]
         if facts.vllm.python is not None:
-            launch += ["--python", str(facts.vllm.python)]
+            # --no-check: the launcher's pre-flight parse of vLLM's flags imports vLLM once more (as long as
+            # the server's own import, ~20 s on a CPU host); vLLM parses the same flags as it starts and its
+            # error lands in its log, and tests/runtime/test_launcher.py checks the flags we build against
+            # vLLM's real parser.
+            launch += ["--python", str(facts.vllm.python), "--no-check"]
         out.append(
             Service(
                 name=VLLM,

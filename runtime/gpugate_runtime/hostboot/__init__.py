@@ -37,7 +37,6 @@ STORAGE_EMULATOR_HOST (the standard Google names); GPUGATE_SECRETMANAGER_ENDPOIN
 base URL replacing https://secretmanager.googleapis.com: Google defines no variable for it).
 """
 
-
 from __future__ import annotations
 
 from .config import (
