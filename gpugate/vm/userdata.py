@@ -94,6 +94,9 @@ def user_data(
     spec: GatewaySpec, stack: str, layout: HostLayout, table: tuple[Service, ...], wheel: str, archive_sha256: str, header: str
 ) -> bytes:
     document = {
+        # Exactly the packages named, none of their Recommends: prometheus would bring
+        # prometheus-node-exporter, listening on every address at :9100 (seen in the boot test).
+        "apt": {"preserve_sources_list": True, "conf": 'APT::Install-Recommends "false";\n'},
         "package_update": True,
         "packages": packages(spec),
         "write_files": [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -96,21 +97,19 @@ def wait_for_health(proc: subprocess.Popen[bytes], url: str, log_path: Path, tim
     pytest.fail(f"vLLM /health not 200 after {timeout:.0f} s; log: {log_path}")
 
 
-@pytest.fixture(scope="module")
-def vllm_server(vllm_python: Path, smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
-    """A real vLLM (CPU, SmolLM2, 1 GiB KV, max_model_len 2048) started by `launcher run`, on a free loopback port.
-
-    Module-scoped and stopped (process group SIGTERM, then SIGKILL) when the module ends, so
-    only one vLLM runs at a time on a small machine. Start-up takes about 40 s.
-    """
-    workdir = tmp_path_factory.mktemp("vllm")
-    key = "sk-vllm-internal-" + os.urandom(8).hex()
+@contextlib.contextmanager
+def running_vllm(
+    vllm_python: Path, model: Path, workdir: Path, *, served_model_name: str = VLLM_SERVED_NAME, key: str | None = None
+) -> Iterator[VllmServer]:
+    """A real vLLM (CPU, 1 GiB KV, max_model_len 2048) started by `launcher run` on a free loopback port,
+    stopped (process group SIGTERM, then SIGKILL) on exit. Start-up takes about 40 s."""
+    key = key or "sk-vllm-internal-" + os.urandom(8).hex()
     key_file = workdir / "vllm_api_key"
     key_file.write_text(key + "\n")
     key_file.chmod(0o600)
     spec = LaunchSpec(
-        model=str(smollm_dir),
-        served_model_name=VLLM_SERVED_NAME,
+        model=str(model),
+        served_model_name=served_model_name,
         max_model_len=2048,
         device="cpu",
         enforce_eager=True,
@@ -124,21 +123,19 @@ def vllm_server(vllm_python: Path, smollm_dir: Path, tmp_path_factory: pytest.Te
     log_path = workdir / "vllm.log"
     runtime_root = str(Path(gpugate_runtime.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [runtime_root, os.environ.get("PYTHONPATH")]))}
-    argv = [
-        sys.executable,
-        "-m",
-        "gpugate_runtime.launcher",
-        "run",
-        "--spec",
-        str(spec_path),
-        "--python",
-        str(vllm_python),
-    ]
+    argv = [sys.executable, "-m", "gpugate_runtime", "launch", "run", "--spec", str(spec_path), "--python", str(vllm_python)]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://{spec.host}:{spec.port}"
     try:
         wait_for_health(proc, url, log_path, VLLM_HEALTH_TIMEOUT_S)
-        yield VllmServer(url, key, VLLM_SERVED_NAME, spec, spec_path, log_path, proc.pid)
+        yield VllmServer(url, key, served_model_name, spec, spec_path, log_path, proc.pid)
     finally:
         stop_process_group(proc)
+
+
+@pytest.fixture(scope="module")
+def vllm_server(vllm_python: Path, smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    """A real vLLM serving SmolLM2 as `smollm2`; module-scoped, so only one vLLM runs at a time on a small machine."""
+    with running_vllm(vllm_python, smollm_dir, tmp_path_factory.mktemp("vllm")) as server:
+        yield server
