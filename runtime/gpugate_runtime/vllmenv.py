@@ -103,13 +103,13 @@ def is_ready(venv: Path, lock_sha256: str) -> bool:
     return marker is not None and marker.get("lock_sha256") == lock_sha256 and venv_python(venv).exists()
 
 
-def ensure_venv(venv: Path, lock: Path, find_links: Sequence[str] | None = None) -> Path:
+def ensure_venv(venv: Path, lock: Path, find_links: Sequence[str] | None = None, smoke: str = SMOKE_IMPORT) -> Path:
     """Return the python of a venv at `venv` installed from `lock`, building it first if needed.
 
     Idempotent: a venv whose marker records the lock's sha256 is reused at once; a missing, half-built
     or outdated one (the lock changed) is removed and built again, under `<venv>.lock`. `find_links`:
-    where pip finds the wheels PyPI does not serve; default the lock's `# wheels-from:` lines.
-    Raises PrepareError (a lock that cannot be read, or a failed step).
+    where pip finds the wheels PyPI does not serve; default the lock's `# wheels-from:` lines. `smoke`:
+    the Python run in the new venv before it counts as ready. Raises PrepareError (a lock that cannot be read, or a failed step).
     """
     try:
         digest = sha256_of(lock)
@@ -123,11 +123,11 @@ def ensure_venv(venv: Path, lock: Path, find_links: Sequence[str] | None = None)
         if venv.exists():
             log.info("removing the incomplete or outdated vLLM venv at %s", venv)
             shutil.rmtree(venv)
-        build_venv(venv, lock, digest, wheel_sources(lock) if find_links is None else find_links)
+        build_venv(venv, lock, digest, wheel_sources(lock) if find_links is None else find_links, smoke)
     return venv_python(venv)
 
 
-def build_venv(venv: Path, lock: Path, digest: str, find_links: Sequence[str]) -> None:
+def build_venv(venv: Path, lock: Path, digest: str, find_links: Sequence[str], smoke: str = SMOKE_IMPORT) -> None:
     started = time.monotonic()
     python = venv_python(venv)
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
@@ -139,9 +139,9 @@ def build_venv(venv: Path, lock: Path, digest: str, find_links: Sequence[str]) -
     install += [arg for source in find_links for arg in ("--find-links", source)]
     log.info("installing %s into it (CPU build: about 3.5 GB, minutes the first time)", lock.name)
     run_step(f"pip install -r {lock}", [*install, "-r", lock], env=env)
-    versions = run_step("smoke import of vllm and transformers", [python, "-c", SMOKE_IMPORT], env=env)
+    versions = run_step("the smoke import", [python, "-c", smoke], env=env)
     marker = {
-        "lock": str(lock),
+        "lock": str(lock.resolve()),
         "lock_sha256": digest,
         "smoke": versions.strip().splitlines()[-1] if versions.strip() else "",
         "seconds": round(time.monotonic() - started),
