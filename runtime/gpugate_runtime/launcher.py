@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
+import sys
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -20,6 +20,7 @@ from gpugate_runtime.capacity import (
     plan_capacity,
 )
 from gpugate_runtime.launchspec import LaunchSpec
+from gpugate_runtime.vllmenv import venv_python
 
 log = logging.getLogger(__name__)
 
@@ -77,29 +78,21 @@ def vllm_args(spec: LaunchSpec) -> list[str]:
     return args
 
 
-CONTAINER_NAME = "gpugate-vllm"
-CONTAINER_CACHE = "/root/.cache/huggingface"
-
-
 def build_argv(spec: LaunchSpec, python: Path) -> list[str]:
-    """The full command line: `<python> -m vllm.entrypoints.openai.api_server <args>` on the CPU build;
-    on GPU hosts with a pinned image, `docker run` of that image with the same vLLM arguments."""
-    if spec.image:
-        return container_argv(spec)
+    """The full command line: `<python> -m vllm.entrypoints.openai.api_server <args>`."""
     return [str(python), "-m", VLLM_MODULE, *vllm_args(spec)]
 
 
-def container_argv(spec: LaunchSpec) -> list[str]:
-    """`docker run` of the pinned vLLM image: host network (vLLM still binds 127.0.0.1 only), all GPUs,
-    the key passed by name so docker copies it from our environment (never on the command line)."""
-    argv = [
-        shutil.which("docker") or "/usr/bin/docker", "run", "--rm", "--name", CONTAINER_NAME,
-        "--gpus", "all", "--network", "host", "--ipc", "host",
-        "-e", VLLM_API_KEY_ENV, "-e", "VLLM_NO_USAGE_STATS",
-    ]  # fmt: skip
-    if spec.model_cache_dir is not None:
-        argv += ["-v", f"{spec.model_cache_dir}:{CONTAINER_CACHE}"]
-    return [*argv, spec.image, *vllm_args(spec)]
+def vllm_interpreter(spec: LaunchSpec, python: Path | None = None, environ: Mapping[str, str] | None = None) -> Path:
+    """The python that runs vLLM: `python` if given, else $GPUGATE_VLLM_PYTHON, else the spec's venv, else this one."""
+    configured = (os.environ if environ is None else environ).get(VLLM_PYTHON_ENV)
+    if python is not None:
+        return python
+    if configured:
+        return Path(configured)
+    if spec.venv is not None:
+        return venv_python(spec.venv.path)
+    return Path(sys.executable)
 
 
 def read_api_key(path: Path) -> str:

@@ -5,14 +5,23 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from gpugate_runtime import launcher
 from gpugate_runtime.cli.launch import app
-from gpugate_runtime.launcher import CONTAINER_CACHE, LaunchError, end_leftovers, build_argv, build_env, check_args
-from gpugate_runtime.launchspec import LaunchSpec
+from gpugate_runtime.launcher import (
+    VLLM_PYTHON_ENV,
+    LaunchError,
+    build_argv,
+    build_env,
+    check_args,
+    end_leftovers,
+    vllm_interpreter,
+)
+from gpugate_runtime.launchspec import LaunchSpec, VllmVenv
 from typer.testing import CliRunner
 
 KEY = "sk-internal-do-not-leak-7f3a"
@@ -218,28 +227,25 @@ def test_real_vllm_parser_rejects_an_unknown_flag_and_names_it(key_file: Path, v
         check_args(argv, vllm_python)
 
 
-IMAGE = "vllm/vllm-openai@sha256:" + "ab" * 32
+def test_gpu_host_runs_vllm_from_its_venv_like_the_cpu_build(key_file: Path) -> None:
+    # given a GPU launch spec whose venv was built from cuda.lock
+    spec = gpu_spec(key_file, venv=VllmVenv(path=Path("/opt/gpugate/vllm"), lock=Path("vllm/cuda.lock")))
+    # when the launcher picks the interpreter and builds the command
+    argv = build_argv(spec, vllm_interpreter(spec, environ={}))
+    # then the venv's python runs vLLM's API server module, with no container in between
+    assert argv[:3] == ["/opt/gpugate/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert "docker" not in " ".join(argv)
+    assert flag_value(argv, "--host") == "127.0.0.1"
 
 
-def test_gpu_host_runs_the_pinned_image_with_the_key_passed_by_name_only(key_file: Path) -> None:
-    # given a GPU launch spec with a pinned image and a model cache on the host
-    spec = gpu_spec(key_file, image=IMAGE, model_cache_dir=Path("/var/lib/gpugate/hf"))
-    env = build_env(spec, base={})
-    # when the launcher builds the command
-    argv = build_argv(spec, VLLM_PYTHON)
-    # then docker runs exactly that digest with all GPUs, the same vLLM flags, and no key on argv
-    assert argv[1:3] == ["run", "--rm"] and IMAGE in argv
-    assert argv[argv.index("--gpus") + 1] == "all"
-    assert "-e" in argv and "VLLM_API_KEY" in argv and env["VLLM_API_KEY"] not in " ".join(argv)
-    assert f"/var/lib/gpugate/hf:{CONTAINER_CACHE}" in argv
-    vllm_part = argv[argv.index(IMAGE) + 1 :]
-    assert flag_value(vllm_part, "--host") == "127.0.0.1"
-    assert flag_value(vllm_part, "--revision") == "a09a35458c702b33eeacc393d103063234e8bc28"
+def test_the_interpreter_is_the_flag_then_the_environment_then_the_spec_venv(key_file: Path) -> None:
+    spec = cpu_spec(key_file, venv=VllmVenv(path=Path("/srv/vllm"), lock=Path("/srv/cpu.lock")))
+    env = {VLLM_PYTHON_ENV: "/from/env/python"}
 
-
-def test_cpu_spec_without_image_runs_the_local_interpreter(key_file: Path) -> None:
-    argv = build_argv(cpu_spec(key_file), VLLM_PYTHON)
-    assert argv[0] == str(VLLM_PYTHON) and "docker" not in argv[0]
+    assert vllm_interpreter(spec, Path("/flag/python"), env) == Path("/flag/python")
+    assert vllm_interpreter(spec, None, env) == Path("/from/env/python")
+    assert vllm_interpreter(spec, None, {}) == Path("/srv/vllm/bin/python")
+    assert vllm_interpreter(cpu_spec(key_file), None, {}) == Path(sys.executable)
 
 
 def test_a_start_after_a_crash_ends_the_processes_the_crashed_server_left(tmp_path: Path) -> None:
