@@ -12,12 +12,14 @@ from gpugate_runtime.contract.services import (
     Service,
     unit_name,
 )
-from gpugate_runtime.launcher import CONTAINER_NAME
 from gpugate_runtime.settings import ENV_FILE_VAR
 
 from gpugate.render.templates import render_template
 
 DOCKER = "/usr/bin/docker"
+# The container of the former docker mode, cleared by the unit until the VM units run vLLM from its venv
+# (`gpugate-runtime launch prepare` as ExecStartPre); the launcher no longer defines it.
+CONTAINER_NAME = "gpugate-vllm"
 
 
 def unit_file(service: Service) -> str:
