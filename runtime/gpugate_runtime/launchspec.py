@@ -70,10 +70,10 @@ class LaunchSpec(BaseModel):
     tensor_parallel_size: PositiveInt = 1
     enforce_eager: bool = False
     cpu_kv_cache_gib: PositiveInt | None = Field(None, description="VLLM_CPU_KVCACHE_SPACE on the CPU build")
-    image: str | None = Field(None, description="vLLM container image pinned by digest (GPU targets)")
-    model_cache_dir: Path | None = Field(
-        None, description="host directory the container keeps downloaded weights in (GPU targets), so a restart does not re-download"
-    )
+    # Left from the container mode, which is gone: the launcher reads neither. They go when
+    # gpugate/render/launch.py stops writing them (the lead's wiring of `venv` and `model_source`).
+    image: str | None = Field(None, description="unused: the former vLLM container image")
+    model_cache_dir: Path | None = Field(None, description="unused: the former container's weight cache")
     venv: VllmVenv | None = Field(
         None, description="the venv `gpugate-runtime launch prepare` builds and `launch run` starts vLLM from"
     )
