@@ -127,7 +127,8 @@ def vllm_server(vllm_python: Path, smollm_dir: Path, tmp_path_factory: pytest.Te
     argv = [
         sys.executable,
         "-m",
-        "gpugate_runtime.launcher",
+        "gpugate_runtime",  # the host CLI (gpugate_runtime.launcher has no entry point of its own)
+        "launch",
         "run",
         "--spec",
         str(spec_path),
