@@ -1,6 +1,7 @@
 """The hash-locked requirement files: what each is compiled from, its fingerprint, and how uv compiles it.
 
-Standard library only: `scripts/lock` runs it with the system python3, before (or without) .venv.
+Standard library only (and gpugate_runtime.vllmenv, itself standard library only): `scripts/lock` runs it
+with the system python3, before (or without) .venv.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from gpugate_runtime.vllmenv import WHEELS_FROM_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,14 @@ COMPILE_OPTIONS: tuple[str, ...] = (
 UV_ENV_KEPT = frozenset(
     {"UV_DEFAULT_INDEX", "UV_INDEX_URL", "UV_CACHE_DIR", "UV_SYSTEM_CERTS", "UV_NATIVE_TLS", "UV_HTTP_TIMEOUT", "UV_OFFLINE"}
 )
+# PyTorch's CPU builds of torch (`2.13.0+cpu`), which vLLM's CPU build pins and PyPI does not serve: the page
+# of PyTorch's index that lists torch's files, read as find-links (so it serves torch alone, not a copy of
+# numpy). Written in the CPU lock's header; the installer hands it to pip.
+PYTORCH_CPU_WHEELS = "https://download.pytorch.org/whl/cpu/torch/"
+# Folders or pages (whitespace-separated) that hold PyTorch's wheels on this machine, used instead of the
+# page above when compiling a lock and when building the local vLLM venv (e.g. /opt/wheels where
+# download.pytorch.org cannot be reached). Only the files' hashes reach the lock, never these names.
+TORCH_WHEELS_ENV = "GPUGATE_TORCH_WHEELS"
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)")
 _HASH = re.compile(r"--hash=sha256:([0-9a-f]{64})")
 
@@ -85,17 +96,40 @@ RUNTIME = Project("runtime/pyproject.toml", "gpugate-runtime", ("gpu",))
 @dataclass(frozen=True)
 class LockFile:
     path: str  # relative to the repository root
-    projects: tuple[Project, ...]
+    projects: tuple[Project, ...] = ()
     # The installer and the projects' build backends: the operator's venv builds the editable installs
     # and the runtime wheel without build isolation, so nothing it runs comes unpinned.
-    with_tools: bool
+    with_tools: bool = False
     # A lock compiled earlier whose pins this one must reuse: the tests run what the hosts run.
-    constraint: str | None
+    constraint: str | None = None
+    # Instead of projects: a requirements file of exact pins (vLLM's venvs, which no pyproject describes).
+    requirements: str | None = None
+    # Packages left out of the resolution together with what only they need; the lock is installed
+    # with `--no-deps`, so their absence is never noticed by pip.
+    excludes: tuple[str, ...] = ()
+    # Where the wheels PyPI does not serve come from (a find-links page), named in the lock's header.
+    wheels_from: str | None = None
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The files of this repository it is compiled from (besides the uv lock)."""
+        return (*(p.pyproject for p in self.projects), *([self.requirements] if self.requirements else []))
 
 
 OPERATOR_LOCK = LockFile("requirements.lock", (RUNTIME, OPERATOR), with_tools=True, constraint=None)
 RUNTIME_LOCK = LockFile("runtime/requirements.lock", (RUNTIME,), with_tools=False, constraint=OPERATOR_LOCK.path)
-LOCK_FILES: tuple[LockFile, ...] = (OPERATOR_LOCK, RUNTIME_LOCK)  # in compile order
+# vLLM's CPU build (local stack, CPU VM stacks). torchvision, torchaudio and torchcodec are left out: the
+# registry's torchvision breaks `import transformers` next to the CPU torch ("operator torchvision::nms does
+# not exist"), and vLLM's text models need none of them.
+VLLM_CPU_LOCK = LockFile(
+    "runtime/vllm/cpu.lock",
+    requirements="runtime/vllm/cpu.in",
+    excludes=("torchaudio", "torchcodec", "torchvision"),
+    wheels_from=PYTORCH_CPU_WHEELS,
+)
+# vLLM's CUDA build from PyPI, with PyPI's CUDA torch (GPU VM stacks).
+VLLM_CUDA_LOCK = LockFile("runtime/vllm/cuda.lock", requirements="runtime/vllm/cuda.in")
+LOCK_FILES: tuple[LockFile, ...] = (OPERATOR_LOCK, RUNTIME_LOCK, VLLM_CPU_LOCK, VLLM_CUDA_LOCK)  # in compile order
 PROJECTS: tuple[Project, ...] = (OPERATOR, RUNTIME)
 
 
@@ -135,9 +169,29 @@ def tool_requirements(repo: Path) -> list[str]:
     return ["pip", *build_requirements(repo)]
 
 
+def read_requirements_file(repo: Path, relative: str) -> list[str]:
+    """The requirement lines of a requirements input file, comments and blank lines left out."""
+    path = repo / relative
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise LockError(f"{path}: {exc}") from exc
+    requirements = []
+    for number, line in enumerate(lines, 1):
+        text = line.split(" #", 1)[0].strip() if not line.lstrip().startswith("#") else ""
+        if text.startswith("-"):
+            raise LockError(f"{path}:{number}: options ({text.split()[0]}) are not read here; write requirements only")
+        if text:
+            requirements.append(_normalized(text))
+    return requirements
+
+
 def direct_requirements(repo: Path, lock: LockFile) -> dict[str, list[str]]:
-    """What each input asks for, by where it is written: `pyproject.toml`, `pyproject.toml[test]`, `(tools)`."""
+    """What each input asks for, by where it is written: `pyproject.toml`, `pyproject.toml[test]`, `(tools)`,
+    `runtime/vllm/cpu.in`."""
     asked: dict[str, list[str]] = {}
+    if lock.requirements:
+        asked[lock.requirements] = read_requirements_file(repo, lock.requirements)
     for project in lock.projects:
         document = read_pyproject(repo, project).get("project", {})
         asked[project.pyproject] = [_normalized(r) for r in document.get("dependencies", [])]
@@ -160,10 +214,11 @@ def uv_requirement(repo: Path) -> str:
 
 
 def fingerprint(lock: LockFile, repo: Path = REPO_ROOT) -> str:
-    """sha256 of everything `lock` is compiled from: its projects' dependency lists and extras, the tools
-    (with every project's build requirements), the constraint's name, uv's version and options. Comments and formatting do
-    not count, nor does anything the lock does not read (the runtime lock ignores the operator's test extra:
-    a new test dependency leaves what the hosts install untouched)."""
+    """sha256 of everything `lock` is compiled from: its projects' dependency lists and extras (or its
+    requirements file, exclusions and wheel page), the tools (with every project's build requirements), the
+    constraint's name, uv's version and options. Comments and formatting do not count, nor does anything
+    the lock does not read (the runtime lock ignores the operator's test extra: a new test dependency
+    leaves what the hosts install untouched)."""
     projects = []
     for project in lock.projects:
         metadata = read_pyproject(repo, project).get("project", {})
@@ -187,6 +242,10 @@ def fingerprint(lock: LockFile, repo: Path = REPO_ROOT) -> str:
         "tools": tool_requirements(repo) if lock.with_tools else [],
         "constraint": lock.constraint,
     }
+    if lock.requirements:  # only these locks carry the keys, so the others' fingerprints stay as they were
+        document["requirements"] = {lock.requirements: sorted(read_requirements_file(repo, lock.requirements))}
+        document["excludes"] = sorted(lock.excludes)
+        document["wheels-from"] = lock.wheels_from
     return hashlib.sha256(json.dumps(document, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -252,12 +311,31 @@ def compile_inputs(repo: Path, lock: LockFile) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _with_fingerprint(text: str, digest: str) -> str:
-    """Put the fingerprint line right after uv's header (its first comment block)."""
+def wheel_sources(lock: LockFile) -> list[str]:
+    """Where uv looks for the wheels PyPI does not serve: $GPUGATE_TORCH_WHEELS if set, else the lock's page."""
+    if lock.wheels_from is None:
+        return []
+    return os.environ.get(TORCH_WHEELS_ENV, "").split() or [lock.wheels_from]
+
+
+def header_notes(lock: LockFile) -> list[str]:
+    """Comment lines after the fingerprint: what an installer must know besides PyPI."""
+    if lock.wheels_from is None:
+        return []
+    return [
+        f"{WHEELS_FROM_PREFIX}{lock.wheels_from}",
+        "#   torch's CPU build is not on PyPI: pip takes it from this page (or from a folder holding the same file)",
+        "#   given as find-links; the hashes below admit only the locked files (gpugate_runtime.vllmenv does this).",
+    ]
+
+
+def _with_header(text: str, digest: str, notes: Sequence[str] = ()) -> str:
+    """Put the fingerprint line (and the notes) right after uv's header (its first comment block)."""
+    fingerprint_line = f"{FINGERPRINT_PREFIX}{digest}  (checked by tests/test_locks.py; refresh: {REFRESH_COMMAND})"
     lines = [line for line in text.splitlines() if not line.startswith(FINGERPRINT_PREFIX)]
     at = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))
-    lines.insert(at, f"{FINGERPRINT_PREFIX}{digest}  (checked by tests/test_locks.py; refresh: {REFRESH_COMMAND})")
-    return "\n".join(lines) + "\n"
+    header = [line for line in lines[:at] if line not in notes]
+    return "\n".join([*header, fingerprint_line, *notes, *lines[at:]]) + "\n"
 
 
 def compile_locks(
@@ -266,24 +344,39 @@ def compile_locks(
     repo: Path = REPO_ROOT,
     upgrade_all: bool = False,
     upgrade_packages: Sequence[str] = (),
+    only: Sequence[str] = (),
 ) -> dict[str, str]:
-    """Compile every lock into `workdir` (laid out like the repository), returning path -> new text.
+    """Compile every lock (or those whose paths are in `only`) into `workdir`, laid out like the repository,
+    returning path -> new text.
 
     Each output starts as a copy of the current lock, which uv reads as preferences: a pin that still
     fits stays, so a refresh is the smallest change. uv runs in `workdir` so the constraint reads
-    `-c requirements.lock` in the annotations, as it is named in the repository.
+    `-c requirements.lock` in the annotations, and a requirements file `-r runtime/vllm/cpu.in`, as they
+    are named in the repository.
     """
+    unknown = sorted(set(only) - {lock.path for lock in LOCK_FILES})
+    if unknown:
+        raise LockError(f"no such lock: {', '.join(unknown)} (the locks: {', '.join(lock.path for lock in LOCK_FILES)})")
+    for lock in LOCK_FILES:
+        for relative in (lock.path, *([lock.requirements] if lock.requirements else [])):
+            (workdir / relative).parent.mkdir(parents=True, exist_ok=True)
+            if (repo / relative).is_file() and not (workdir / relative).exists():
+                shutil.copyfile(repo / relative, workdir / relative)
     results: dict[str, str] = {}
     for lock in LOCK_FILES:
-        out = workdir / lock.path
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if (repo / lock.path).is_file() and not out.exists():
-            shutil.copyfile(repo / lock.path, out)
-        argv = [str(uv), "pip", "compile", "-", "--output-file", lock.path, "--python", sys.executable, "--quiet"]
+        if only and lock.path not in only:
+            continue
+        source = lock.requirements or "-"
+        argv = [str(uv), "pip", "compile", source, "--output-file", lock.path, "--python", sys.executable, "--quiet"]
         argv += list(COMPILE_OPTIONS)
         argv += [f"--no-emit-package={p.name}" for p in PROJECTS]
         if lock.constraint:
             argv += ["--constraints", lock.constraint]
+        if lock.excludes:
+            excludes = workdir / f"{lock.path}.excludes"
+            excludes.write_text("\n".join(lock.excludes) + "\n")
+            argv += ["--excludes", str(excludes)]
+        argv += [f"--find-links={where}" for where in wheel_sources(lock)]
         if upgrade_all:
             argv.append("--upgrade")
         argv += [f"--upgrade-package={name}" for name in upgrade_packages]
@@ -293,8 +386,16 @@ def compile_locks(
             capture_output=True, text=True, check=False,
         )
         if completed.returncode != 0:
-            raise LockError(f"uv pip compile for {lock.path} failed (exit {completed.returncode}):\n{completed.stderr.strip()}")
-        text = _with_fingerprint(out.read_text(), fingerprint(lock, repo))
+            hint = (
+                f"\n(torch's CPU build comes from {', '.join(wheel_sources(lock))}; where that cannot be reached, "
+                f"set {TORCH_WHEELS_ENV} to a folder holding PyTorch's wheels)"
+                if lock.wheels_from else ""
+            )
+            raise LockError(
+                f"uv pip compile for {lock.path} failed (exit {completed.returncode}):\n{completed.stderr.strip()}{hint}"
+            )
+        out = workdir / lock.path
+        text = _with_header(out.read_text(), fingerprint(lock, repo), header_notes(lock))
         out.write_text(text)
         results[lock.path] = text
     return results

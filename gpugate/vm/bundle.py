@@ -6,8 +6,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from gpugate_runtime.contract.host import VM_LAYOUT, VM_RUNTIME_PYTHON, VM_VLLM_VENV, HostLayout, Ports
+from gpugate_runtime.contract.host import LAUNCH_SPEC, VM_LAYOUT, VM_RUNTIME_PYTHON, VM_VLLM_VENV, HostLayout, Ports
 from gpugate_runtime.contract.services import USER_GATEWAY, USER_ROOT, HostFacts, VllmProcess, services
+from gpugate_runtime.launchspec import VllmVenv
 
 from gpugate.render.archive import archive
 from gpugate.render.bundle import Bundle, header, seal, sha256
@@ -19,13 +20,17 @@ from gpugate.vm.systemd import units
 from gpugate.vm.userdata import RUNTIME_LOCK, USER_DATA, user_data
 
 ARCHIVE = "cloud-init/bundle.tar.gz"
+# vLLM's CPU build on a host without a GPU: built from this lock, next to the launch spec that names it.
+VLLM_CPU_LOCK = "vllm/cpu.lock"
 
 
 def vllm_process(stack: Stack, layout: HostLayout) -> VllmProcess:
     """GPU hosts: the launcher runs vLLM's pinned image with Docker (root), the weights cached in the state dir.
     Hosts without a GPU: vLLM's CPU build from its own venv, as the gateway's user."""
     if stack.spec.gpu.type == "cpu":
-        return VllmProcess(python=VM_VLLM_VENV / "bin" / "python", user=USER_GATEWAY, env={"HF_HUB_OFFLINE": "1"})
+        return VllmProcess(
+            python=VM_VLLM_VENV / "bin" / "python", user=USER_GATEWAY, env={"HF_HUB_OFFLINE": "1"}, venv=VM_VLLM_VENV
+        )
     return VllmProcess(python=None, user=USER_ROOT, env={"HF_HOME": str(layout.state / "hf")})
 
 
@@ -45,11 +50,15 @@ def vm_facts(stack: Stack, layout: HostLayout) -> HostFacts:
     )
 
 
-def runtime_files() -> dict[str, bytes]:
-    """The runtime as the host installs it: the wheel built from ./runtime and its hash-locked requirements."""
+def runtime_files(cpu: bool) -> dict[str, bytes]:
+    """The runtime as the host installs it: the wheel built from ./runtime and its hash-locked requirements;
+    on a host without a GPU also vLLM's CPU lock, which `launch prepare` builds vLLM's venv from."""
     with tempfile.TemporaryDirectory(prefix="gpugate-wheel-") as tmp:
         wheel = build_runtime_wheel(Path(tmp))
-        return {f"runtime/{wheel.name}": wheel.read_bytes(), RUNTIME_LOCK: (RUNTIME_SOURCE / "requirements.lock").read_bytes()}
+        files = {f"runtime/{wheel.name}": wheel.read_bytes(), RUNTIME_LOCK: (RUNTIME_SOURCE / "requirements.lock").read_bytes()}
+    if cpu:
+        files[VLLM_CPU_LOCK] = (RUNTIME_SOURCE / VLLM_CPU_LOCK).read_bytes()
+    return files
 
 
 def render_vm(stack: Stack, layout: HostLayout | None = None) -> Bundle:
@@ -57,12 +66,14 @@ def render_vm(stack: Stack, layout: HostLayout | None = None) -> Bundle:
     layout = layout or VM_LAYOUT
     facts = vm_facts(stack, layout)
     table = services(facts)
-    launch = launch_spec(spec, facts.ports, layout, key_file=vllm_key_file(facts, table))
+    cpu = spec.gpu.type == "cpu"
+    venv = VllmVenv(path=VM_VLLM_VENV, lock=Path(VLLM_CPU_LOCK).relative_to(Path(LAUNCH_SPEC).parent)) if cpu else None
+    launch = launch_spec(spec, facts.ports, layout, key_file=vllm_key_file(facts, table), venv=venv)
     # VMs run no Grafana (`gpugate dashboard` prints the JSON to import).
     files = host_files(stack, facts, table, launch, expect_gpu=spec.gpu.type != "cpu")
     text = header(stack)
     files.update(units(facts, table, text))
-    runtime = runtime_files()
+    runtime = runtime_files(cpu)
     files.update(runtime)
     (wheel,) = [path for path in runtime if path.endswith(".whl")]
     bundle = Bundle(

@@ -50,6 +50,7 @@ def unit(service: Service, facts: HostFacts, table: tuple[Service, ...], header:
         env=env,
         exec_start=exec_start(service),
         reload=shlex.join(service.reload_argv) if service.reload_argv else None,
+        prepare=shlex.join(service.prepare_argv) if service.prepare_argv else None,
         # The launcher runs vLLM's pinned image as a container of this name: clear a leftover one.
         container_cleanup=f"-{DOCKER} rm -f {CONTAINER_NAME}" if containerised else None,
         hardened=service.user != USER_ROOT,

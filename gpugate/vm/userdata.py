@@ -87,6 +87,8 @@ def firstboot_script(spec: GatewaySpec, layout: HostLayout, table: tuple[Service
         wheel=wheel,
         gpu=NvidiaRepos(image=spec.vllm.image) if spec.vllm.image else None,
         units=[f"{unit_name(s)}.service" for s in table],
+        # What a service writes beyond the state and log dirs (vLLM's venv on a CPU host), owned by it.
+        owned=sorted({(str(path), s.user) for s in table for path in s.writes if path not in (layout.state, layout.logs)}),
     )
 
 

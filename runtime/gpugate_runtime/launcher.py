@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
+import shutil
+import sys
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from gpugate_runtime.capacity import (
     plan_capacity,
 )
 from gpugate_runtime.launchspec import LaunchSpec
+from gpugate_runtime.vllmenv import venv_python
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 VLLM_API_KEY_ENV = "VLLM_API_KEY"
 VLLM_PYTHON_ENV = "GPUGATE_VLLM_PYTHON"
 # vLLM 0.32 flags that keep request contents and per-request lines out of the logs.
+CONTAINER_NAME = "gpugate-vllm"
+CONTAINER_CACHE = "/root/.cache/huggingface"
 QUIET_FLAGS: tuple[str, ...] = ("--no-enable-log-requests", "--disable-uvicorn-access-log")
 REDACTED = "***"
 # On the CPU build, "0" runs the model inside vLLM's engine-core process (UniProcExecutor) instead
@@ -84,13 +88,10 @@ def vllm_args(spec: LaunchSpec) -> list[str]:
     return args
 
 
-CONTAINER_NAME = "gpugate-vllm"
-CONTAINER_CACHE = "/root/.cache/huggingface"
-
-
 def build_argv(spec: LaunchSpec, python: Path) -> list[str]:
-    """The full command line: `<python> -m vllm.entrypoints.openai.api_server <args>` on the CPU build;
-    on GPU hosts with a pinned image, `docker run` of that image with the same vLLM arguments."""
+    """The full command line: `<python> -m vllm.entrypoints.openai.api_server <args>` from a venv (the CPU
+    build, locally and on CPU hosts); on GPU hosts with a pinned image, `docker run` of that image with the
+    same vLLM arguments: the artifact staging ran is the one promotion pins for prod (docs/promotion.md)."""
     if spec.image:
         return container_argv(spec)
     return [str(python), "-m", VLLM_MODULE, *vllm_args(spec)]
@@ -107,6 +108,18 @@ def container_argv(spec: LaunchSpec) -> list[str]:
     if spec.model_cache_dir is not None:
         argv += ["-v", f"{spec.model_cache_dir}:{CONTAINER_CACHE}"]
     return [*argv, spec.image, *vllm_args(spec)]
+
+
+def vllm_interpreter(spec: LaunchSpec, python: Path | None = None, environ: Mapping[str, str] | None = None) -> Path:
+    """The python that runs vLLM: `python` if given, else $GPUGATE_VLLM_PYTHON, else the spec's venv, else this one."""
+    configured = (os.environ if environ is None else environ).get(VLLM_PYTHON_ENV)
+    if python is not None:
+        return python
+    if configured:
+        return Path(configured)
+    if spec.venv is not None:
+        return venv_python(spec.venv.path)
+    return Path(sys.executable)
 
 
 def read_api_key(path: Path) -> str:

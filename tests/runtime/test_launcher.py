@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,16 @@ from gpugate_runtime import launcher
 from gpugate_runtime.cli.launch import app
 from gpugate_runtime.launcher import (
     CONTAINER_CACHE,
+    VLLM_PYTHON_ENV,
     LaunchError,
     build_argv,
     build_env,
     check_args,
     cpu_threads,
     end_leftovers,
+    vllm_interpreter,
 )
-from gpugate_runtime.launchspec import LaunchSpec
+from gpugate_runtime.launchspec import LaunchSpec, VllmVenv
 from typer.testing import CliRunner
 
 KEY = "sk-internal-do-not-leak-7f3a"
@@ -274,9 +277,25 @@ def test_gpu_host_runs_the_pinned_image_with_the_key_passed_by_name_only(key_fil
     assert flag_value(vllm_part, "--revision") == "a09a35458c702b33eeacc393d103063234e8bc28"
 
 
-def test_cpu_spec_without_image_runs_the_local_interpreter(key_file: Path) -> None:
-    argv = build_argv(cpu_spec(key_file), VLLM_PYTHON)
-    assert argv[0] == str(VLLM_PYTHON) and "docker" not in argv[0]
+def test_gpu_host_without_an_image_runs_vllm_from_its_venv_like_the_cpu_build(key_file: Path) -> None:
+    # given a GPU launch spec whose venv was built from cuda.lock
+    spec = gpu_spec(key_file, venv=VllmVenv(path=Path("/opt/gpugate/vllm"), lock=Path("vllm/cuda.lock")))
+    # when the launcher picks the interpreter and builds the command
+    argv = build_argv(spec, vllm_interpreter(spec, environ={}))
+    # then the venv's python runs vLLM's API server module, with no container in between
+    assert argv[:3] == ["/opt/gpugate/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert "docker" not in " ".join(argv)
+    assert flag_value(argv, "--host") == "127.0.0.1"
+
+
+def test_the_interpreter_is_the_flag_then_the_environment_then_the_spec_venv(key_file: Path) -> None:
+    spec = cpu_spec(key_file, venv=VllmVenv(path=Path("/srv/vllm"), lock=Path("/srv/cpu.lock")))
+    env = {VLLM_PYTHON_ENV: "/from/env/python"}
+
+    assert vllm_interpreter(spec, Path("/flag/python"), env) == Path("/flag/python")
+    assert vllm_interpreter(spec, None, env) == Path("/from/env/python")
+    assert vllm_interpreter(spec, None, {}) == Path("/srv/vllm/bin/python")
+    assert vllm_interpreter(cpu_spec(key_file), None, {}) == Path(sys.executable)
 
 
 def test_a_start_after_a_crash_ends_the_processes_the_crashed_server_left(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpugate.local.vllm_env import cache_lock
+from gpugate.cache import cache_lock
 
 from tests.vm.apt_sources import RELEASE, release_mirror
 from tests.vm.disk_image import image_root

@@ -22,7 +22,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpugate.local.vllm_env import LocalEnvError, cache_lock, default_cache_dir, run_step
+from gpugate_runtime.vllmenv import PrepareError, run_step
+
+from gpugate.cache import cache_lock, default_cache_dir
 
 from tests.vm.apt_sources import RELEASE, guest_sources_files, release_mirror
 
@@ -233,7 +235,7 @@ def _build(spec: dict[str, object], root: Path, build_dir: Path) -> None:
         run_step("truncate", ["truncate", "-s", IMAGE_SIZE, disk])
         run_step("mkfs.ext4", ["mkfs.ext4", "-q", "-F", "-L", FS_LABEL, "-d", rootfs, disk])
         disk.chmod(0o444)
-    except LocalEnvError as exc:
+    except PrepareError as exc:
         raise DiskImageError(f"building the VM image in {build_dir}: {exc}") from exc
     finally:
         shutil.rmtree(rootfs, ignore_errors=True)

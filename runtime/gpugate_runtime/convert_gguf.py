@@ -1,8 +1,9 @@
 """Convert a GGUF chat model into a plain bfloat16 safetensors checkpoint vLLM can load (standalone script).
 
-Run with the vLLM venv's python (it needs torch, transformers, gguf and accelerate):
+Run with the vLLM venv's python (it needs torch, transformers, gguf and accelerate), by path:
     python convert_gguf.py MODEL.gguf OUTPUT_DIR
-It imports nothing from gpugate, so it runs in that venv without the project installed.
+It imports nothing from gpugate_runtime, so it runs in that venv without the runtime installed there
+(gpugate_runtime.modelprep runs it).
 """
 
 from __future__ import annotations
