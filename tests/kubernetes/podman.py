@@ -6,12 +6,17 @@ bridges, CNI-* iptables chains, secrets, the named volumes `kube play` makes for
 Secrets) is removed by `teardown()` when the harness was the one that added it.
 
 Podman 4.3.1 (Debian 12) differs from a kubelet in ways `kube_play` makes up for, each on purpose
-and described where it is done (see `_adapt_for_podman`):
-  - Secret volumes: podman writes `data` values still base64-encoded, ignores `stringData` and
-    panics when `optional` is unset; the harness projects each Secret volume into a read-only
-    host directory as a kubelet would (decoded files, `items`, `defaultMode`, group `fsGroup`).
-  - Pod `securityContext.sysctls` are ignored; the harness passes them as podman's default
-    sysctls for that one `kube play`.
+(see `_adapt_for_podman`); everything else in the YAML is played as written:
+  - Secrets: a Secret in the YAML becomes a podman secret holding the YAML text, but an env
+    `secretKeyRef` reads a podman secret as a JSON map of base64 values, and a Secret volume is
+    written with its `data` still base64-encoded (`stringData` dropped; a panic when `optional`
+    is unset). The harness creates each Secret as a podman secret in the form env refs read, and
+    projects each Secret volume into a read-only host directory as a kubelet would (decoded
+    files, `items`, `defaultMode`, group `fsGroup`).
+  - Deployments are played with one replica: podman runs one pod whatever `replicas` says, and
+    `kube down` would look for one pod per replica and stop at the first missing.
+  - Pod `securityContext.sysctls` are ignored; the harness passes them to that one `kube play` as
+    podman's default sysctls.
 """
 
 from __future__ import annotations
@@ -277,8 +282,6 @@ class Podman:
         self.env = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
         self.played: list[Played] = []
         self.before = self._host_network()
-        self.secrets_before = set(self._names("secret", "ls", "--format", "{{.Name}}"))
-        self.volumes_before = set(self._names("volume", "ls", "--format", "{{.Name}}"))
 
     # --- plain commands -----------------------------------------------------------------------------
 
@@ -382,32 +385,35 @@ class Podman:
     # --- pods ---------------------------------------------------------------------------------------
 
     def kube_play(self, yaml_text: str, *, network: str | None = None, name: str = "play") -> Played:
-        """`podman kube play` of Kubernetes YAML (after `_adapt_for_podman`); returns the pods it started."""
+        """`podman kube play` of Kubernetes YAML (after `_adapt_for_podman`); returns what it started."""
         docs = [doc for doc in YAML(typ="safe", pure=True).load_all(yaml_text) if doc]
         play_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.workdir))
-        docs, sysctls, projected = _adapt_for_podman(docs, play_dir)
+        adapted = _adapt_for_podman(docs, play_dir)
         yaml_path = play_dir / "play.yaml"
         out = io.StringIO()
-        YAML(typ="safe", pure=True).dump_all(docs, out)
+        YAML(typ="safe", pure=True).dump_all(adapted.docs, out)
         yaml_path.write_text(out.getvalue())
-        secrets_before = set(self._names("secret", "ls", "--format", "{{.Name}}"))
         volumes_before = set(self._names("volume", "ls", "--format", "{{.Name}}"))
-        clash = _claimed_names(docs) & (secrets_before | volumes_before)
+        held = set(self._names("secret", "ls", "--format", "{{.Name}}")) | volumes_before
+        clash = (_claimed_names(adapted.docs) | set(adapted.secrets)) & held
         if clash:
             raise PodmanError(
-                f"podman already holds secrets or volumes named {sorted(clash)}; kube play would reuse them "
-                "(stale content). Remove them with `podman secret rm` / `podman volume rm`."
+                f"podman already holds secrets or volumes named {sorted(clash)}; kube play would use them "
+                "as they are (stale content). Remove them with `podman secret rm` / `podman volume rm`."
             )
+        # Named before anything is made, so that a play that fails half way is still removed in full.
+        played = Played(yaml_path, _pod_names(adapted.docs), adapted.projected)
+        self.played.append(played)
+        for secret, content in sorted(adapted.secrets.items()):
+            self.run("secret", "create", secret, "-", input=content)
+            played.secrets.add(secret)
         env = self.env
-        if sysctls:
-            env = {**self.env, "CONTAINERS_CONF": str(self._conf_with_sysctls(play_dir, sysctls))}
+        if adapted.sysctls:
+            env = {**self.env, "CONTAINERS_CONF": str(self._conf_with_sysctls(play_dir, adapted.sysctls))}
         argv = ["kube", "play", "--quiet"]
         if network:
             argv += ["--network", network]
         proc = self.run(*argv, str(yaml_path), check=False, env=env)
-        played = Played(yaml_path, _played_pods(proc.stdout.decode()), projected)
-        self.played.append(played)
-        played.secrets = set(self._names("secret", "ls", "--format", "{{.Name}}")) - secrets_before
         played.volumes = set(self._names("volume", "ls", "--format", "{{.Name}}")) - volumes_before
         if proc.returncode != 0:
             raise PodmanError(f"podman kube play {yaml_path} exited {proc.returncode}:\n{proc.stderr.decode(errors='replace')}")
@@ -420,8 +426,7 @@ class Podman:
         self.run("kube", "down", str(played.yaml_path), check=False)
         for pod in played.pods:  # a pod whose start failed half way is not always known to kube down
             self.run("pod", "rm", "--force", "--ignore", pod, check=False)
-        volumes = played.volumes | (set(self._names("volume", "ls", "--format", "{{.Name}}")) - self.volumes_before)
-        for volume in sorted(volumes & played.volumes):
+        for volume in sorted(played.volumes):  # kube down keeps those of ConfigMaps and claims
             self.run("volume", "rm", "--force", volume, check=False)
         for secret in sorted(played.secrets):
             self.run("secret", "rm", secret, check=False)
@@ -445,6 +450,13 @@ class Podman:
         proc = self.run("logs", container, check=False)
         return (proc.stdout + proc.stderr).decode(errors="replace")
 
+    def pod_logs(self, played: Played, tail: int = 3000) -> str:
+        """The last `tail` characters of each container's log, for failure messages."""
+        return "\n".join(
+            f"--- {c.name} ({c.state}):\n{self.logs(c.name)[-tail:]}"
+            for pod in played.pods for c in self.containers(pod) if not c.is_infra
+        )
+
     def top(self, container: str) -> list[Process]:
         """Every process of a running container with its credentials, read from the kernel: `podman top`
         names the host pids, /proc/<pid>/status says who each runs as."""
@@ -462,8 +474,7 @@ class Podman:
                 return containers
             stopped = [c for c in containers if c.state in ("exited", "stopped", "dead")]
             if stopped or time.monotonic() > deadline:
-                logs = "\n".join(f"--- {c.name} ({c.state}):\n{self.logs(c.name)[-3000:]}" for c in containers)
-                raise PodmanError(f"pods {played.pods} not running:\n{logs}")
+                raise PodmanError(f"pods {played.pods} not running:\n{self.pod_logs(played)}")
             time.sleep(0.5)
 
     # --- teardown -----------------------------------------------------------------------------------
@@ -529,37 +540,38 @@ def _secret_files(secret: dict[str, Any]) -> dict[str, bytes]:
     return files
 
 
-def _adapt_for_podman(docs: list[dict[str, Any]], play_dir: Path) -> tuple[list[dict[str, Any]], list[str], list[Path]]:
-    """Kubernetes YAML -> what podman 4.3.1's kube play runs the way a kubelet would.
+@dataclass(frozen=True)
+class Adapted:
+    """Kubernetes documents as podman 4.3.1 plays them, and what the harness makes for them."""
 
-    Returns the documents, the pods' sysctls ("name=value") and the host directories made for
-    Secret volumes. Anything else is left as written.
-    """
-    secrets = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "Secret"}
-    out: list[dict[str, Any]] = []
-    for doc in docs:
-        if doc.get("kind") == "Secret":
-            # kube play creates a podman secret from it; env `secretKeyRef` reads it correctly only
-            # from `data` (base64): `stringData` is moved there.
-            doc = json.loads(json.dumps(doc))
-            data = {k: base64.b64encode(v).decode() for k, v in _secret_files(doc).items()}
-            doc.pop("stringData", None)
-            doc["data"] = data
-        out.append(doc)
+    docs: list[dict[str, Any]]  # without the Secrets
+    secrets: dict[str, bytes]  # podman secret name -> content (JSON: key -> base64 value)
+    sysctls: list[str]  # "name=value"
+    projected: list[Path]  # host directories standing in for Secret volumes
+
+
+def _adapt_for_podman(docs: list[dict[str, Any]], play_dir: Path) -> Adapted:
+    """Kubernetes YAML -> what podman 4.3.1's kube play runs the way a kubelet would (module docstring)."""
+    docs = json.loads(json.dumps(docs))  # the caller's documents stay as they were
+    secrets = {d["metadata"]["name"]: _secret_files(d) for d in docs if d.get("kind") == "Secret"}
+    out = [d for d in docs if d.get("kind") != "Secret"]
+    for doc in out:
+        if doc.get("kind") == "Deployment":
+            doc["spec"]["replicas"] = 1
     sysctls: list[str] = []
     projected: list[Path] = []
     for spec in _pod_specs(out):
         context = spec.get("securityContext") or {}
-        sysctls += [f"{s['name']}={s['value']}" for s in context.get("sysctls") or []]
+        sysctls += [f"{s['name']}={s['value']}" for s in context.pop("sysctls", None) or []]
         fs_group = context.get("fsGroup")
         for volume in spec.get("volumes") or []:
-            source = volume.get("secret")
+            source = volume.pop("secret", None)
             if source is None:
                 continue
             name = source["secretName"]
             if name not in secrets:
                 raise PodmanError(f"volume {volume['name']!r}: Secret {name!r} is not in the YAML")
-            files = _secret_files(secrets[name])
+            files = secrets[name]
             items = source.get("items") or [{"key": key, "path": key} for key in sorted(files)]
             mode = int(source.get("defaultMode", 0o644))
             directory = play_dir / "secrets" / volume["name"]
@@ -571,18 +583,18 @@ def _adapt_for_podman(docs: list[dict[str, Any]], play_dir: Path) -> tuple[list[
                 target.chmod(int(item.get("mode", mode)))
                 if fs_group is not None:  # a kubelet gives the files the pod's fsGroup
                     os.chown(target, 0, int(fs_group))
-            directory.chmod(0o755)
             projected.append(directory)
-            del volume["secret"]
             volume["hostPath"] = {"path": str(directory), "type": "Directory"}
-        if context.get("sysctls"):
-            del context["sysctls"]
-    return out, sorted(set(sysctls)), projected
+    podman_secrets = {
+        name: json.dumps({key: base64.b64encode(value).decode() for key, value in files.items()}, sort_keys=True).encode()
+        for name, files in secrets.items()
+    }
+    return Adapted(out, podman_secrets, sorted(set(sysctls)), projected)
 
 
 def _claimed_names(docs: list[dict[str, Any]]) -> set[str]:
-    """Names kube play gives podman secrets and named volumes for these documents."""
-    names = {d["metadata"]["name"] for d in docs if d.get("kind") == "Secret"}
+    """Names kube play gives named volumes for these documents (ConfigMap volumes, claims)."""
+    names: set[str] = set()
     for spec in _pod_specs(docs):
         for volume in spec.get("volumes") or []:
             if "configMap" in volume:
@@ -592,17 +604,15 @@ def _claimed_names(docs: list[dict[str, Any]]) -> set[str]:
     return names
 
 
-def _played_pods(output: str) -> list[str]:
-    """Pod ids from `podman kube play` output ("Pod:\\n<id>\\nContainers:\\n<id>...")."""
-    pods, expect_pod = [], False
-    for line in output.splitlines():
-        line = line.strip()
-        if line == "Pod:":
-            expect_pod = True
-        elif expect_pod and line:
-            pods.append(line)
-            expect_pod = False
-    return pods
+def _pod_names(docs: list[dict[str, Any]]) -> list[str]:
+    """The pods kube play makes: a Pod by its name, a Deployment (one replica) as <name>-pod-0."""
+    names = []
+    for doc in docs:
+        if doc.get("kind") == "Pod":
+            names.append(doc["metadata"]["name"])
+        elif doc.get("kind") == "Deployment":
+            names.append(f"{doc['metadata']['name']}-pod-0")
+    return names
 
 
 def _process(container: str, host_pid: int) -> Process | None:
