@@ -281,7 +281,7 @@ class Podman:
         workdir.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
         self.played: list[Played] = []
-        self.before = self._host_network()
+        self.before = self.host_network()
 
     # --- plain commands -----------------------------------------------------------------------------
 
@@ -488,7 +488,7 @@ class Podman:
         if others:
             log.warning("podman still has containers %s: leaving the host network as it is", others)
             return
-        now = self._host_network()
+        now = self.host_network()
         for network in sorted(now.networks - self.before.networks):
             self.run("network", "rm", "--force", network, check=False)
         for link in sorted(now.links - self.before.links):
@@ -497,7 +497,7 @@ class Podman:
         for name in sorted(now.state_dirs - self.before.state_dirs):
             shutil.rmtree(CNI_STATE_DIR / name, ignore_errors=True)
 
-    def _host_network(self) -> HostNetwork:
+    def host_network(self) -> HostNetwork:
         links = json.loads(run_checked(["ip", "-json", "link", "show"]).stdout)
         chains = set()
         for table in IPTABLES_TABLES:
