@@ -65,11 +65,11 @@ def runtime_sources(dest: Path) -> Path:
     return dest / "runtime"
 
 
-def build_wheel(dest: Path) -> Path:
-    """The gpugate_runtime wheel, built from ./runtime with pip (the same bytes for the same sources)."""
+def build_wheel(dest: Path, *, epoch: str = WHEEL_EPOCH) -> Path:
+    """The gpugate_runtime wheel, built from ./runtime with pip (the same bytes for the same sources and epoch)."""
     sources = runtime_sources(dest / "src")
     out = dest / "wheels"
-    env = {**os.environ, "SOURCE_DATE_EPOCH": WHEEL_EPOCH}
+    env = {**os.environ, "SOURCE_DATE_EPOCH": epoch}
     run_checked([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), str(sources)],
                 env=env, timeout=300)
     wheels = sorted(out.glob("gpugate_runtime-*.whl"))
