@@ -47,31 +47,19 @@ CONTAINERS_CONF = HERE / "containers.conf"
 # What podman needs here (FIELD-NOTES): CNI plugins rather than netavark (containers.conf pins the
 # backend), runc rather than crun, debootstrap for the base image. Installed without recommends, so
 # no DNS plugin (dnsmasq) joins the networks.
-APT_PACKAGES = (
-    "podman",
-    "buildah",
-    "runc",
-    "fuse-overlayfs",
-    "slirp4netns",
-    "catatonit",
-    "uidmap",
-    "iptables",
-    "containernetworking-plugins",
-    "debootstrap",
-)
-# One file per package above that proves it is installed.
-APT_MARKERS = (
-    "/usr/bin/podman",
-    "/usr/bin/buildah",
-    "/usr/sbin/runc",
-    "/usr/bin/fuse-overlayfs",
-    "/usr/bin/slirp4netns",
-    "/usr/bin/catatonit",
-    "/usr/bin/newuidmap",
-    "/usr/sbin/iptables",
-    "/usr/lib/cni/bridge",
-    "/usr/sbin/debootstrap",
-)
+# Package -> a file that proves it is installed.
+APT_PACKAGES: dict[str, str] = {
+    "podman": "/usr/bin/podman",
+    "buildah": "/usr/bin/buildah",
+    "runc": "/usr/sbin/runc",
+    "fuse-overlayfs": "/usr/bin/fuse-overlayfs",
+    "slirp4netns": "/usr/bin/slirp4netns",
+    "catatonit": "/usr/bin/catatonit",
+    "uidmap": "/usr/bin/newuidmap",
+    "iptables": "/usr/sbin/iptables",
+    "containernetworking-plugins": "/usr/lib/cni/bridge",
+    "debootstrap": "/usr/sbin/debootstrap",
+}
 APT_LOCK_TIMEOUT_S = 600  # other sessions on this machine may be installing packages too
 
 BASE_IMAGE = "localhost/gpugate-debian:bookworm"
@@ -103,7 +91,7 @@ def run_checked(argv: Sequence[str], *, env: Mapping[str, str] | None = None, in
 
 def ensure_installed() -> None:
     """Install podman and its helpers from Debian when any is missing (idempotent; a second call costs nothing)."""
-    missing = [marker for marker in APT_MARKERS if not Path(marker).exists()]
+    missing = [package for package, marker in APT_PACKAGES.items() if not Path(marker).exists()]
     if not missing:
         return
     log.info("installing Debian packages %s (missing: %s)", " ".join(APT_PACKAGES), ", ".join(missing))
