@@ -26,8 +26,8 @@ import httpx
 import pytest
 from ruamel.yaml import YAML
 
-from gpugate_runtime.host import Ports
-from gpugate_runtime.metricnames import PROBE_SUCCESS
+from gpugate_runtime.contract.host import Ports
+from gpugate_runtime.contract.metrics import PROBE_SUCCESS
 from gpugate_runtime.prober import Check
 
 from gpugate.render import render_bundle
