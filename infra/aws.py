@@ -12,8 +12,8 @@ from gpugate.render.bundle import Bundle
 from gpugate.spec import Target
 from gpugate.stackfile import Stack
 from infra.awsvpc import PublicSubnet, public_network, zones_offering
-from infra.network import SUBNET_CIDR, WORLD_IPV4, ingress_rules, public_url
-from infra.vm import VmGatewayArgs, secret_values
+from infra.network import SUBNET_CIDR, WORLD_IPV4, ingress_rules
+from infra.vm import VmGatewayArgs, register_vm_outputs, secret_values
 
 TYPE_TOKEN = "gpugate:aws:Gateway"
 # Debian's official AMIs (account 136693071363 publishes them for the Debian cloud team): the release the
@@ -285,24 +285,7 @@ class AwsGateway(pulumi.ComponentResource):
             f"{name}-dns", zone_id=dns_zone.zone_id, name=spec.domain, type="A", ttl=300, records=[eip.public_ip], opts=child
         )
 
-        self.url = pulumi.Output.from_input(public_url(spec))
-        self.public_ip = eip.public_ip
-        self.bundle_sha256 = pulumi.Output.from_input(args.bundle_sha256)
-        if spec.admin_cidrs:
-            self.ssh_host = eip.public_ip
-            self.ssh_proxy_command = pulumi.Output.from_input("")
-        else:
-            self.ssh_host = instance.id
-            self.ssh_proxy_command = pulumi.Output.from_input(EIC_PROXY_COMMAND.format(region=spec.region))
-        self.register_outputs(
-            {
-                "url": self.url,
-                "public_ip": self.public_ip,
-                "ssh_host": self.ssh_host,
-                "ssh_proxy_command": self.ssh_proxy_command,
-                "bundle_sha256": self.bundle_sha256,
-            }
-        )
+        register_vm_outputs(self, args, eip.public_ip, instance.id, EIC_PROXY_COMMAND.format(region=spec.region))
 
     def _network(
         self,

@@ -9,8 +9,8 @@ from gpugate.catalog import machine
 from gpugate.render.bundle import Bundle
 from gpugate.spec import Target
 from gpugate.stackfile import Stack
-from infra.network import GCP_IAP_RANGE, SUBNET_CIDR, ingress_rules, public_url
-from infra.vm import VmGatewayArgs, secret_values
+from infra.network import GCP_IAP_RANGE, SUBNET_CIDR, ingress_rules
+from infra.vm import VmGatewayArgs, register_vm_outputs, secret_values
 
 TYPE_TOKEN = "gpugate:gcp:Gateway"
 # Google's Debian 12 images (cloud-init, the guest agent with OS Login): the release the user data is
@@ -222,23 +222,8 @@ class GcpGateway(pulumi.ComponentResource):
             opts=child,
         )
 
-        self.url = pulumi.Output.from_input(public_url(spec))
-        self.public_ip = address.address
-        self.bundle_sha256 = pulumi.Output.from_input(args.bundle_sha256)
-        if spec.admin_cidrs:
-            self.ssh_host = address.address
-            self.ssh_proxy_command = pulumi.Output.from_input("")
-        else:
-            self.ssh_host = instance.name
-            self.ssh_proxy_command = pulumi.Output.from_input(IAP_PROXY_COMMAND.format(zone=spec.zone, project=spec.project))
-        self.register_outputs(
-            {
-                "url": self.url,
-                "public_ip": self.public_ip,
-                "ssh_host": self.ssh_host,
-                "ssh_proxy_command": self.ssh_proxy_command,
-                "bundle_sha256": self.bundle_sha256,
-            }
+        register_vm_outputs(
+            self, args, address.address, instance.name, IAP_PROXY_COMMAND.format(zone=spec.zone, project=spec.project)
         )
 
     def _network(

@@ -12,9 +12,7 @@ import pulumi
 from gpugate.spec import Target
 from gpugate.stackfile import Stack
 from gpugate.targets import render_bundle
-
-# What `pulumi stack output` shows for a VM target; none of it is secret.
-OUTPUT_NAMES = ("url", "public_ip", "ssh_host", "ssh_proxy_command", "bundle_sha256")
+from infra.vm import OUTPUT_NAMES
 
 
 class TargetNotProvisioned(Exception):

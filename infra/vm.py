@@ -16,8 +16,12 @@ from gpugate.stackfile import Stack
 from gpugate.vm.bundle import ARCHIVE
 from gpugate.vm.delivery import SecretRef, bucket_name, object_key, secrets
 from gpugate.vm.userdata import USER_DATA, delivered
-from infra.network import IngressRule
+from infra.network import IngressRule, public_url
 from infra.secrets import host_secrets
+
+
+# What `pulumi stack output` shows for a VM target; none of it is secret.
+OUTPUT_NAMES = ("url", "public_ip", "ssh_host", "ssh_proxy_command", "bundle_sha256")
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,25 @@ class VmGatewayArgs:
     @property
     def user_data_base64(self) -> str:
         return base64.b64encode(self.user_data).decode()
+
+
+def register_vm_outputs(
+    gateway: pulumi.ComponentResource,
+    args: VmGatewayArgs,
+    public_ip: pulumi.Output[str],
+    instance_ref: pulumi.Output[str],
+    tunnel_command: str,
+) -> None:
+    """A VM gateway's outputs (OUTPUT_NAMES): SSH goes to the public address when the stack
+    names admin networks, else through the cloud's tunnel to the instance (`tunnel_command`, with %h for it)."""
+    gateway.url = pulumi.Output.from_input(public_url(args.spec))
+    gateway.public_ip = public_ip
+    gateway.bundle_sha256 = pulumi.Output.from_input(args.bundle_sha256)
+    if args.spec.admin_cidrs:
+        gateway.ssh_host, gateway.ssh_proxy_command = public_ip, pulumi.Output.from_input("")
+    else:
+        gateway.ssh_host, gateway.ssh_proxy_command = instance_ref, pulumi.Output.from_input(tunnel_command)
+    gateway.register_outputs({name: getattr(gateway, name) for name in OUTPUT_NAMES})
 
 
 def secret_values(args: VmGatewayArgs, name: str, parent: pulumi.Resource) -> dict[str, pulumi.Output[str]]:
