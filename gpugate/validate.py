@@ -217,6 +217,7 @@ CHECKS: list[tuple[str, str, Callable[[Path, Path], tuple[bool, str]]]] = [
     ("cloud-init/bundle.tar.gz", "gpugate-runtime hostboot extraction", check_archive),
     ("runtime/*.whl", "wheel metadata", check_wheel),
     ("runtime/requirements.lock", "hash-locked requirements", check_lock),
+    ("vllm/*.lock", "hash-locked requirements", check_lock),
     ("systemd/*.service", "systemd-analyze verify", check_systemd_unit),
     ("supervisor/supervisord.conf", "supervisord config parser", check_supervisord),
     ("vllm/launch.json", "gpugate-runtime LaunchSpec", check_launch_spec),

@@ -40,14 +40,10 @@ class LocalStack:
 
 
 def run_gpugate_smoke(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    # Mounted on the CLI by the lead; until then the module's own typer command runs the same code.
-    return run_gpugate_module("gpugate.smoke", *args, env=env)
-
-
-def run_gpugate_module(module: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    code = f"import typer, {module} as m; typer.run(m.smoke_command)"
+    # the user's command: `gpugate smoke ...`
     return subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S, env=env
+        [sys.executable, "-m", "gpugate", "smoke", *args],
+        capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S, env=env,
     )
 
 

@@ -26,6 +26,8 @@ def test_validate_all_passes_and_names_each_real_tool_per_stack():
     for vm in ("dev", "staging"):
         ran = " ".join(line for line in lines if f" {vm} " in line)
         assert "cloud-init schema (cloud-init" in ran and "systemd-analyze verify" in ran
+    # the CPU stack's hosts build vLLM's venv from the bundle's lock: every file of a bundle has a checker
+    assert any(" smoke " in line and "vllm/cpu.lock" in line and "hash-locked requirements" in line for line in lines)
     assert all(line.startswith("PASS") for line in lines if line.startswith(("PASS", "FAIL")))
 
 
