@@ -13,7 +13,7 @@ from gpugate.spec import Target
 from gpugate.stackfile import Stack
 from infra.awsvpc import PublicSubnet, public_network, zones_offering
 from infra.network import SUBNET_CIDR, WORLD_IPV4, ingress_rules
-from infra.vm import VmGatewayArgs, register_vm_outputs, secret_values
+from infra.vm import VmGateway, VmGatewayArgs, register_vm_outputs, secret_values
 
 TYPE_TOKEN = "gpugate:aws:Gateway"
 # Debian's official AMIs (account 136693071363 publishes them for the Debian cloud team): the release the
@@ -32,17 +32,10 @@ def args_from_bundle(stack: Stack, bundle: Bundle) -> VmGatewayArgs:
     return VmGatewayArgs.from_bundle(stack, bundle, Target.AWS, ingress_rules(stack.spec))
 
 
-class AwsGateway(pulumi.ComponentResource):
+class AwsGateway(VmGateway):
     """A VM behind a security group that opens 80/443 to the world and SSH to admins only; it fetches its
     bundle from a private bucket and its secrets from Secrets Manager with its instance role, which may read
     exactly those and nothing else."""
-
-    url: pulumi.Output[str]
-    public_ip: pulumi.Output[str]
-    ssh_host: pulumi.Output[str]
-    ssh_proxy_command: pulumi.Output[str]
-    bundle_sha256: pulumi.Output[str]
-    vllm_api_key: pulumi.Output[str]  # secret
 
     def __init__(self, name: str, args: VmGatewayArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__(TYPE_TOKEN, name, None, opts)

@@ -13,6 +13,7 @@ from gpugate.kubernetes.build import ClusterFacts, eks_service_annotations
 from gpugate.kubernetes.objects import GPU_POOL, GPU_TAINT, POOL_LABEL, SYSTEM_POOL
 from gpugate.kubernetes.sizing import gpu_node_disk_gib, gpu_node_max
 from gpugate.spec import GatewaySpec
+from infra.cluster import ManagedCluster, kubeconfig
 from infra.awsvpc import PublicSubnet, public_network
 from infra.network import NETWORK_CIDR
 
@@ -34,23 +35,8 @@ NODE_POLICIES = (
     "arn:aws:iam::aws:policy/AmazonEC2ContainerRegistryReadOnly",
     "arn:aws:iam::aws:policy/service-role/AmazonEFSCSIDriverPolicy",
 )
-KUBECONFIG = """apiVersion: v1
-kind: Config
-clusters:
-- name: {name}
-  cluster:
-    server: {endpoint}
-    certificate-authority-data: {ca}
-contexts:
-- name: {name}
-  context: {{cluster: {name}, user: {name}}}
-current-context: {name}
-users:
-- name: {name}
-  user:
-    exec:
-      apiVersion: client.authentication.k8s.io/v1beta1
-      command: aws
+# The kubeconfig's user authenticates with the cloud's CLI.
+AWS_EXEC = """      command: aws
       args: [eks, get-token, --cluster-name, {name}, --region, {region}]
 """
 
@@ -64,14 +50,9 @@ def _trust(service: str) -> pulumi.Output[str]:
     )
 
 
-class EksCluster(pulumi.ComponentResource):
-    """The cluster the gateway's pods run on, and the addresses and name clients reach it by."""
-
-    cluster_name: pulumi.Output[str]
-    kubeconfig: pulumi.Output[str]  # secret
-    load_balancer_address: pulumi.Output[str]
-    facts: ClusterFacts
-    provider: k8s.Provider
+class EksCluster(ManagedCluster):
+    """An EKS cluster in two zones: a system and a GPU node group, EFS for the shared certificates, one
+    Elastic IP per zone for the public NLB, and the DNS record."""
 
     def __init__(self, name: str, spec: GatewaySpec, stack: str, opts: pulumi.ResourceOptions | None = None):
         super().__init__(TYPE_TOKEN, name, None, opts)
@@ -210,19 +191,18 @@ class EksCluster(pulumi.ComponentResource):
             opts=child,
         )
 
-        self.cluster_name = cluster.name
-        self.load_balancer_address = pulumi.Output.all(*[e.public_ip for e in eips]).apply(", ".join)
-        self.facts = ClusterFacts(
-            "eks",
-            service_annotations=eks_service_annotations(pulumi.Output.all(*[e.allocation_id for e in eips]).apply(",".join)),
-        )
-        self.kubeconfig = pulumi.Output.secret(
-            pulumi.Output.all(cluster.name, cluster.endpoint, cluster.certificate_authority.data).apply(
-                lambda v: KUBECONFIG.format(name=v[0], endpoint=v[1], ca=v[2], region=spec.region)
-            )
-        )
-        self.provider = k8s.Provider(
-            f"{name}-k8s", kubeconfig=self.kubeconfig, opts=pulumi.ResourceOptions(parent=self, depends_on=[system, gpu])
+        self.publish(
+            name,
+            cluster_name=cluster.name,
+            kubeconfig=pulumi.Output.all(cluster.name, cluster.endpoint, cluster.certificate_authority.data).apply(
+                lambda v: kubeconfig(v[0], v[1], v[2], AWS_EXEC.format(name=v[0], region=spec.region))
+            ),
+            load_balancer_address=pulumi.Output.all(*[e.public_ip for e in eips]).apply(", ".join),
+            facts=ClusterFacts(
+                "eks",
+                service_annotations=eks_service_annotations(pulumi.Output.all(*[e.allocation_id for e in eips]).apply(",".join)),
+            ),
+            pools=[system, gpu],
         )
         k8s.storage.v1.StorageClass(
             f"{name}-efs-sc",
@@ -230,7 +210,4 @@ class EksCluster(pulumi.ComponentResource):
             provisioner="efs.csi.aws.com",
             parameters={"provisioningMode": "efs-ap", "fileSystemId": filesystem.id, "directoryPerms": "700"},
             opts=pulumi.ResourceOptions(parent=self, provider=self.provider),
-        )
-        self.register_outputs(
-            {"cluster_name": self.cluster_name, "kubeconfig": self.kubeconfig, "load_balancer_address": self.load_balancer_address}
         )

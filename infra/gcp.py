@@ -9,8 +9,9 @@ from gpugate.catalog import machine
 from gpugate.render.bundle import Bundle
 from gpugate.spec import Target
 from gpugate.stackfile import Stack
+from infra.gcpbase import NETWORK_TIER, public_address, service_account
 from infra.network import GCP_IAP_RANGE, SUBNET_CIDR, ingress_rules
-from infra.vm import VmGatewayArgs, register_vm_outputs, secret_values
+from infra.vm import VmGateway, VmGatewayArgs, register_vm_outputs, secret_values
 
 TYPE_TOKEN = "gpugate:gcp:Gateway"
 # Google's Debian 12 images (cloud-init, the guest agent with OS Login): the release the user data is
@@ -23,7 +24,6 @@ BOOT_DISK_TYPE = "pd-balanced"  # encrypted at rest by Google by default (Google
 # decides what the host may do.
 SERVICE_ACCOUNT_ROLES = ("roles/logging.logWriter", "roles/monitoring.metricWriter")
 SERVICE_ACCOUNT_SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
-NETWORK_TIER = "PREMIUM"
 # SSH through IAP (%h is the instance name); OS Login decides who may log in.
 IAP_PROXY_COMMAND = "gcloud compute start-iap-tunnel %h %p --listen-on-stdin --zone {zone} --project {project}"
 # A label value holds at most 63 characters: the label carries a prefix, metadata the full hash.
@@ -35,16 +35,9 @@ def args_from_bundle(stack: Stack, bundle: Bundle) -> VmGatewayArgs:
     return VmGatewayArgs.from_bundle(stack, bundle, Target.GCP, ingress_rules(stack.spec, ssh_fallback=(GCP_IAP_RANGE,)))
 
 
-class GcpGateway(pulumi.ComponentResource):
+class GcpGateway(VmGateway):
     """A VM behind firewall rules that open 80/443 to the world and SSH to admins or IAP only; it fetches its
     bundle and secrets with its service account, which may read exactly those."""
-
-    url: pulumi.Output[str]
-    public_ip: pulumi.Output[str]
-    ssh_host: pulumi.Output[str]
-    ssh_proxy_command: pulumi.Output[str]
-    bundle_sha256: pulumi.Output[str]
-    vllm_api_key: pulumi.Output[str]  # secret
 
     def __init__(self, name: str, args: VmGatewayArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__(TYPE_TOKEN, name, None, opts)
@@ -76,30 +69,17 @@ class GcpGateway(pulumi.ComponentResource):
                 opts=child,
             )
 
-        account = gcp.serviceaccount.Account(
+        account, member = service_account(
             f"{name}-sa",
-            account_id=host_tag[:30],
+            account_id=host_tag,
             display_name=f"gpugate {args.stack} host (logs and metrics only)",
+            project=spec.project,
+            roles=SERVICE_ACCOUNT_ROLES,
             opts=child,
         )
-        for role in SERVICE_ACCOUNT_ROLES:
-            gcp.projects.IAMMember(
-                f"{name}-sa-{role.split('/')[-1]}",
-                project=spec.project,
-                role=role,
-                member=account.email.apply(lambda email: f"serviceAccount:{email}"),
-                opts=child,
-            )
 
         image = gcp.compute.get_image(family=IMAGE_FAMILY, project=IMAGE_PROJECT, opts=invoke)
-        address = gcp.compute.Address(
-            f"{name}-ip",
-            region=spec.region,
-            address_type="EXTERNAL",
-            network_tier=NETWORK_TIER,
-            labels=labels,
-            opts=child,
-        )
+        address = public_address(name, spec, labels, child, invoke)
 
         # The bundle, in a private bucket of its own (uniform access, no public access); the host reads this one object.
         bucket = gcp.storage.Bucket(
@@ -120,7 +100,6 @@ class GcpGateway(pulumi.ComponentResource):
             content_type="application/gzip",
             opts=child,
         )
-        member = account.email.apply(lambda email: f"serviceAccount:{email}")
         gcp.storage.BucketIAMMember(
             f"{name}-bundles-read", bucket=bucket.name, role="roles/storage.objectViewer", member=member, opts=child
         )
@@ -209,17 +188,6 @@ class GcpGateway(pulumi.ComponentResource):
                     ignore_changes=["bootDisk.initializeParams.image"],
                 ),
             ),
-        )
-
-        zone = gcp.dns.get_managed_zone(name=spec.dns_zone, opts=invoke)
-        gcp.dns.RecordSet(
-            f"{name}-dns",
-            managed_zone=zone.name,
-            name=f"{spec.domain}.",
-            type="A",
-            ttl=300,
-            rrdatas=[address.address],
-            opts=child,
         )
 
         register_vm_outputs(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pulumi
 import pulumi_gcp as gcp
-import pulumi_kubernetes as k8s
 
 from gpugate.catalog import GPUS, machine
 from gpugate.kubernetes.build import ClusterFacts
 from gpugate.kubernetes.objects import GPU_POOL, GPU_TAINT, POOL_LABEL, SYSTEM_POOL
 from gpugate.kubernetes.sizing import gpu_node_disk_gib, gpu_node_max
 from gpugate.spec import GatewaySpec
+from infra.cluster import ManagedCluster, kubeconfig
+from infra.gcpbase import public_address, service_account
 
 TYPE_TOKEN = "gpugate:gke:Cluster"
 # The proxy pods, the addons (KEDA, kube-prometheus-stack) and kube-system run here, never on a GPU.
@@ -30,23 +31,8 @@ NODE_ROLES = (
     "roles/artifactregistry.reader",
 )
 GKE_TAINT_EFFECT = {"NoSchedule": "NO_SCHEDULE", "PreferNoSchedule": "PREFER_NO_SCHEDULE", "NoExecute": "NO_EXECUTE"}
-KUBECONFIG = """apiVersion: v1
-kind: Config
-clusters:
-- name: {name}
-  cluster:
-    server: https://{endpoint}
-    certificate-authority-data: {ca}
-contexts:
-- name: {name}
-  context: {{cluster: {name}, user: {name}}}
-current-context: {name}
-users:
-- name: {name}
-  user:
-    exec:
-      apiVersion: client.authentication.k8s.io/v1beta1
-      command: gke-gcloud-auth-plugin
+# The kubeconfig's user authenticates with the cloud's CLI.
+GKE_EXEC = """      command: gke-gcloud-auth-plugin
       provideClusterInfo: true
       installHint: "gcloud components install gke-gcloud-auth-plugin"
 """
@@ -59,14 +45,8 @@ def accelerator(spec: GatewaySpec) -> str:
     return name
 
 
-class GkeCluster(pulumi.ComponentResource):
-    """The cluster the gateway's pods run on, and the address and name clients reach it by."""
-
-    cluster_name: pulumi.Output[str]
-    kubeconfig: pulumi.Output[str]  # secret
-    load_balancer_address: pulumi.Output[str]
-    facts: ClusterFacts
-    provider: k8s.Provider
+class GkeCluster(ManagedCluster):
+    """A regional GKE cluster: a system pool and a GPU pool, its address and DNS record."""
 
     def __init__(self, name: str, spec: GatewaySpec, stack: str, opts: pulumi.ResourceOptions | None = None):
         super().__init__(TYPE_TOKEN, name, None, opts)
@@ -94,20 +74,14 @@ class GkeCluster(pulumi.ComponentResource):
             opts=child,
         )
 
-        account = gcp.serviceaccount.Account(
+        account, _ = service_account(
             f"{name}-nodes",
-            account_id=f"gpugate-{stack}-nodes"[:30],
+            account_id=f"gpugate-{stack}-nodes",
             display_name=f"gpugate {stack} GKE nodes (logs, metrics, image pulls)",
+            project=spec.project,
+            roles=NODE_ROLES,
             opts=child,
         )
-        for role in NODE_ROLES:
-            gcp.projects.IAMMember(
-                f"{name}-nodes-{role.split('/')[-1]}",
-                project=spec.project,
-                role=role,
-                member=account.email.apply(lambda email: f"serviceAccount:{email}"),
-                opts=child,
-            )
 
         cluster = gcp.container.Cluster(
             f"{name}-cluster",
@@ -208,39 +182,15 @@ class GkeCluster(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[system_pool])),
         )
 
-        address = gcp.compute.Address(
-            f"{name}-ip",
-            region=spec.region,
-            address_type="EXTERNAL",
-            network_tier="PREMIUM",
-            labels=labels,
-            opts=child,
-        )
-        zone = gcp.dns.get_managed_zone(name=spec.dns_zone, opts=invoke)
-        gcp.dns.RecordSet(
-            f"{name}-dns",
-            managed_zone=zone.name,
-            name=f"{spec.domain}.",
-            type="A",
-            ttl=300,
-            rrdatas=[address.address],
-            opts=child,
-        )
+        address = public_address(name, spec, labels, child, invoke)
 
-        self.cluster_name = cluster.name
-        self.load_balancer_address = address.address
-        self.facts = ClusterFacts("gke", load_balancer_ip=address.address)
-        self.kubeconfig = pulumi.Output.secret(
-            pulumi.Output.all(cluster.name, cluster.endpoint, cluster.master_auth.cluster_ca_certificate).apply(
-                lambda v: KUBECONFIG.format(name=v[0], endpoint=v[1], ca=v[2])
-            )
-        )
-        # The workloads wait for both pools: a pod created before its pool would sit Pending.
-        self.provider = k8s.Provider(
-            f"{name}-k8s",
-            kubeconfig=self.kubeconfig,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[system_pool, gpu_pool]),
-        )
-        self.register_outputs(
-            {"cluster_name": self.cluster_name, "kubeconfig": self.kubeconfig, "load_balancer_address": address.address}
+        self.publish(
+            name,
+            cluster_name=cluster.name,
+            kubeconfig=pulumi.Output.all(cluster.name, cluster.endpoint, cluster.master_auth.cluster_ca_certificate).apply(
+                lambda v: kubeconfig(v[0], f"https://{v[1]}", v[2], GKE_EXEC)
+            ),
+            load_balancer_address=address.address,
+            facts=ClusterFacts("gke", load_balancer_ip=address.address),
+            pools=[system_pool, gpu_pool],
         )

@@ -67,8 +67,19 @@ class VmGatewayArgs:
         return base64.b64encode(self.user_data).decode()
 
 
+class VmGateway(pulumi.ComponentResource):
+    """What every cloud's VM gateway exports (OUTPUT_NAMES; infra/program.py makes them stack outputs)."""
+
+    url: pulumi.Output[str]
+    public_ip: pulumi.Output[str]
+    ssh_host: pulumi.Output[str]
+    ssh_proxy_command: pulumi.Output[str]
+    bundle_sha256: pulumi.Output[str]
+    vllm_api_key: pulumi.Output[str]  # secret
+
+
 def register_vm_outputs(
-    gateway: pulumi.ComponentResource,
+    gateway: VmGateway,
     args: VmGatewayArgs,
     public_ip: pulumi.Output[str],
     instance_ref: pulumi.Output[str],

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -26,7 +25,7 @@ from gpugate_runtime import __version__
 from gpugate_runtime.contract import metrics as m
 from gpugate_runtime.contract.host import LOOPBACK
 from gpugate_runtime.prober_settings import ProberSettings
-from gpugate_runtime.quietserver import QuietServer
+from gpugate_runtime.quietserver import loopback_server
 
 log = logging.getLogger(__name__)
 
@@ -483,15 +482,7 @@ async def _respond(send: Callable, status: int, body: bytes, content_type: str, 
 async def serve(settings: ProberSettings) -> None:
     """Run the checks every interval and serve /metrics and /status until stopped."""
     prober = Prober(settings)
-    config = uvicorn.Config(
-        StatusApp(prober),
-        host=LOOPBACK,
-        port=settings.port,
-        lifespan="off",
-        access_log=False,
-        log_level=settings.log_level,
-    )
-    server = QuietServer(config)
+    server = loopback_server(StatusApp(prober), settings.port, settings.log_level)
     loop = asyncio.create_task(prober.run_forever(), name="prober-loop")
     log.info(
         "prober on http://%s:%d: %s every %gs", LOOPBACK, settings.port, settings.public_base, settings.interval_seconds

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from types import FrameType
+from typing import Any
 
 import uvicorn
+
+from gpugate_runtime.contract.host import LOOPBACK
 
 # uvicorn wakes its main loop every 0.1 s, to refresh the Date header (once a second) and to see
 # whether a signal asked it to stop. For authz, the prober and the alert sink, which serve a few
@@ -39,3 +42,10 @@ class QuietServer(uvicorn.Server):
         # Runs as a signal handler; call_soon_threadsafe wakes the loop, so stopping takes no tick.
         if self._loop is not None and self._wake is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._wake.set)
+
+
+def loopback_server(app: Any, port: int, log_level: str) -> QuietServer:
+    """A QuietServer for one of the runtime's small services (the prober, the alert sink): on loopback
+    only, no lifespan, no access log (privacy: request lines never reach a log)."""
+    config = uvicorn.Config(app, host=LOOPBACK, port=port, lifespan="off", access_log=False, log_level=log_level)
+    return QuietServer(config)

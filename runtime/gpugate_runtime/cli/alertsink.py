@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 
 import typer
-import uvicorn
 
 from gpugate_runtime.alertsink import ALERTS_PATH, build_app
 from gpugate_runtime.cli.options import settings_or_exit
 from gpugate_runtime.contract.host import LOOPBACK
 from gpugate_runtime.prober_settings import AlertSinkSettings
-from gpugate_runtime.quietserver import QuietServer
+from gpugate_runtime.quietserver import loopback_server
 
 log = logging.getLogger("gpugate_runtime.alertsink")
 
@@ -31,12 +30,4 @@ def serve_command() -> None:
     settings = settings_or_exit(AlertSinkSettings, "the alert sink's")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("alert sink on http://%s:%d%s -> %s", LOOPBACK, settings.port, ALERTS_PATH, settings.path)
-    config = uvicorn.Config(
-        build_app(settings),
-        host=LOOPBACK,
-        port=settings.port,
-        lifespan="off",
-        access_log=False,
-        log_level=settings.log_level,
-    )
-    QuietServer(config).run()
+    loopback_server(build_app(settings), settings.port, settings.log_level).run()
