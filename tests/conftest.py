@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,21 @@ def run_gpugate(*args: str, cwd: Path = REPO, timeout: float = 300, env: dict | 
     return subprocess.run(
         [sys.executable, "-m", "gpugate", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+@contextmanager
+def running_moto(address: str = "127.0.0.1") -> Iterator[str]:
+    """moto's real server (the AWS APIs the programs and hosts call: S3, Secrets Manager, ...) on `address`,
+    a free port; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer  # noqa: PLC0415 - moto's server costs a second to import
+
+    server = ThreadedMotoServer(ip_address=address, port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
 
 
 def edit_stack(source: str, dest: Path, change: Callable[[dict[str, Any]], None]) -> Path:

@@ -7,7 +7,6 @@ import os
 import re
 import ssl
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +40,7 @@ class LocalStack:
 
 def run_gpugate_smoke(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     # the user's command: `gpugate smoke ...`
-    return subprocess.run(
-        [sys.executable, "-m", "gpugate", "smoke", *args],
-        capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S, env=env,
-    )
+    return run_gpugate("smoke", *args, env=env, timeout=SMOKE_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,8 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
+from tests.apt import ensure_packages
+
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
@@ -60,7 +62,6 @@ APT_PACKAGES: dict[str, str] = {
     "containernetworking-plugins": "/usr/lib/cni/bridge",
     "debootstrap": "/usr/sbin/debootstrap",
 }
-APT_LOCK_TIMEOUT_S = 600  # other sessions on this machine may be installing packages too
 
 BASE_IMAGE = "localhost/gpugate-debian:bookworm"
 LABEL_RECIPE = "dev.gpugate.base-recipe-sha256"
@@ -91,15 +92,7 @@ def run_checked(argv: Sequence[str], *, env: Mapping[str, str] | None = None, in
 
 def ensure_installed() -> None:
     """Install podman and its helpers from Debian when any is missing (idempotent; a second call costs nothing)."""
-    missing = [package for package, marker in APT_PACKAGES.items() if not Path(marker).exists()]
-    if not missing:
-        return
-    log.info("installing Debian packages %s (missing: %s)", " ".join(APT_PACKAGES), ", ".join(missing))
-    lock = f"DPkg::Lock::Timeout={APT_LOCK_TIMEOUT_S}"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    run_checked(["apt-get", "-o", lock, "update", "-qq"], env=env, timeout=APT_LOCK_TIMEOUT_S + 300)
-    run_checked(["apt-get", "-o", lock, "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES],
-                env=env, timeout=APT_LOCK_TIMEOUT_S + 600)
+    ensure_packages(APT_PACKAGES)
 
 
 # --- the base image ----------------------------------------------------------------------------------

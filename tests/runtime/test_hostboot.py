@@ -49,6 +49,8 @@ from gpugate.render.archive import archive
 from gpugate_runtime import hostboot
 from gpugate_runtime.contract.host import HostLayout
 
+from tests.conftest import running_moto
+
 REGION = "eu-west-1"
 GCP_PROJECT = "gpugate-test"
 RUN_TIMEOUT_S = 120
@@ -185,15 +187,8 @@ def member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"pwned\n", l
 
 @pytest.fixture(scope="module")
 def moto_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
+    with running_moto() as endpoint:
+        yield endpoint
 
 
 ROOT_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}

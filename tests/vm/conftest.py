@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 from pathlib import Path
 
 import pytest
 
+# the real vLLM CPU venv and the small model (the boot test serves the guest's vLLM port from this machine)
+from tests.e2e.conftest import smollm_dir, vllm_python  # noqa: F401 - fixtures
+from tests.apt import ensure_packages
 from tests.vm.debian_index import DebianIndex, IndexUnavailable, cached_index, ensure_index
 from tests.vm.disk_image import DiskImage, ensure_disk_image
 
-# Debian packages the harness runs on this machine: qemu-system-x86 qemu-utils debootstrap cloud-image-utils.
-VM_TOOLS: tuple[str, ...] = ("qemu-system-x86_64", "qemu-img", "debootstrap", "cloud-localds", "genisoimage")
+# Debian packages the harness runs on this machine (package -> a file that proves it is installed).
+VM_PACKAGES: dict[str, str] = {
+    "qemu-system-x86": "/usr/bin/qemu-system-x86_64",
+    "qemu-utils": "/usr/bin/qemu-img",
+    "debootstrap": "/usr/sbin/debootstrap",
+    "cloud-image-utils": "/usr/bin/cloud-localds",
+    "genisoimage": "/usr/bin/genisoimage",
+}
 # A VM build or boot takes minutes under emulation; pyproject's 600 s per test is too short for a cold image.
 VM_TEST_TIMEOUT_S = 2400
 
@@ -19,9 +28,9 @@ VM_TEST_TIMEOUT_S = 2400
 @pytest.fixture(scope="session")
 def vm_image() -> DiskImage:
     """The cached Debian 12 image (`<cache>/vm/debian12-<recipe hash>`); built on first use, 5-10 min here."""
-    missing = [tool for tool in VM_TOOLS if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists()]
-    if missing:
-        pytest.skip(f"VM tests need {missing} (apt-get install qemu-system-x86 qemu-utils debootstrap cloud-image-utils)")
+    if os.geteuid() != 0:
+        pytest.skip("the VM tests run as root (debootstrap, the image's chroot); deselect with -m 'not vm'")
+    ensure_packages(VM_PACKAGES)
     return ensure_disk_image()
 
 

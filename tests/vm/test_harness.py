@@ -21,7 +21,7 @@ from tests.vm.conftest import VM_TEST_TIMEOUT_S
 from tests.vm.disk_image import DiskImage
 from tests.vm.qemu import GUEST_FORWARD_ADDRESS, HOST_LOOPBACK, Vm, free_loopback_port
 
-pytestmark = [pytest.mark.vm, pytest.mark.timeout(VM_TEST_TIMEOUT_S)]
+pytestmark = [pytest.mark.vm, pytest.mark.e2e, pytest.mark.timeout(VM_TEST_TIMEOUT_S)]
 
 CLOUD_INIT_TIMEOUT_S = 1200  # ~150 s for an empty user data here, plus apt installing Caddy, on 2 loaded cores
 HOSTNAME = "harness-vm"
