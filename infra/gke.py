@@ -5,7 +5,8 @@ from __future__ import annotations
 import pulumi
 import pulumi_gcp as gcp
 
-from gpugate.catalog import GPUS, machine
+from gpugate.catalog import GPUS
+from gpugate.kubernetes.allocatable import SYSTEM_MACHINES, gpu_machine
 from gpugate.kubernetes.build import ClusterFacts
 from gpugate.kubernetes.objects import GPU_POOL, GPU_TAINT, POOL_LABEL, SYSTEM_POOL
 from gpugate.kubernetes.sizing import gpu_node_disk_gib, gpu_node_max
@@ -15,7 +16,7 @@ from infra.gcpbase import public_address, service_account
 
 TYPE_TOKEN = "gpugate:gke:Cluster"
 # The proxy pods, the addons (KEDA, kube-prometheus-stack) and kube-system run here, never on a GPU.
-SYSTEM_MACHINE_TYPE = "e2-standard-4"
+SYSTEM_MACHINE_TYPE = SYSTEM_MACHINES["gke"]
 SYSTEM_NODES = (2, 6)  # total min, max across the region's zones
 SYSTEM_DISK_GIB = 50
 DISK_TYPE = "pd-balanced"
@@ -158,7 +159,7 @@ class GkeCluster(ManagedCluster):
                 total_min_node_count=kube.replicas.min, total_max_node_count=gpu_node_max(kube), location_policy="ANY"
             ),
             node_config=gcp.container.NodePoolNodeConfigArgs(
-                machine_type=machine("gcp", spec.gpu.type, spec.gpu.count),
+                machine_type=gpu_machine(spec),
                 guest_accelerators=[
                     gcp.container.NodePoolNodeConfigGuestAcceleratorArgs(
                         type=accelerator(spec),

@@ -9,6 +9,8 @@ from typing import Any
 import typer
 
 from gpugate.cli.options import ExitCode, JsonOpt, StackOpt, bad_input, console, load_or_exit
+from gpugate.kubernetes import objects, pod_build
+from gpugate.kubernetes.allocatable import node_fits
 from gpugate.plan.capacity import capacity, scaling
 from gpugate.plan.cost import cost, kubernetes_cost
 from gpugate.plan.inventory import inventory, user_data_size
@@ -57,6 +59,7 @@ def plan(stack: Stack, build: Any = None) -> PlanReport:
         policies=verdicts,
         capacity=fit,
         scaling=scaling(spec, fit),
+        node_fits=node_fits(spec, objects(pod_build(stack))) if kube else [],
         cost=kubernetes_cost(spec, run.resources, kube.replicas.min) if kube else cost(spec, run.resources),
         cost_at_max=kubernetes_cost(spec, run.resources, kube.replicas.max) if kube else None,
         user_data_bytes=user_data_size(run.resources),
@@ -77,8 +80,9 @@ def sizing_page(stack_name: str = "prod") -> str:
 
 def plan_command(stack: StackOpt, as_json: JsonOpt = False) -> None:
     """Plan a stack offline: the resources `pulumi up` would create, the policy verdicts, whether the
-    model fits the GPU, and the monthly cost. Exits 1 on a policy violation or a model that does not
-    fit, 2 on a bad stack file."""
+    model fits the GPU, whether each Kubernetes pod fits its node pool's machine type, and the monthly
+    cost. Exits 1 on a policy violation, a model that does not fit or a pod that cannot be scheduled, 2 on
+    a bad stack file."""
     loaded = load_or_exit(stack)
     try:
         report = plan(loaded)

@@ -314,3 +314,75 @@ def test_prometheus_scrapes_only_ready_vllm_pods_so_a_replica_still_loading_neve
     keep, job = endpoint["relabelings"]
     assert keep == {"sourceLabels": ["__meta_kubernetes_endpoint_ready"], "regex": "true", "action": "keep"}
     assert job == {"targetLabel": "job", "replacement": "vllm", "action": "replace"}
+
+
+# ---- sizing against node allocatable -------------------------------------------------------------
+
+
+def _kube_variant(tmp_path: Path, **kube_changes):
+    from tests.conftest import edit_stack
+
+    def change(config: dict) -> None:
+        kube = config["gpugate:kubernetes"]
+        for key, value in kube_changes.items():
+            kube[key] = value
+        if kube["provider"] == "eks":
+            kube["images"]["device_plugin"] = "nvcr.io/nvidia/k8s-device-plugin@sha256:" + "d" * 64
+            config["gpugate:region"] = "us-east-1"
+
+    return load_stack(edit_stack("prod", tmp_path / "Pulumi.variant.yaml", change))
+
+
+def test_the_kubelet_reservations_follow_the_eks_and_gke_formulas():
+    from gpugate.kubernetes.allocatable import allocatable
+
+    # EKS g6.xlarge: 4 vCPU, 16 GiB, 58 pods: 16384 - (255 + 11 x 58) - 100 MiB; 4000 - (60 + 10 + 2 x 5) m
+    assert allocatable("g6.xlarge").model_dump() == {"cpu_m": 3920, "memory_mib": 16384 - 893 - 100}
+    # GKE g2-standard-8: 8 vCPU, 32 GiB: 25% of 4 + 20% of 4 + 10% of 8 + 6% of 16 GiB = 3.56 GiB, then 100 MiB
+    assert allocatable("g2-standard-8").model_dump() == {"cpu_m": 8000 - 90, "memory_mib": 32768 - round(3.56 * 1024) - 100}
+
+
+def test_validate_refuses_a_vllm_pod_larger_than_the_gke_machine_and_names_the_machines_that_fit(tmp_path):
+    from gpugate.validate import node_fit_verdicts
+
+    # given prod on GKE with its GPU nodes pinned to g2-standard-4 (4 vCPU / 16 GiB)
+    stack = _kube_variant(tmp_path, gpu_machine_type="g2-standard-4")
+    # when validate sizes the pods against the pools
+    verdicts = {v.file: v for v in node_fit_verdicts(stack)}
+    # then vLLM's pod is refused with its request, the node's allocatable and the machines that hold it
+    vllm = verdicts["kubernetes/gpugate/deployment-vllm.yaml"]
+    assert not vllm.ok and vllm.tool == "node allocatable"
+    assert "requests 4 CPU / 23.00 GiB" in vllm.detail
+    assert "one g2-standard-4 node has 3.92 CPU / 13.30 GiB allocatable" in vllm.detail
+    assert "machine types that fit: g2-standard-8, g2-standard-12, g2-standard-16, g2-standard-32" in vllm.detail
+    assert verdicts["kubernetes/gpugate/deployment-gateway.yaml"].ok
+
+
+def test_validate_accepts_prod_whose_pods_fit_the_gke_machines(tmp_path):
+    from gpugate.validate import node_fit_verdicts
+
+    verdicts = node_fit_verdicts(load_stack("prod"))
+    assert [v.file.rsplit("/", 1)[1] for v in verdicts] == ["deployment-gateway.yaml", "deployment-vllm.yaml"]
+    assert all(v.ok for v in verdicts), [v.detail for v in verdicts]
+    assert "g2-standard-8 node has 7.91 CPU / 28.34 GiB allocatable: fits" in verdicts[1].detail
+
+
+def test_an_existing_cluster_is_sized_only_when_it_names_its_gpu_machine(tmp_path):
+    from gpugate.kubernetes import objects, pod_build
+    from gpugate.kubernetes.allocatable import node_fits
+
+    # without a machine type nothing can be said about the GPU nodes
+    unnamed = _kube_variant(tmp_path, provider="existing", cert_storage_class="nfs")
+    assert node_fits(unnamed.spec, objects(pod_build(unnamed))) == []
+    # with one, the EKS formula of its cloud applies
+    named = _kube_variant(tmp_path, provider="existing", cert_storage_class="nfs", gpu_machine_type="g6.xlarge")
+    [fit] = node_fits(named.spec, objects(pod_build(named)))
+    assert not fit.fits and "g6.xlarge node has 3.92 CPU / 14.68 GiB" not in fit.message
+    assert "g6.xlarge node has 3.92 CPU / 15.03 GiB allocatable" in fit.message and "g6.2xlarge" in fit.fitting
+
+
+def test_a_gpu_machine_of_another_gpu_set_is_refused_with_the_ones_allowed(tmp_path):
+    from gpugate.stackfile import SpecError
+
+    with pytest.raises(SpecError, match=r"kubernetes.gpu_machine_type = .g6.xlarge.: .*not a gke machine with 1 x L4; allowed: g2-standard-4, g2-standard-8,"):
+        _kube_variant(tmp_path, gpu_machine_type="g6.xlarge")

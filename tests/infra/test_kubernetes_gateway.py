@@ -192,13 +192,43 @@ def test_the_eks_variant_runs_gpu_nodes_on_the_nvidia_ami_with_the_device_plugin
     assert one(eks, "kubernetes:storage.k8s.io/v1:StorageClass").props["metadata"]["name"] == "efs-sc"
 
 
-def test_the_eks_variant_passes_the_policy_pack_and_its_plan_prices_min_and_max(tmp_path):
+def test_on_eks_a_vllm_pod_larger_than_a_g6_xlarge_fails_the_plan_naming_its_request_the_allocatable_and_the_machines_that_fit(tmp_path):
+    from rich.console import Console
+
     from tests.conftest import edit_stack
 
+    # given prod moved to EKS as it is: one L4 per replica, the catalog's g6.xlarge (4 vCPU / 16 GiB)
     report = plan(load_stack(edit_stack("prod", tmp_path / "Pulumi.prodeks.yaml", eks_variant)))
+    # then the plan is refused although every policy passes
+    assert report.violations == [] and not report.ok
+    vllm = next(f for f in report.node_fits if f.pod == "vllm")
+    assert not vllm.fits and vllm.machine_type == "g6.xlarge"
+    console = Console(record=True, width=400)
+    console.print(report.to_table())
+    text = console.export_text()
+    assert (
+        "FAIL nodes: the vllm pod requests 4 CPU / 23.00 GiB and the gpu pool's DaemonSets 0.45 CPU / 0.81 GiB; one "
+        "g6.xlarge node has 3.92 CPU / 15.03 GiB allocatable: it cannot be scheduled; machine types that fit: g6.2xlarge"
+    ) in text
+    assert "plan failed" in text and "plan ok" not in text
+
+
+def eks_fitting_variant(config: dict[str, Any]) -> None:
+    eks_variant(config)
+    config["gpugate:gpu"]["count"] = 4  # g6.12xlarge: 48 vCPU / 192 GiB
+
+
+def test_an_eks_gpu_pool_whose_machine_holds_the_pod_passes_and_its_plan_prices_min_and_max(tmp_path):
+    from tests.conftest import edit_stack
+
+    report = plan(load_stack(edit_stack("prod", tmp_path / "Pulumi.prodeks.yaml", eks_fitting_variant)))
     assert report.violations == [] and report.ok
+    assert [(f.pod, f.machine_type, f.fits) for f in report.node_fits] == [
+        ("gateway", "m6i.large", True),
+        ("vllm", "g6.12xlarge", True),
+    ]
     assert report.cost.monthly_usd < report.cost_at_max.monthly_usd
-    assert any("g6.xlarge x 8" in line.item for line in report.cost_at_max.lines)
+    assert any("g6.12xlarge x 8" in line.item for line in report.cost_at_max.lines)
 
 
 def _under_mocks(stack: Stack, body: Callable[[], Any], config: dict[str, str] | None = None) -> Run:
