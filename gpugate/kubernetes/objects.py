@@ -23,6 +23,14 @@ SYSTEM_POOL = "system"
 MONITORING_NAMESPACE = "monitoring"
 KEDA_NAMESPACE = "keda"
 PROMETHEUS_URL = f"http://kube-prometheus-stack-prometheus.{MONITORING_NAMESPACE}.svc:9090"
+# The Prometheus pods, and only they, of the monitoring namespace: prometheus-operator gives every pod of a
+# Prometheus these selector labels (pkg/prometheus/statefulset.go); Alertmanager, Grafana, the operator and
+# the exporters run there carry other names. Namespace and pod selectors in one peer: both must match.
+PROMETHEUS_POD_LABELS = {"app.kubernetes.io/name": "prometheus", "app.kubernetes.io/managed-by": "prometheus-operator"}
+PROMETHEUS_PEER = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": MONITORING_NAMESPACE}},
+    "podSelector": {"matchLabels": PROMETHEUS_POD_LABELS},
+}
 JOB_LABEL = "gpugate.dev/job"
 DCGM_PORT = 9400
 

@@ -17,9 +17,9 @@ from gpugate.kubernetes.objects import (
     GPU_TAINT,
     JOB_LABEL,
     LAYOUT,
-    MONITORING_NAMESPACE,
     POOL_LABEL,
     PROBE_PERIOD_SECONDS,
+    PROMETHEUS_PEER,
     PROMETHEUS_URL,
     SECRET_INTERNAL,
     VLLM,
@@ -209,7 +209,6 @@ def _scaled_object(b: Build) -> dict[str, Any]:
 
 def objects(b: Build) -> list[dict[str, Any]]:
     """Every object of the vLLM component."""
-    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": MONITORING_NAMESPACE}}}
     return [
         _vllm_deployment(b),
         {
@@ -224,14 +223,16 @@ def objects(b: Build) -> list[dict[str, Any]]:
             },
         },
         disruption_budget(VLLM, b.ns, b.stack),
-        # Only the proxy (and Prometheus, for /metrics) reaches vLLM; authz and the prober listen on
-        # the proxy pod's loopback, out of any other pod's reach.
+        # Only the proxy and the Prometheus pods reach vLLM. vLLM checks its key under /v1 only, so
+        # /invocations, /tokenize, /score, /pooling and /metrics answer whoever this lets in: not the
+        # rest of the monitoring namespace (Grafana, Alertmanager, the operator, anything installed
+        # there later). authz and the prober listen on the proxy pod's loopback, out of any other pod's reach.
         network_policy(
             "vllm-from-gateway",
             b.ns,
             b.stack,
             {"matchLabels": selector(VLLM)},
-            [{"from": [{"podSelector": {"matchLabels": selector(GATEWAY)}}, monitoring], "ports": [tcp(b.ports.vllm)]}],
+            [{"from": [{"podSelector": {"matchLabels": selector(GATEWAY)}}, PROMETHEUS_PEER], "ports": [tcp(b.ports.vllm)]}],
         ),
         _scaled_object(b),
     ]

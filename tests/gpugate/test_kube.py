@@ -123,14 +123,35 @@ def test_only_the_proxy_is_exposed_and_only_on_80_and_443(prod_objects):
     assert public[0]["spec"]["selector"]["app.kubernetes.io/name"] == "gateway"
 
 
-def test_network_policies_deny_by_default_and_let_only_the_proxy_and_prometheus_reach_vllm(prod_objects):
-    policies = {o["metadata"]["name"]: o["spec"] for o in prod_objects.values() if o["kind"] == "NetworkPolicy"}
-    assert policies["default-deny-ingress"] == {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": []}
-    [rule] = policies["vllm-from-gateway"]["ingress"]
-    peers = rule["from"]
-    assert {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway", "app.kubernetes.io/part-of": "gpugate"}}} in peers
-    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} in peers
-    assert len(peers) == 2 and rule["ports"] == [{"port": 18000, "protocol": "TCP"}]
+PROXY_PEER = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway", "app.kubernetes.io/part-of": "gpugate"}}}
+PROMETHEUS_PODS = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus", "app.kubernetes.io/managed-by": "prometheus-operator"}},
+}
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector  # no matchExpressions to evaluate here
+    return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+
+
+def test_network_policies_deny_by_default_and_let_only_the_proxy_and_prometheus_pods_reach_vllm(prod_objects):
+    vllm = find(prod_objects, "Deployment", "vllm")
+    labels, namespace = vllm["spec"]["template"]["metadata"]["labels"], vllm["metadata"]["namespace"]
+    policies = [o for o in prod_objects.values() if o["kind"] == "NetworkPolicy" and o["metadata"]["namespace"] == namespace]
+    # every policy that selects the vLLM pods, and every peer each lets in
+    on_vllm = [p for p in policies if _selects(p["spec"]["podSelector"], labels)]
+    assert {p["metadata"]["name"] for p in on_vllm} == {"default-deny-ingress", "vllm-from-gateway"}
+    peers = []
+    for policy in on_vllm:
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        for rule in policy["spec"]["ingress"]:
+            assert rule.get("from"), f"{policy['metadata']['name']}: a rule without `from` admits every source"
+            assert rule["ports"] == [{"port": 18000, "protocol": "TCP"}]
+            peers += rule["from"]
+    # only the proxy pods of the namespace and the Prometheus pods of `monitoring`, never the whole namespace
+    assert peers == [PROXY_PEER, PROMETHEUS_PODS]
+    assert not any(set(peer) == {"namespaceSelector"} for p in policies for r in p["spec"]["ingress"] for peer in r.get("from", []))
 
 
 def test_both_deployments_have_a_disruption_budget_of_one_pod(prod_objects):
