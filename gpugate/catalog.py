@@ -135,15 +135,16 @@ class ModelFacts:
     head_dim: int
     max_position_embeddings: int
     num_params: float  # parameters, for weight memory
+    gated: bool = False  # the Hugging Face repository asks for accepted terms: downloads need a token (`hf_token`)
 
 
 MODELS: dict[str, ModelFacts] = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": ModelFacts(30, 3, 64, 8192, 134.5e6),
     "Qwen/Qwen2.5-7B-Instruct": ModelFacts(28, 4, 128, 32768, 7.62e9),
     "Qwen/Qwen2.5-14B-Instruct": ModelFacts(48, 8, 128, 32768, 14.8e9),
-    "meta-llama/Llama-3.1-8B-Instruct": ModelFacts(32, 8, 128, 131072, 8.03e9),
-    "meta-llama/Llama-3.1-70B-Instruct": ModelFacts(80, 8, 128, 131072, 70.6e9),
-    "mistralai/Mistral-7B-Instruct-v0.3": ModelFacts(32, 8, 128, 32768, 7.25e9),
+    "meta-llama/Llama-3.1-8B-Instruct": ModelFacts(32, 8, 128, 131072, 8.03e9, gated=True),
+    "meta-llama/Llama-3.1-70B-Instruct": ModelFacts(80, 8, 128, 131072, 70.6e9, gated=True),
+    "mistralai/Mistral-7B-Instruct-v0.3": ModelFacts(32, 8, 128, 32768, 7.25e9, gated=True),
 }
 
 # Bytes per parameter (weights) and per KV element, by dtype/quantization.

@@ -17,6 +17,8 @@ from gpugate.kubernetes import objects, pod_build
 from gpugate.kubernetes.build import Build, ClusterFacts
 from gpugate.kubernetes.objects import (
     ALERT_ITEM,
+    HF_TOKEN_ITEM,
+    HF_TOKEN_SECRET,
     GATEWAY,
     KEDA_NAMESPACE,
     KEY_STORE_FILE,
@@ -24,6 +26,7 @@ from gpugate.kubernetes.objects import (
     POOL_LABEL,
     PROBER_KEY_ITEM,
     SECRET_ALERT,
+    SECRET_HF,
     SECRET_INTERNAL,
     SECRET_KEYS,
     SYSTEM_POOL,
@@ -169,6 +172,9 @@ class KubernetesGateway(pulumi.ComponentResource):
         }
         if "alert_credential" in host:
             secrets[SECRET_ALERT] = {ALERT_ITEM: host["alert_credential"]}
+        hf_token = pulumi.Config(NAMESPACE).get_secret(HF_TOKEN_SECRET)
+        if hf_token is not None:  # gated models; vLLM reads HF_TOKEN
+            secrets[SECRET_HF] = {HF_TOKEN_ITEM: pulumi.Output.secret(hf_token)}
 
         addons = self._addons(name, kube.install_addons, kube.prometheus_release, on_cluster)
         build: Build = pod_build(stack, facts=cluster.facts, secrets=secrets)

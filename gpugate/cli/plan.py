@@ -8,9 +8,11 @@ from typing import Any
 
 import typer
 
+from gpugate.catalog import MODELS
 from gpugate.cli.options import ExitCode, JsonOpt, StackOpt, bad_input, console, load_or_exit
 from gpugate.kubernetes import objects, pod_build
 from gpugate.kubernetes.allocatable import node_fits
+from gpugate.kubernetes.vllm import hf_token_problem
 from gpugate.plan.capacity import capacity, scaling
 from gpugate.plan.cost import cost, kubernetes_cost
 from gpugate.plan.inventory import inventory, user_data_size
@@ -44,6 +46,14 @@ def plan(stack: Stack, build: Any = None) -> PlanReport:
         )
     outputs = {name: ("[secret]" if secret else str(value)) for name, (value, secret) in run.outputs.items()}
     kube = spec.kubernetes
+    errors: list[str] = []
+    if kube is not None:
+        errors += filter(None, [hf_token_problem(spec, stack.name, stack.secrets)])
+    elif MODELS[spec.model.id].gated and spec.model.source == "huggingface":
+        warnings.append(
+            f"model.id: {spec.model.id} is gated on Hugging Face and a VM's vLLM gets no token yet "
+            "(gpugate:hf_token reaches the Kubernetes pods only): the download will be refused"
+        )
     note = "addresses, ids and the AMI / image are stand-ins; the cloud decides them at `pulumi up`"
     if kube is not None:
         note = (
@@ -65,6 +75,7 @@ def plan(stack: Stack, build: Any = None) -> PlanReport:
         user_data_bytes=user_data_size(run.resources),
         outputs=outputs,
         warnings=warnings,
+        errors=errors,
     )
 
 

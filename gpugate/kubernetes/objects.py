@@ -46,10 +46,13 @@ CERTS_PVC = "gpugate-caddy-certs"
 SECRET_INTERNAL = "gpugate-internal"  # vLLM's internal key and the prober's client key
 SECRET_KEYS = "gpugate-keys"  # the client key store; operators own its contents after creation
 SECRET_ALERT = "gpugate-alert-credential"
+SECRET_HF = "gpugate-hf-token"  # only when the stack holds gpugate:hf_token
 KEY_STORE_FILE = "keys.json"
 VLLM_KEY_ITEM = "vllm_api_key"
 PROBER_KEY_ITEM = "prober_api_key"
 ALERT_ITEM = "credential"
+HF_TOKEN_ITEM = "token"
+HF_TOKEN_SECRET = "hf_token"  # the stack's Pulumi config secret (gpugate:hf_token)
 
 # Where the pods find what the VM gets from user-data.
 KEYS_DIR = Path("/etc/gpugate/keys")

@@ -60,6 +60,7 @@ class PlanReport(BaseModel):
     user_data_limit_bytes: int = USER_DATA_LIMIT_BYTES
     outputs: dict[str, str] = {}
     warnings: list[str] = []
+    errors: list[str] = Field([], description="what would keep the gateway from serving, beyond the policies")
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -71,7 +72,7 @@ class PlanReport(BaseModel):
     def ok(self) -> bool:
         fits = self.capacity is None or self.capacity.fits
         size = self.user_data_bytes is None or self.user_data_bytes <= self.user_data_limit_bytes
-        return not self.violations and fits and size and all(f.fits for f in self.node_fits)
+        return not self.violations and not self.errors and fits and size and all(f.fits for f in self.node_fits)
 
     def to_table(self) -> Group:
         """The report for people: resources, policy verdicts, capacity, cost."""
@@ -131,6 +132,8 @@ class PlanReport(BaseModel):
             parts += _cost_table(estimate_, label) if estimate_ is not None else []
         for warning in self.warnings:
             parts.append(Text(f"warning: {warning}", style="yellow"))
+        for error in self.errors:
+            parts.append(Text(f"FAIL {error}", style="bold red"))
         parts.append(Text.from_markup("[bold green]plan ok[/]" if self.ok else "[bold red]plan failed[/]"))
         return Group(*parts)
 

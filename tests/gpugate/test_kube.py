@@ -407,3 +407,83 @@ def test_a_gpu_machine_of_another_gpu_set_is_refused_with_the_ones_allowed(tmp_p
 
     with pytest.raises(SpecError, match=r"kubernetes.gpu_machine_type = .g6.xlarge.: .*not a gke machine with 1 x L4; allowed: g2-standard-4, g2-standard-8,"):
         _kube_variant(tmp_path, gpu_machine_type="g6.xlarge")
+
+
+# ---- the vLLM pod's uid, HOME, caches and Hugging Face token ---------------------------------------
+
+CACHE_VARIABLES = ("HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH")
+
+
+def _vllm_container(objects: dict) -> dict:
+    return pod_spec(find(objects, "Deployment", "vllm"))["containers"][0]
+
+
+def test_vllm_home_and_every_compile_cache_are_on_a_writable_volume_of_its_pod(prod_objects):
+    pod = pod_spec(find(prod_objects, "Deployment", "vllm"))
+    container = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    empty_dirs = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    checked = []
+    for variable in CACHE_VARIABLES:
+        on = [path for path in mounts if env[variable] == path or env[variable].startswith(path + "/")]
+        assert on and mounts[on[0]] in empty_dirs, (variable, env[variable])
+        checked.append(variable)
+    assert checked == list(CACHE_VARIABLES)
+    # getpass reads these before it asks getpwuid(), which fails for a uid the image does not list
+    assert env["USER"] == env["LOGNAME"] == "vllm"
+
+
+@pytest.mark.e2e
+def test_vllm_and_pytorch_find_a_user_name_and_writable_caches_with_no_passwd_entry_for_the_pod_uid(prod_objects, tmp_path):
+    from gpugate.local.vllm_env import ensure_vllm_venv
+
+    python = ensure_vllm_venv()
+    home = tmp_path / "home"
+    env = {e["name"]: e["value"] for e in _vllm_container(prod_objects)["env"] if e["name"] in (*CACHE_VARIABLES, "USER", "LOGNAME")}
+    env = {k: v.replace("/home/vllm", str(home)) for k, v in env.items()}
+    probe = (
+        "import json, os, pwd\n"
+        "def no_entry(uid):\n"
+        "    raise KeyError(f'getpwuid(): uid not found: {uid}')\n"
+        "pwd.getpwuid = no_entry  # the vLLM image has no passwd entry for the pod's uid\n"
+        "import getpass\n"
+        "from torch._inductor.runtime.cache_dir_utils import cache_dir, triton_cache_dir\n"
+        "import vllm.envs as envs\n"
+        "print(json.dumps({'user': getpass.getuser(), 'home': os.path.expanduser('~'), 'inductor': cache_dir(),\n"
+        "    'triton': triton_cache_dir(0), 'vllm_cache': envs.VLLM_CACHE_ROOT, 'vllm_config': envs.VLLM_CONFIG_ROOT}))\n"
+    )
+    # given the pod's environment, with the image's missing passwd entry
+    base = {"PATH": "/usr/bin:/bin"}
+    result = subprocess.run([str(python), "-c", probe], env={**base, **env}, capture_output=True, text=True, timeout=120)
+    # then a user name is found and vLLM, PyTorch and Triton all keep their caches in the writable HOME
+    assert result.returncode == 0, result.stderr[-2000:]
+    import json
+
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found.pop("user") == "vllm"
+    assert all(path.startswith(str(home)) for path in found.values()), found
+    assert (home / ".cache" / "torchinductor").is_dir()
+    # and without the pod's variables, the same image fails on the first getpass.getuser()
+    bare = subprocess.run([str(python), "-c", probe], env=base, capture_output=True, text=True, timeout=120)
+    assert bare.returncode != 0 and "uid not found" in bare.stderr
+
+
+def test_no_hugging_face_token_reaches_vllm_unless_the_stack_holds_one(prod_objects, tmp_path):
+    from gpugate.kubernetes import objects, pod_build
+    from tests.conftest import edit_stack
+
+    # prod holds no hf_token: no Secret for it, no HF_TOKEN in the pod
+    assert "HF_TOKEN" not in {e["name"] for e in _vllm_container(prod_objects)["env"]}
+    assert not any(o["kind"] == "Secret" and o["metadata"]["name"] == "gpugate-hf-token" for o in prod_objects.values())
+
+    # a stack that holds one: HF_TOKEN comes from the Secret, which renders a placeholder only
+    def with_token(config: dict) -> None:
+        config["gpugate:hf_token"] = {"secure": "v1:AAAAencryptedbypulumi"}
+
+    stack = load_stack(edit_stack("prod", tmp_path / "Pulumi.token.yaml", with_token))
+    built = {(o["kind"], o["metadata"]["name"]): o for o in objects(pod_build(stack))}
+    env = {e["name"]: e for e in pod_spec(built[("Deployment", "vllm")])["containers"][0]["env"]}
+    assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "gpugate-hf-token", "key": "token"}}}
+    assert built[("Secret", "gpugate-hf-token")]["stringData"] == {"token": PLACEHOLDER}

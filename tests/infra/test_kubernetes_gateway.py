@@ -14,7 +14,7 @@ from gpugate.plan.inventory import SECRET_SIG, SECRET_SIG_KEY
 from infra.policy.evaluate import plain_secrets
 from gpugate.stackfile import NAMESPACE, Stack, load_stack
 from infra.kubernetes import TYPE_TOKEN, KubernetesGateway, KubernetesGatewayArgs, prober_store
-from infra.offline import Recorded, Run, record, use_mocks
+from infra.offline import HF_TOKEN_CANARY, Recorded, Run, record, use_mocks
 from infra.program import gateway, stack_outputs
 from gpugate.targets import render_bundle
 from gpugate_runtime.keys import KeyStore, TOKEN_RE, token_digest
@@ -350,3 +350,41 @@ def test_kube_prometheus_stack_selects_the_gateway_rules_monitors_and_alert_rout
     for kind in ("PrometheusRule", "ServiceMonitor", "AlertmanagerConfig"):
         for obj in (r for r in prod.resources if r.type.endswith(f":{kind}")):
             assert obj.props["metadata"]["labels"]["release"] == label, obj.name
+
+
+def gated_variant(config: dict[str, Any]) -> None:
+    config["gpugate:model"]["id"] = "meta-llama/Llama-3.1-8B-Instruct"
+    config["gpugate:model"]["served_name"] = "llama-3.1-8b-instruct"
+
+
+def with_hf_token(config: dict[str, Any]) -> None:
+    gated_variant(config)
+    config["gpugate:hf_token"] = {"secure": "v1:AAAAencryptedbypulumi"}
+
+
+def test_a_gated_model_without_a_hugging_face_token_fails_the_plan_with_the_command_to_set_one(tmp_path):
+    from tests.conftest import edit_stack
+
+    report = plan(load_stack(edit_stack("prod", tmp_path / "Pulumi.gated.yaml", gated_variant)))
+    assert not report.ok and report.violations == []
+    assert report.errors == [
+        "model.id: meta-llama/Llama-3.1-8B-Instruct is gated on Hugging Face and the stack holds no hf_token: vLLM could "
+        "not download it; run `pulumi config set --secret gpugate:hf_token <token> -s gated` with a token of an account "
+        "that accepted the model's terms"
+    ]
+
+
+def test_the_stack_hugging_face_token_reaches_vllm_as_hf_token_from_a_secret_and_the_plan_passes(tmp_path):
+    from tests.conftest import edit_stack
+
+    stack = load_stack(edit_stack("prod", tmp_path / "Pulumi.gated.yaml", with_hf_token))
+    report = plan(stack)
+    assert report.errors == [] and report.ok
+    run = record(stack)
+    secret = named(run, SECRET, "gpugate-hf-token")
+    assert is_secret(secret.wire["stringData"]) or is_secret(secret.wire["stringData"]["token"])
+    vllm = named(run, DEPLOYMENT, "deployment-vllm").props
+    env = {e["name"]: e for e in vllm["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "gpugate-hf-token", "key": "token"}}
+    # and the token (a canary in the plan) appears in no plain input or output
+    assert HF_TOKEN_CANARY in run.canaries and plain_secrets(run).violations == []
