@@ -322,7 +322,11 @@ class KubeAutoscaling(Strict):
 
 class KubernetesSpec(Strict):
     provider: Literal["gke", "eks", "existing"]
-    version: str = Field(pattern=r"^1\.[0-9]{2}$", description="Kubernetes minor version, e.g. 1.30")
+    version: str = Field(
+        pattern=r"^1\.[0-9]{2}$",
+        description="Kubernetes minor version the objects are validated against, e.g. 1.30: EKS creates the cluster "
+        "at it; GKE takes its version from the REGULAR release channel and `pulumi up` stops if the channel runs another minor",
+    )
     namespace: str = Field("gpugate", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
     replicas: ReplicaSpec = Field(
         description="vLLM replicas, one GPU node each: the GPU node pool scales between the same bounds"

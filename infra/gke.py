@@ -31,12 +31,31 @@ NODE_ROLES = (
     "roles/monitoring.viewer",
     "roles/artifactregistry.reader",
 )
+# GKE picks and upgrades the cluster's version on this channel; the program pins none, and refuses to
+# create or update a cluster whose channel runs a minor other than `kubernetes.version`, the one the
+# manifests are validated against.
+RELEASE_CHANNEL = "REGULAR"
 GKE_TAINT_EFFECT = {"NoSchedule": "NO_SCHEDULE", "PreferNoSchedule": "PREFER_NO_SCHEDULE", "NoExecute": "NO_EXECUTE"}
 # The kubeconfig's user authenticates with the cloud's CLI.
 GKE_EXEC = """      command: gke-gcloud-auth-plugin
       provideClusterInfo: true
       installHint: "gcloud components install gke-gcloud-auth-plugin"
 """
+
+
+def channel_version_problem(validated: str, channel_default: str | None) -> str | None:
+    """Why the manifests' version (`kubernetes.version`, a minor such as 1.33) is not what the release
+    channel runs (a full GKE version such as 1.33.5-gke.1080000), or None when it is."""
+    if channel_default is None:
+        return f"GKE lists no default version for the {RELEASE_CHANNEL} channel here"
+    minor = ".".join(channel_default.split(".")[:2])
+    if minor == validated:
+        return None
+    return (
+        f"kubernetes.version: {validated} is not the minor GKE's {RELEASE_CHANNEL} channel runs now ({channel_default}); "
+        f'set kubernetes.version: "{minor}" and run `gpugate validate` so the objects are checked against the version '
+        "the cluster will run"
+    )
 
 
 def accelerator(spec: GatewaySpec) -> str:
@@ -84,14 +103,19 @@ class GkeCluster(ManagedCluster):
             opts=child,
         )
 
+        channel = gcp.container.get_engine_versions(location=spec.region, project=spec.project, opts=invoke)
+        problem = channel_version_problem(kube.version, channel.release_channel_default_version.get(RELEASE_CHANNEL))
+        if problem is not None:
+            raise ValueError(problem)
+
         cluster = gcp.container.Cluster(
             f"{name}-cluster",
             name=cluster_name,
             location=spec.region,
             network=network.id,
             subnetwork=subnet.id,
-            min_master_version=kube.version,
-            release_channel=gcp.container.ClusterReleaseChannelArgs(channel="REGULAR"),
+            # No min_master_version: the channel decides (checked above against kubernetes.version).
+            release_channel=gcp.container.ClusterReleaseChannelArgs(channel=RELEASE_CHANNEL),
             # Node pools are managed below; GKE needs one pool to create a cluster, removed at once.
             remove_default_node_pool=True,
             initial_node_count=1,

@@ -137,6 +137,12 @@ class PlanMocks(pulumi.runtime.Mocks):
             state["arn"] = f"arn:aws:{args.typ.split(':')[1].split('/')[0]}::000000000000:{args.name}"
         return f"{args.name}-{short}", state
 
+    def gke_channel_version(self) -> str:
+        """The REGULAR channel's default as a plan assumes it: the minor the stack validates its objects against
+        (only the live lookup at `pulumi up` can say otherwise)."""
+        kube = self.spec.kubernetes
+        return f"{kube.version if kube else '1.30'}.0-gke.planned"
+
     def call(self, args: pulumi.runtime.MockCallArgs) -> dict:
         region = self.spec.region or ""
         token, given = args.token, args.args
@@ -169,6 +175,8 @@ class PlanMocks(pulumi.runtime.Mocks):
                 "family": family,
                 "selfLink": f"{GCP_API}/projects/{project}/global/images/family/{family}",
             }
+        if token == "gcp:container/getEngineVersions:getEngineVersions":
+            return {"releaseChannelDefaultVersion": {"REGULAR": self.gke_channel_version()}, "location": given.get("location")}
         if token == "gcp:dns/getManagedZone:getManagedZone":
             return {"id": given.get("name"), "name": given.get("name"), "dnsName": "planned.example."}
         if token == "gcp:compute/getNetwork:getNetwork":

@@ -89,7 +89,26 @@ def test_the_cluster_enforces_network_policies_and_its_api_answers_the_admin_net
     assert cluster["masterAuthorizedNetworksConfig"]["cidrBlocks"] == [
         {"cidrBlock": "203.0.113.0/24", "displayName": "gpugate admin network"}
     ]
-    assert cluster["minMasterVersion"] == "1.30"
+
+
+
+def test_gke_takes_its_version_from_the_release_channel_with_no_pinned_master_version(prod):
+    cluster = one(prod, "gcp:container/cluster:Cluster").props
+    assert cluster["releaseChannel"] == {"channel": "REGULAR"}
+    assert "minMasterVersion" not in cluster
+    pools = of_type(prod, GKE_POOL)
+    assert len(pools) == 2 and not any("version" in pool.props for pool in pools)
+
+
+def test_gke_refuses_a_cluster_whose_channel_runs_another_minor_than_the_one_the_objects_are_validated_against(monkeypatch):
+    from infra.offline import PlanMocks
+
+    # given GKE's REGULAR channel now runs 1.33 while prod's objects are validated against kubernetes.version 1.30
+    monkeypatch.setattr(PlanMocks, "gke_channel_version", lambda self: "1.33.5-gke.1080000")
+    stack = load_stack("prod")
+    # then the program stops before creating the cluster, naming both and what to change
+    with pytest.raises(ValueError, match=r'kubernetes.version: 1.30 is not the minor GKE.s REGULAR channel runs now \(1.33.5-gke.1080000\); set kubernetes.version: "1.33"'):
+        _under_mocks(stack, lambda: gateway(stack).url)
 
 
 def test_the_vllm_deployment_the_program_applies_requests_gpus_and_tolerates_the_taint(prod):
