@@ -90,15 +90,18 @@ def allocatable(machine_type: str) -> Shape:
 
 
 _QUANTITY = re.compile(r"^([0-9.]+)(m|Ki|Mi|Gi|Ti|k|M|G)?$")
-_MIB_PER = {None: 1 / (1 << 20), "Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1 << 20, "k": 1e3 / (1 << 20), "M": 1e6 / (1 << 20), "G": 1e9 / (1 << 20)}
+_MIB_PER = {
+    None: 1 / (1 << 20), "Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1 << 20,
+    "k": 1e3 / (1 << 20), "M": 1e6 / (1 << 20), "G": 1e9 / (1 << 20),
+}  # fmt: skip
 
 
-def cpu_m(quantity: Any) -> int:
+def cpu_millicores(quantity: Any) -> int:
     number, unit = _QUANTITY.match(str(quantity)).groups()  # type: ignore[union-attr]
     return round(float(number) * (1 if unit == "m" else 1000))
 
 
-def memory_mib(quantity: Any) -> int:
+def memory_mebibytes(quantity: Any) -> int:
     number, unit = _QUANTITY.match(str(quantity)).groups()  # type: ignore[union-attr]
     return round(float(number) * _MIB_PER[unit])
 
@@ -108,7 +111,7 @@ def pod_requests(pod: Mapping[str, Any]) -> Shape:
 
     def one(container: Mapping[str, Any]) -> Shape:
         req = (container.get("resources") or {}).get("requests") or {}
-        return Shape(cpu_m=cpu_m(req.get("cpu", "0")), memory_mib=memory_mib(req.get("memory", "0")))
+        return Shape(cpu_m=cpu_millicores(req.get("cpu", "0")), memory_mib=memory_mebibytes(req.get("memory", "0")))
 
     total = sum((one(c) for c in pod.get("containers") or []), Shape(cpu_m=0, memory_mib=0))
     for init in pod.get("initContainers") or []:
@@ -194,9 +197,11 @@ def node_fits(spec: GatewaySpec, objects: Iterable[Mapping[str, Any]]) -> list[P
     assert kube is not None
     objects = list(objects)
     machines = _pool_machines(spec)
-    # An existing cluster: the provider whose cloud the named machine type is of.
-    clouds = {cloud: provider for provider, cloud in CLOUD.items()}
-    provider = PROVIDER_DAEMONS[kube.provider if kube.provider in CLOUD else clouds[MACHINES[machines.get(GPU_POOL, ("g6.xlarge",))[0]].cloud]]
+    if not machines:
+        return []
+    # An existing cluster's own DaemonSets: those of the provider whose cloud its GPU machine type is of.
+    named = kube.provider if kube.provider in CLOUD else {"aws": "eks", "gcp": "gke"}[MACHINES[machines[GPU_POOL][0]].cloud]
+    provider = PROVIDER_DAEMONS[named]
     out = []
     for name, pool, pod in _pods(objects, "Deployment"):
         if pool not in machines:

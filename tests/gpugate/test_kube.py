@@ -405,7 +405,8 @@ def test_an_existing_cluster_is_sized_only_when_it_names_its_gpu_machine(tmp_pat
 def test_a_gpu_machine_of_another_gpu_set_is_refused_with_the_ones_allowed(tmp_path):
     from gpugate.stackfile import SpecError
 
-    with pytest.raises(SpecError, match=r"kubernetes.gpu_machine_type = .g6.xlarge.: .*not a gke machine with 1 x L4; allowed: g2-standard-4, g2-standard-8,"):
+    expected = r"kubernetes.gpu_machine_type = .g6.xlarge.: .*not a gke machine with 1 x L4; allowed: g2-standard-4, g2-standard-8,"
+    with pytest.raises(SpecError, match=expected):
         _kube_variant(tmp_path, gpu_machine_type="g6.xlarge")
 
 
