@@ -379,6 +379,19 @@ def test_validate_refuses_a_vllm_pod_larger_than_the_gke_machine_and_names_the_m
     assert verdicts["kubernetes/gpugate/deployment-gateway.yaml"].ok
 
 
+def test_gpugate_validate_exits_1_and_prints_the_misfit_of_the_vllm_pod(tmp_path):
+    from tests.conftest import run_gpugate
+
+    # given prod with its GPU nodes pinned to a machine too small for the vLLM pod
+    stack = _kube_variant(tmp_path, gpu_machine_type="g2-standard-4")
+    # when the operator validates it
+    result = run_gpugate("validate", "--stack", str(stack.path))
+    # then validation fails on that pod, with the figures and the machines that would hold it
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "FAIL  variant    kubernetes/gpugate/deployment-vllm.yaml  node allocatable" in result.stdout
+    assert "one g2-standard-4 node has 3.92 CPU / 13.30 GiB allocatable: it cannot be scheduled" in result.stdout
+
+
 def test_validate_accepts_prod_whose_pods_fit_the_gke_machines(tmp_path):
     from gpugate.validate import node_fit_verdicts
 
