@@ -23,6 +23,7 @@ from gpugate.kubernetes.objects import (
     KEDA_NAMESPACE,
     KEY_STORE_FILE,
     MONITORING_NAMESPACE,
+    NODE_EXPORTER_RESOURCES,
     POOL_LABEL,
     PROBER_KEY_ITEM,
     SECRET_ALERT,
@@ -251,6 +252,8 @@ class KubernetesGateway(pulumi.ComponentResource):
                     }
                 },
                 "grafana": {"nodeSelector": system, "sidecar": {"dashboards": {"enabled": True, "label": "grafana_dashboard"}}},
+                # On every node, GPU nodes too: requests the pools' sizing counts (gpugate/kubernetes/allocatable.py).
+                "prometheus-node-exporter": {"resources": NODE_EXPORTER_RESOURCES},
             },
             opts=opts,
         )

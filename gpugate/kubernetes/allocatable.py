@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from gpugate.catalog import MACHINES, MachineFacts, machine, same_gpus
-from gpugate.kubernetes.objects import GPU_POOL, POOL_LABEL, SYSTEM_POOL
+from gpugate.kubernetes.objects import GPU_POOL, NODE_EXPORTER_RESOURCES, POOL_LABEL, SYSTEM_POOL
 from gpugate.spec import GatewaySpec
 
 # The system pools' machines (infra/eks.py and infra/gke.py create them).
@@ -25,8 +25,7 @@ EVICTION_MIB = 100
 # plugins. Their requests change with add-on versions: this is a margin, not a measurement; compare
 # it with `kubectl describe node` (Non-terminated Pods) on a live node.
 PROVIDER_DAEMONS = {"eks": (300, 512), "gke": (500, 768)}  # (millicores, MiB)
-# kube-prometheus-stack's node exporter also runs on every node (it tolerates every NoSchedule taint)
-# but requests nothing by default, so it takes no allocatable.
+# With install_addons, kube-prometheus-stack's node exporter runs on every node too (objects.NODE_EXPORTER_RESOURCES).
 
 
 def reserved_cpu_m(vcpus: int) -> int:
@@ -201,7 +200,9 @@ def node_fits(spec: GatewaySpec, objects: Iterable[Mapping[str, Any]]) -> list[P
         return []
     # An existing cluster's own DaemonSets: those of the provider whose cloud its GPU machine type is of.
     named = kube.provider if kube.provider in CLOUD else {"aws": "eks", "gcp": "gke"}[MACHINES[machines[GPU_POOL][0]].cloud]
-    provider = PROVIDER_DAEMONS[named]
+    provider = Shape(cpu_m=PROVIDER_DAEMONS[named][0], memory_mib=PROVIDER_DAEMONS[named][1])
+    if kube.install_addons:
+        provider = provider + pod_requests({"containers": [{"resources": NODE_EXPORTER_RESOURCES}]})
     out = []
     for name, pool, pod in _pods(objects, "Deployment"):
         if pool not in machines:
@@ -209,7 +210,7 @@ def node_fits(spec: GatewaySpec, objects: Iterable[Mapping[str, Any]]) -> list[P
         chosen, alternatives = machines[pool]
         daemons = sum(
             (pod_requests(d) for _, p, d in _pods(objects, "DaemonSet") if p == pool),
-            Shape(cpu_m=provider[0], memory_mib=provider[1]),
+            provider,
         )
         request = pod_requests(pod)
         fitting = [m for m in alternatives if allocatable(m).covers(request + daemons)]

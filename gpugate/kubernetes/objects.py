@@ -31,6 +31,9 @@ PROMETHEUS_PEER = {
     "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": MONITORING_NAMESPACE}},
     "podSelector": {"matchLabels": PROMETHEUS_POD_LABELS},
 }
+# kube-prometheus-stack's node exporter runs on every node, GPU nodes included (its chart tolerates every
+# NoSchedule taint); the program gives it these requests so that the pools' sizing can count them.
+NODE_EXPORTER_RESOURCES = {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}}
 JOB_LABEL = "gpugate.dev/job"
 DCGM_PORT = 9400
 

@@ -401,6 +401,20 @@ def test_validate_accepts_prod_whose_pods_fit_the_gke_machines(tmp_path):
     assert "g2-standard-8 node has 7.91 CPU / 28.34 GiB allocatable: fits" in verdicts[1].detail
 
 
+def test_the_node_exporter_the_program_installs_is_counted_on_every_pool_and_not_when_the_cluster_brings_its_own(tmp_path):
+    from gpugate.kubernetes import objects, pod_build
+    from gpugate.kubernetes.allocatable import node_fits
+
+    stack = load_stack("prod")
+    with_exporter = {f.pod: f.daemons for f in node_fits(stack.spec, objects(pod_build(stack)))}
+    without = _kube_variant(tmp_path, install_addons=False)
+    bare = {f.pod: f.daemons for f in node_fits(without.spec, objects(pod_build(without)))}
+    assert {pod: (with_exporter[pod].cpu_m - bare[pod].cpu_m, with_exporter[pod].memory_mib - bare[pod].memory_mib) for pod in bare} == {
+        "gateway": (50, 64),
+        "vllm": (50, 64),
+    }
+
+
 def test_an_existing_cluster_is_sized_only_when_it_names_its_gpu_machine(tmp_path):
     from gpugate.kubernetes import objects, pod_build
     from gpugate.kubernetes.allocatable import node_fits

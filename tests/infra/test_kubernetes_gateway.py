@@ -226,7 +226,7 @@ def test_on_eks_a_vllm_pod_larger_than_a_g6_xlarge_fails_the_plan_naming_its_req
     console.print(report.to_table())
     text = console.export_text()
     assert (
-        "FAIL nodes: the vllm pod requests 4 CPU / 23.00 GiB and the gpu pool's DaemonSets 0.45 CPU / 0.81 GiB; one "
+        "FAIL nodes: the vllm pod requests 4 CPU / 23.00 GiB and the gpu pool's DaemonSets 0.5 CPU / 0.88 GiB; one "
         "g6.xlarge node has 3.92 CPU / 15.03 GiB allocatable: it cannot be scheduled; machine types that fit: g6.2xlarge"
     ) in text
     assert "plan failed" in text and "plan ok" not in text
@@ -369,6 +369,14 @@ def test_kube_prometheus_stack_selects_the_gateway_rules_monitors_and_alert_rout
     for kind in ("PrometheusRule", "ServiceMonitor", "AlertmanagerConfig"):
         for obj in (r for r in prod.resources if r.type.endswith(f":{kind}")):
             assert obj.props["metadata"]["labels"]["release"] == label, obj.name
+
+
+def test_the_node_exporter_on_every_node_gets_the_requests_the_pool_sizing_counts(prod):
+    from gpugate.kubernetes.objects import NODE_EXPORTER_RESOURCES
+
+    release = named(prod, "kubernetes:helm.sh/v3:Release", "kube-prometheus-stack").props
+    assert release["values"]["prometheus-node-exporter"]["resources"] == NODE_EXPORTER_RESOURCES
+    assert NODE_EXPORTER_RESOURCES["requests"] == {"cpu": "50m", "memory": "64Mi"}
 
 
 def gated_variant(config: dict[str, Any]) -> None:
