@@ -16,6 +16,13 @@ from gpugate_runtime.contract.services import Service, by_name
 from gpugate.render.templates import render_template
 from gpugate.spec import GatewaySpec
 
+# The request target as it arrives (path, then an optional query), in the one form the gateway
+# forwards: "/" or lower-case segments of [a-z0-9_-] joined by single slashes. Every public path
+# (/healthz, /v1/models, /v1/chat/completions, /v1/completions) is in this form; a dot segment,
+# a percent-escape, a doubled or trailing slash, upper case or a trailing dot is not, and gets 400
+# before authz. An RE2 pattern (Caddy's `vars_regexp`); no spaces or braces, so it is one Caddyfile token.
+CANONICAL_URI = r"^(/|(/[a-z0-9_-]+)+)(\?.*)?$"
+
 
 @dataclass(frozen=True)
 class Upstream:
@@ -67,4 +74,5 @@ def caddyfile(
         env_vllm_key=ENV_VLLM_KEY,
         body_length_header=BODY_LENGTH_HEADER,
         access_log_ids_field=ACCESS_LOG_IDS_FIELD,
+        canonical_uri=CANONICAL_URI,
     )
