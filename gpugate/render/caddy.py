@@ -53,14 +53,27 @@ def metrics_site(caddy: Service, routes: tuple[tuple[str, str], ...] = ()) -> Me
     return MetricsSite(f"http://{listen.address}:{listen.port}", bind=listen.address or None, routes=routes)
 
 
+def public_bind(caddy: Service) -> str | None:
+    """The address Caddy's public sites bind, from the service table's `https` listen; None: every interface."""
+    listen = next(item for item in caddy.listens if item.name == "https")
+    return listen.address or None
+
+
 def host_topology(table: tuple[Service, ...], ports: Ports) -> tuple[Upstream, MetricsSite]:
     """A host (local or VM): vLLM on loopback, Caddy's metrics where the table puts them."""
     return Upstream(LOOPBACK, ports.vllm), metrics_site(by_name(table)["caddy"])
 
 
 def caddyfile(
-    spec: GatewaySpec, ports: Ports, layout: HostLayout, header: str, upstream: Upstream, metrics: MetricsSite
+    spec: GatewaySpec,
+    ports: Ports,
+    layout: HostLayout,
+    header: str,
+    upstream: Upstream,
+    metrics: MetricsSite,
+    bind: str | None = None,
 ) -> bytes:
+    """The Caddyfile; `bind`: the one address its public sites listen on (None: every interface)."""
     return render_template(
         "common/Caddyfile.j2",
         spec=spec,
@@ -68,6 +81,7 @@ def caddyfile(
         header=header,
         upstream=upstream,
         metrics=metrics,
+        public_bind=bind,
         authz_address=f"{LOOPBACK}:{ports.authz}",
         request_id_header=REQUEST_ID_HEADER,
         key_id_header=KEY_ID_HEADER,

@@ -1,10 +1,13 @@
-"""Keys at the gateway in front of REAL vLLM: refusals never reach it, limits, rotation under load, revocation, privacy."""
+"""Keys and paths at the gateway in front of REAL vLLM: refusals never reach it, limits, rotation under load,
+revocation, privacy, non-canonical paths, and a local stack reachable from this machine only."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import ipaddress
 import json
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -15,6 +18,8 @@ import httpx
 import openai
 import pytest
 from gpugate_runtime.keys import create_key, utcnow
+
+from gpugate.stackfile import load_stack
 
 from tests.e2e.local_stack import running_local_stack, wait_until
 from tests.e2e.paths import NON_CANONICAL, PRIVATE_ROUTES, raw_https
@@ -228,3 +233,39 @@ def test_vllm_serves_metrics_under_a_dot_segment_which_is_why_the_gateway_must_r
         raw.sendall(b"GET /metrics/../v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         leaked = b"".join(iter(lambda: raw.recv(65536), b""))
     assert leaked.startswith(b"HTTP/1.1 200") and b"# HELP" in leaked
+
+
+def _listeners() -> list[tuple[str, int]]:
+    """(address, port) of every listening TCP socket on this machine, as `ss` reports them."""
+    out = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True, check=True, timeout=30).stdout
+    found = []
+    for line in out.splitlines():
+        local = line.split()[3]
+        address, _, port = local.rpartition(":")
+        found.append((address.strip("[]").split("%")[0], int(port)))
+    return found
+
+
+def _outside_addresses() -> list[str]:
+    """This machine's addresses other than loopback (what another machine on the network would dial)."""
+    out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=10).stdout.split()
+    return [a for a in out if not ipaddress.ip_address(a).is_loopback and not ipaddress.ip_address(a).is_link_local]
+
+
+def test_the_local_stack_listens_on_loopback_only_and_refuses_other_addresses(stack):
+    # given the running local stack as shipped (gpugate:local.expose unset)
+    ports = load_stack(stack.stack_file).spec.ports
+    https, http = ports.https, ports.http
+    ours = {https, http, *stack.ports.values()}
+    # when its listening sockets are listed
+    listening = [(address, port) for address, port in _listeners() if port in ours]
+    # then Caddy's https and http ports are among them, and every one of the stack's sockets is on loopback
+    assert {https, http} <= {port for _, port in listening}
+    assert [(a, p) for a, p in listening if not ipaddress.ip_address(a).is_loopback] == []
+    # ... so a connection to this machine's network address is refused
+    outside = _outside_addresses()
+    if not outside:
+        pytest.skip("this machine has no address but loopback")
+    for address in outside:
+        with pytest.raises(OSError):
+            socket.create_connection((address, https), timeout=5).close()

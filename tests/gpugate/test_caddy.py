@@ -25,7 +25,7 @@ CADDY = shutil.which("caddy") or "/usr/bin/caddy"
 PUBLIC_PATHS = ("/healthz", "/v1/models", "/v1/chat/completions", "/v1/completions")
 
 
-def caddyfile_of(stack: str) -> str:
+def caddyfile_of(stack: str | Path) -> str:
     """The Caddyfile a stack's proxy runs: the host file (local, VMs) or the proxy pods' ConfigMap (Kubernetes)."""
     files = render_bundle(load_stack(stack)).files
     if "caddy/Caddyfile" in files:
@@ -72,3 +72,21 @@ def test_the_canonical_form_takes_every_public_path_and_no_probe_variant():
     assert canonical.match("/v1/models?after=a%2F..") and canonical.match("/")
     assert len(NON_CANONICAL) > 40
     assert [p for p in NON_CANONICAL if canonical.match(p)] == []
+
+
+def listens(config: dict) -> set[str]:
+    return {address for server in config["apps"]["http"]["servers"].values() for address in server["listen"]}
+
+
+def test_the_local_stack_listens_on_loopback_only_unless_the_stack_exposes_it(stack_copy, tmp_path):
+    # given the local stack as shipped, and a copy that sets gpugate:local.expose
+    shipped = listens(adapted(caddyfile_of("local"), tmp_path))
+    exposed = listens(adapted(caddyfile_of(stack_copy("local", lambda c: c.update({"gpugate:local": {"expose": True}}))), tmp_path))
+    # then as shipped every Caddy listener (https, http, metrics) is on 127.0.0.1 ...
+    assert shipped == {"127.0.0.1:8443", "127.0.0.1:8080", "127.0.0.1:18005"}
+    # ... and exposed, the public ports listen on every interface (metrics stay on loopback)
+    assert exposed == {":8443", ":8080", "127.0.0.1:18005"}
+
+
+def test_cloud_hosts_listen_on_every_interface_for_their_public_ports(tmp_path):
+    assert {":443", ":80"} <= listens(adapted(caddyfile_of("staging"), tmp_path))
