@@ -242,7 +242,8 @@ def _listeners() -> list[tuple[str, int]]:
     for line in out.splitlines():
         local = line.split()[3]
         address, _, port = local.rpartition(":")
-        found.append((address.strip("[]").split("%")[0], int(port)))
+        address = address.strip("[]").split("%")[0]
+        found.append(("::" if address == "*" else address, int(port)))  # `*`: every address
     return found
 
 
