@@ -37,7 +37,8 @@ def caddyfile_of(stack: str | Path) -> str:
 def adapted(text: str, tmp_path: Path) -> dict:
     source = tmp_path / "Caddyfile"
     source.write_text(text)
-    done = subprocess.run([CADDY, "adapt", "--adapter", "caddyfile", "--config", str(source)], capture_output=True, text=True, timeout=60)
+    argv = [CADDY, "adapt", "--adapter", "caddyfile", "--config", str(source)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -81,7 +82,8 @@ def listens(config: dict) -> set[str]:
 def test_the_local_stack_listens_on_loopback_only_unless_the_stack_exposes_it(stack_copy, tmp_path):
     # given the local stack as shipped, and a copy that sets gpugate:local.expose
     shipped = listens(adapted(caddyfile_of("local"), tmp_path))
-    exposed = listens(adapted(caddyfile_of(stack_copy("local", lambda c: c.update({"gpugate:local": {"expose": True}}))), tmp_path))
+    exposed_stack = stack_copy("local", lambda c: c.update({"gpugate:local": {"expose": True}}))
+    exposed = listens(adapted(caddyfile_of(exposed_stack), tmp_path))
     # then as shipped every Caddy listener (https, http, metrics) is on 127.0.0.1 ...
     assert shipped == {"127.0.0.1:8443", "127.0.0.1:8080", "127.0.0.1:18005"}
     # ... and exposed, the public ports listen on every interface (metrics stay on loopback)

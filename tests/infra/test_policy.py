@@ -108,8 +108,10 @@ def test_a_non_web_port_open_to_two_halves_of_the_address_space_is_the_world_and
     # given a non-web port open to 0.0.0.0/1 + 128.0.0.0/1: every address, written as two networks
     halves = ["0.0.0.0/1", "128.0.0.0/1"]
     group = one(staging, "aws:ec2/securityGroup:SecurityGroup")
-    aws = changed(group, lambda w: w.update(ingress=[{"protocol": "tcp", "fromPort": 8000.0, "toPort": 8000.0, "cidrBlocks": halves}]))
-    gcp = changed(named(dev, FIREWALL, "in-http"), lambda w: w.update(sourceRanges=halves, allows=[{"protocol": "tcp", "ports": ["8000"]}]))
+    port_8000 = {"protocol": "tcp", "fromPort": 8000.0, "toPort": 8000.0, "cidrBlocks": halves}
+    aws = changed(group, lambda w: w.update(ingress=[port_8000]))
+    firewall = named(dev, FIREWALL, "in-http")
+    gcp = changed(firewall, lambda w: w.update(sourceRanges=halves, allows=[{"protocol": "tcp", "ports": ["8000"]}]))
     # then both clouds' rules break web-only-from-world
     assert list(broken_rules(aws)) == ["web-only-from-world"]
     assert list(broken_rules(gcp)) == ["web-only-from-world"]
@@ -140,7 +142,8 @@ def test_world_means_more_addresses_than_a_slash_8_alone_or_together(dev, source
 
 def _service(kind: str, ports: list[dict], **spec: object) -> Recorded:
     wire = {"metadata": {"name": "debug", "namespace": "gpugate"}, "spec": {"type": kind, "ports": ports, **spec}}
-    return Recorded(type=K8S_SERVICE, name="debug", urn="urn:pulumi:prod::gpugate::kubernetes:core/v1:Service::debug", custom=True, wire=wire)
+    urn = "urn:pulumi:prod::gpugate::kubernetes:core/v1:Service::debug"
+    return Recorded(type=K8S_SERVICE, name="debug", urn=urn, custom=True, wire=wire)
 
 
 def test_a_node_port_service_is_caught_whatever_its_port():
