@@ -6,6 +6,7 @@ import json
 import re
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -316,6 +317,26 @@ def test_non_canonical_paths_get_json_400_before_authz_and_vllm_sees_nothing(gat
     assert entry["key_and_request_id"] == f"- {request_id}"
     # ... and the path arrived as sent: no client or proxy normalised it on the way
     assert entry["request"]["uri"] == path
+
+
+@pytest.mark.parametrize("path", NON_CANONICAL)
+def test_non_canonical_paths_over_http2_get_the_same_400(gateway: Gateway, path: str, tmp_path: Path) -> None:
+    # given curl speaking HTTP/2 with --path-as-is (it sends the path unchanged), the key in a header file
+    key = gateway.new_key(f"h2-prober-{abs(hash(path)) % 10**8}")
+    request_id = rid("h2")
+    headers = tmp_path / "headers"
+    headers.write_text(f"Authorization: Bearer {key.token}\n{REQUEST_ID_HEADER}: {request_id}\n")
+    url = f"https://{HOSTNAME}:{gateway.https_port}"
+    done = subprocess.run(
+        ["curl", "-sS", "--http2", "--path-as-is", "--cacert", str(gateway.ca_file),
+         "--resolve", f"{HOSTNAME}:{gateway.https_port}:127.0.0.1", "-H", f"@{headers}",
+         "-o", str(tmp_path / "body"), "-w", "%{http_version} %{http_code}", url + path],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    # then it went over HTTP/2, got the JSON 400, and the stub vLLM saw nothing
+    assert done.stdout == "2 400", (done.stdout, done.stderr)
+    assert json.loads((tmp_path / "body").read_text())["error"]["code"] == "non_canonical_path"
+    assert gateway.upstream.seen_with(request_id) == []
 
 
 def test_the_canonical_public_paths_still_reach_vllm(gateway: Gateway) -> None:
