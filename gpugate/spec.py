@@ -320,6 +320,17 @@ class KubeAutoscaling(Strict):
     )
 
 
+class LocalSpec(Strict):
+    """Options of the local target (`gpugate up` on this machine)."""
+
+    expose: bool = Field(
+        False,
+        description="false: Caddy's https and http ports listen on 127.0.0.1 only, so nothing but this machine "
+        "reaches the gateway; true: on every interface, so other machines on the network do too (the domain "
+        "must then resolve to this machine for them, and they must trust the printed CA file)",
+    )
+
+
 class KubernetesSpec(Strict):
     provider: Literal["gke", "eks", "existing"]
     version: str = Field(
@@ -393,6 +404,7 @@ class GatewaySpec(Strict):
     monitoring: MonitoringSpec = MonitoringSpec()
     vm: VmSpec | None = Field(None, description="VM options (aws, gcp)")
     kubernetes: KubernetesSpec | None = Field(None, description="cluster and replicas (kubernetes)")
+    local: LocalSpec | None = Field(None, description="local options (local): whether the gateway is exposed beyond loopback")
 
     @field_validator("admin_cidrs", mode="before")
     @classmethod
@@ -463,6 +475,8 @@ class GatewaySpec(Strict):
             self._gpu_machine_fits_the_gpus(self.kubernetes)
         elif self.kubernetes is not None:
             raise ValueError(f"kubernetes: only for target kubernetes, not {self.target}")
+        if self.local is not None and not local:
+            raise ValueError(f"local: only for target local, not {self.target}")
         if self.vllm.cpu_kv_cache_gib is not None and not cpu:
             raise ValueError("vllm.cpu_kv_cache_gib: only for vLLM's CPU build (gpu.type cpu)")
         tp = self.vllm.tensor_parallel_size
@@ -520,6 +534,12 @@ class GatewaySpec(Strict):
     @property
     def tensor_parallel_size(self) -> int:
         return self.vllm.tensor_parallel_size or max(self.gpu.count, 1)
+
+    @property
+    def exposed(self) -> bool:
+        """Caddy's public ports listen on every interface: always on a cloud host or pod, on a local
+        stack only when `local.expose` says so."""
+        return self.target is not Target.LOCAL or (self.local is not None and self.local.expose)
 
     @property
     def replicas(self) -> int:

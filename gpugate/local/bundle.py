@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from gpugate_runtime.contract.host import HostLayout, Ports
+from gpugate_runtime.contract.host import LOOPBACK, HostLayout, Ports
 from gpugate_runtime.contract.services import USER_GATEWAY, HostFacts, VllmProcess, services
 
 from gpugate.local.model import MODEL_NAME
@@ -43,7 +43,8 @@ def local_facts(stack: Stack, layout: HostLayout) -> HostFacts:
         runtime_python=Path(sys.prefix) / "bin" / "python",
         https_port=spec.ports.https,
         http_port=spec.ports.http,
-        public_address="",
+        # Loopback unless the stack file sets gpugate:local.expose: a single-machine gateway by default.
+        public_address="" if spec.exposed else LOOPBACK,
         vllm=VllmProcess(python=venv_python(default_cache_dir() / VENV_NAME), user=USER_GATEWAY, env=VLLM_ENV),
         alert_sink=spec.alerts.channel.kind == "file",
         alert_credential=spec.alerts.needs_credential,

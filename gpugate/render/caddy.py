@@ -16,6 +16,13 @@ from gpugate_runtime.contract.services import Service, by_name
 from gpugate.render.templates import render_template
 from gpugate.spec import GatewaySpec
 
+# The request target as it arrives (path, then an optional query), in the one form the gateway
+# forwards: "/" or lower-case segments of [a-z0-9_-] joined by single slashes. Every public path
+# (/healthz, /v1/models, /v1/chat/completions, /v1/completions) is in this form; a dot segment,
+# a percent-escape, a doubled or trailing slash, upper case or a trailing dot is not, and gets 400
+# before authz. An RE2 pattern (Caddy's `vars_regexp`); no spaces or braces, so it is one Caddyfile token.
+CANONICAL_URI = r"^(/|(/[a-z0-9_-]+)+)(\?.*)?$"
+
 
 @dataclass(frozen=True)
 class Upstream:
@@ -46,14 +53,27 @@ def metrics_site(caddy: Service, routes: tuple[tuple[str, str], ...] = ()) -> Me
     return MetricsSite(f"http://{listen.address}:{listen.port}", bind=listen.address or None, routes=routes)
 
 
+def public_bind(caddy: Service) -> str | None:
+    """The address Caddy's public sites bind, from the service table's `https` listen; None: every interface."""
+    listen = next(item for item in caddy.listens if item.name == "https")
+    return listen.address or None
+
+
 def host_topology(table: tuple[Service, ...], ports: Ports) -> tuple[Upstream, MetricsSite]:
     """A host (local or VM): vLLM on loopback, Caddy's metrics where the table puts them."""
     return Upstream(LOOPBACK, ports.vllm), metrics_site(by_name(table)["caddy"])
 
 
 def caddyfile(
-    spec: GatewaySpec, ports: Ports, layout: HostLayout, header: str, upstream: Upstream, metrics: MetricsSite
+    spec: GatewaySpec,
+    ports: Ports,
+    layout: HostLayout,
+    header: str,
+    upstream: Upstream,
+    metrics: MetricsSite,
+    bind: str | None = None,
 ) -> bytes:
+    """The Caddyfile; `bind`: the one address its public sites listen on (None: every interface)."""
     return render_template(
         "common/Caddyfile.j2",
         spec=spec,
@@ -61,10 +81,12 @@ def caddyfile(
         header=header,
         upstream=upstream,
         metrics=metrics,
+        public_bind=bind,
         authz_address=f"{LOOPBACK}:{ports.authz}",
         request_id_header=REQUEST_ID_HEADER,
         key_id_header=KEY_ID_HEADER,
         env_vllm_key=ENV_VLLM_KEY,
         body_length_header=BODY_LENGTH_HEADER,
         access_log_ids_field=ACCESS_LOG_IDS_FIELD,
+        canonical_uri=CANONICAL_URI,
     )

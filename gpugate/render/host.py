@@ -18,7 +18,7 @@ from gpugate_runtime.launchspec import LaunchSpec
 
 from gpugate.render.alerts import rule_groups
 from gpugate.render.bundle import dump_json, dump_yaml, header
-from gpugate.render.caddy import caddyfile, host_topology
+from gpugate.render.caddy import caddyfile, host_topology, public_bind
 from gpugate.render.monitoring import alertmanager_config, prometheus_config
 from gpugate.render.settings import env_file, runtime_settings, settings_env
 from gpugate.stackfile import Stack
@@ -69,7 +69,7 @@ def host_files(
     text = header(stack)
     upstream, metrics = host_topology(table, ports)
     files = {
-        CADDYFILE: caddyfile(spec, ports, layout, text, upstream, metrics),
+        CADDYFILE: caddyfile(spec, ports, layout, text, upstream, metrics, bind=public_bind(named["caddy"])),
         LAUNCH_SPEC: dump_json(launch.model_dump(mode="json")),
         PROMETHEUS_CONFIG: dump_yaml(prometheus_config(spec, ports, layout, table), text),
         ALERT_RULES: dump_yaml(rule_groups(spec), text),

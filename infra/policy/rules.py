@@ -36,8 +36,13 @@ from gpugate.catalog import GPUS
 
 WEB_PORTS = frozenset({80, 443})
 SSH_PORT = 22
-# SSH may come from networks of at most this many addresses (a /16); wider is the internet
-# in all but name (0.0.0.0/1 + 128.0.0.0/1 is the whole of it).
+# "The world", for web-only-from-world: sources that admit more addresses than one IPv4 /8 (16.7M
+# addresses, the largest private range, 10.0.0.0/8) or one IPv6 /32 (a whole ISP's allocation).
+# Counted over the union of a rule's sources, so 0.0.0.0/1 + 128.0.0.0/1, or 256 /8s, is the world.
+WORLD_PREFIX_V4 = 8
+WORLD_PREFIX_V6 = 32
+# SSH may come from networks of at most this many addresses (a /16), again over the union of a
+# rule's sources; wider is the internet in all but name.
 MIN_SSH_PREFIX_V4 = 16
 MIN_SSH_PREFIX_V6 = 48
 SECRET_DIR = f"{VM_LAYOUT.secrets}/"
@@ -170,20 +175,30 @@ def _aws_block(block: Mapping[str, Any]) -> Iterator[Ingress]:
         yield Ingress(protocol, _port_range(protocol, block.get("fromPort"), block.get("toPort")), sources)
 
 
-def _is_world(cidr: str) -> bool:
-    try:
-        return ipaddress.ip_network(cidr, strict=False).prefixlen == 0
-    except ValueError:
-        return False
+def wider_than(sources: tuple[str, ...], prefix_v4: int, prefix_v6: int) -> bool:
+    """True when the sources together admit more addresses than one /prefix_v4 (IPv4) or one
+    /prefix_v6 (IPv6) network: overlapping ranges count once, and a source that is not an address
+    range (a typo, a placeholder) counts as unbounded; one not known yet (a preview) is judged at `up`."""
+    networks: dict[int, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {4: [], 6: []}
+    for source in sources:
+        if not _known(source):
+            continue
+        try:
+            network = ipaddress.ip_network(str(source).strip(), strict=False)
+        except ValueError:
+            return True
+        networks[network.version].append(network)
+    bounds = {4: 2 ** (32 - prefix_v4), 6: 2 ** (128 - prefix_v6)}
+    return any(
+        sum(n.num_addresses for n in ipaddress.collapse_addresses(found)) > bounds[version]  # type: ignore[type-var]
+        for version, found in networks.items()
+        if found
+    )
 
 
-def _too_wide_for_ssh(cidr: str) -> bool:
-    try:
-        network = ipaddress.ip_network(cidr, strict=False)
-    except ValueError:
-        return True  # not an address range we can bound: treat as open
-    floor = MIN_SSH_PREFIX_V4 if network.version == 4 else MIN_SSH_PREFIX_V6
-    return network.prefixlen < floor
+def is_world(sources: tuple[str, ...]) -> bool:
+    """The sources admit the internet at large: more than a /8 of IPv4 or a /32 of IPv6 addresses."""
+    return wider_than(sources, WORLD_PREFIX_V4, WORLD_PREFIX_V6)
 
 
 # ---- the rules ------------------------------------------------------------------------------
@@ -191,23 +206,48 @@ def _too_wide_for_ssh(cidr: str) -> bool:
 
 def web_only_from_world(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
     for rule in ingresses(args.resource_type, args.props):
-        world = [s for s in rule.sources if _is_world(s)]
-        if world and not rule.only_web():
+        if is_world(rule.sources) and not rule.only_web():
             report_violation(
-                f"{args.name} opens {rule.describe()}: only TCP 80 and 443 may be open to {', '.join(world)}",
+                f"{args.name} opens {rule.describe()}: only TCP 80 and 443 may be open to the world "
+                f"(sources wider than a /{WORLD_PREFIX_V4} of IPv4 or a /{WORLD_PREFIX_V6} of IPv6, alone or together)",
                 None,
             )
 
 
 def no_world_ssh(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
     for rule in ingresses(args.resource_type, args.props):
-        if not rule.covers(SSH_PORT):
-            continue
-        wide = [s for s in rule.sources if _too_wide_for_ssh(s)]
-        if wide:
+        if rule.covers(SSH_PORT) and wider_than(rule.sources, MIN_SSH_PREFIX_V4, MIN_SSH_PREFIX_V6):
             report_violation(
-                f"{args.name} opens SSH to {', '.join(wide)}: SSH may come only from admin networks of "
-                f"/{MIN_SSH_PREFIX_V4} or narrower (set gpugate:admin_cidrs, or none for SSM / IAP)",
+                f"{args.name} opens SSH to {', '.join(rule.sources)}: SSH may come only from admin networks of "
+                f"/{MIN_SSH_PREFIX_V4} or narrower, together (set gpugate:admin_cidrs, or none for SSM / IAP)",
+                None,
+            )
+
+
+def _exposed_ports(spec: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(what, number) for each port a Service opens outside the cluster: a LoadBalancer's listener ports,
+    a NodePort Service's node ports (None when the cluster allocates one, from 30000-32767)."""
+    for port in spec.get("ports") or []:
+        if spec.get("type") == "LoadBalancer":
+            yield "port", port.get("port")
+        else:
+            yield "nodePort", port.get("nodePort")
+
+
+def kubernetes_web_only_exposed(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    """A NodePort or LoadBalancer Service opens ports on every node or on a cloud load balancer, outside
+    the NetworkPolicies' reach: only 80 and 443 may be opened that way, whatever its source ranges."""
+    if args.resource_type != K8S_SERVICE:
+        return
+    spec = args.props.get("spec") or {}
+    if spec.get("type") not in ("NodePort", "LoadBalancer"):
+        return
+    for what, number in _exposed_ports(spec):
+        if not _known(number) or int(number) not in WEB_PORTS:
+            shown = int(number) if _known(number) else "allocated from 30000-32767"
+            report_violation(
+                f"{args.name}: a {spec['type']} Service exposes {what} {shown}; only 80 and 443 may leave the "
+                "cluster (use a ClusterIP Service and kubectl port-forward for anything else)",
                 None,
             )
 
@@ -336,13 +376,15 @@ def cluster_api_not_public(args: ResourceValidationArgs, report_violation: Repor
         if not config:
             report_violation(f"{args.name}: set masterAuthorizedNetworksConfig (the admin networks) on the cluster", None)
             return
-        wide = [b.get("cidrBlock") for b in config.get("cidrBlocks") or [] if _is_world(str(b.get("cidrBlock")))]
+        blocks = tuple(str(b.get("cidrBlock")) for b in config.get("cidrBlocks") or [])
+        wide = list(blocks) if is_world(blocks) else []
     elif args.resource_type == EKS_CLUSTER:
         vpc = props.get("vpcConfig") or {}
         if vpc.get("endpointPublicAccess") is False:
             return
         # EKS opens a public endpoint to 0.0.0.0/0 unless told otherwise.
-        wide = [c for c in vpc.get("publicAccessCidrs") or ["0.0.0.0/0"] if _is_world(str(c))]
+        cidrs = tuple(str(c) for c in vpc.get("publicAccessCidrs") or ["0.0.0.0/0"])
+        wide = list(cidrs) if is_world(cidrs) else []
     else:
         return
     if wide:
@@ -409,14 +451,21 @@ class Rule:
 RULES: tuple[Rule, ...] = (
     Rule(
         "web-only-from-world",
-        "Only TCP 80 and 443 may be open to 0.0.0.0/0 or ::/0 (security groups, their rules, GCP firewalls, "
+        f"Only TCP 80 and 443 may be open to the world: sources wider than a /{WORLD_PREFIX_V4} of IPv4 or a "
+        f"/{WORLD_PREFIX_V6} of IPv6, alone or together (security groups, their rules, GCP firewalls, "
         "Kubernetes LoadBalancer Services).",
         web_only_from_world,
     ),
     Rule(
         "no-world-ssh",
-        f"SSH (22) only from admin networks of /{MIN_SSH_PREFIX_V4} or narrower (or IAP), never from the internet.",
+        f"SSH (22) only from admin networks of /{MIN_SSH_PREFIX_V4} or narrower together (or IAP), never from the internet.",
         no_world_ssh,
+    ),
+    Rule(
+        "kubernetes-web-only-exposed",
+        "Kubernetes Services of type NodePort or LoadBalancer expose TCP 80 and 443 only (a NodePort's "
+        "node port from 30000-32767 never passes).",
+        kubernetes_web_only_exposed,
     ),
     Rule("encrypted-disks", "EC2 root and EBS volumes must be encrypted (GCP disks always are).", encrypted_disks),
     Rule("imdsv2-required", "EC2 instances require IMDSv2 tokens with a hop limit of 1.", imdsv2_required),
@@ -437,7 +486,7 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "cluster-api-not-public",
-        "A GKE or EKS API server answers the admin networks only, never 0.0.0.0/0.",
+        f"A GKE or EKS API server answers the admin networks only, never the world (more than a /{WORLD_PREFIX_V4}).",
         cluster_api_not_public,
     ),
     Rule(

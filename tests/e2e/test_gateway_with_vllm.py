@@ -1,8 +1,13 @@
-"""Keys at the gateway in front of REAL vLLM: refusals never reach it, limits, rotation under load, revocation, privacy."""
+"""Keys and paths at the gateway in front of REAL vLLM: refusals never reach it, limits, rotation under load,
+revocation, privacy, non-canonical paths, and a local stack reachable from this machine only."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import ipaddress
+import json
+import socket
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -14,7 +19,10 @@ import openai
 import pytest
 from gpugate_runtime.keys import create_key, utcnow
 
+from gpugate.stackfile import load_stack
+
 from tests.e2e.local_stack import running_local_stack, wait_until
+from tests.e2e.paths import NON_CANONICAL, PRIVATE_ROUTES, raw_https
 
 pytestmark = pytest.mark.e2e
 
@@ -171,3 +179,94 @@ def test_prompt_and_completion_text_appear_in_no_log_metric_or_state_file(stack)
     for name in ("vllm", "authz", "prober", "caddy_metrics"):
         text = httpx.get(f"http://127.0.0.1:{stack.ports[name]}/metrics", timeout=5).text
         assert CANARY not in text and stack.key not in text, name
+
+
+# What only vLLM answers with: Prometheus text, the OpenAPI schema or Swagger page, tokens, FastAPI errors.
+VLLM_PRIVATE_MARKS = (b"# HELP", b"# TYPE", b'"openapi"', b"swagger", b'"tokens"', b'"prompt"', b"detail")
+
+
+def _method(path: str) -> str:
+    return "POST" if path.startswith(("/tokenize", "/detokenize")) else "GET"
+
+
+@pytest.mark.parametrize("path", NON_CANONICAL)
+def test_non_canonical_paths_with_a_valid_key_get_json_400_and_no_private_vllm_route_answers(stack, path):
+    # given the stack's valid key and a path that is not in canonical form
+    request_id = f"e2e-path-{abs(hash(path)) % 10**10:010d}"
+    port = int(stack.url.rsplit(":", 1)[1])
+    # when it is sent byte for byte (an HTTP client would clean it)
+    response = raw_https(
+        port, "localhost", stack.tls(), _method(path), path,
+        {"Authorization": f"Bearer {stack.key}", "X-Request-Id": request_id},
+    )
+    # then the gateway answers its own JSON 400, and nothing of vLLM's metrics, schema or tokenizer
+    assert response.status == 400, (response.status, response.body[:300])
+    assert response.headers["content-type"] == "application/json"
+    assert json.loads(response.body)["error"]["code"] == "non_canonical_path"
+    assert not [mark for mark in VLLM_PRIVATE_MARKS if mark in response.body]
+    # ... and the path reached Caddy exactly as sent, where authz never saw it (no key id logged)
+    access_log = stack.state / "var" / "log" / "gpugate" / "access.log"
+    wait_until(lambda: request_id in access_log.read_text(), 5, 0.1, "the access-log entry")
+    entry = next(json.loads(line) for line in access_log.read_text().splitlines() if request_id in line)
+    assert entry["request"]["uri"] == path and entry["status"] == 400
+    assert entry["key_and_request_id"] == f"- {request_id}"
+
+
+@pytest.mark.parametrize("private", PRIVATE_ROUTES)
+def test_private_vllm_routes_answer_on_loopback_so_a_probe_that_got_through_would_show(stack, private):
+    # given vLLM's own loopback port, each private route answers with one of the marks the probes look for
+    key = (stack.state / "etc" / "gpugate" / "secrets" / "vllm_api_key").read_text().strip()
+    headers = {"Authorization": f"Bearer {key}"}
+    url = f"http://127.0.0.1:{stack.ports['vllm']}{private}"
+    if _method(private) == "POST":
+        body = {"model": stack.model, "prompt": "hi"} if private == "/tokenize" else {"model": stack.model, "tokens": [1]}
+        answer = httpx.post(url, json=body, headers=headers, timeout=30)
+    else:
+        answer = httpx.get(url, headers=headers, timeout=30)
+    assert answer.status_code == 200, (private, answer.status_code, answer.text[:200])
+    assert [mark for mark in VLLM_PRIVATE_MARKS if mark in answer.content]
+
+
+def test_vllm_serves_metrics_under_a_dot_segment_which_is_why_the_gateway_must_refuse_it(stack):
+    # /metrics is a prefix mount in vLLM: the raw /metrics/../v1/models, had Caddy forwarded it, is Prometheus text
+    with socket.create_connection(("127.0.0.1", stack.ports["vllm"]), timeout=10) as raw:
+        raw.sendall(b"GET /metrics/../v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        leaked = b"".join(iter(lambda: raw.recv(65536), b""))
+    assert leaked.startswith(b"HTTP/1.1 200") and b"# HELP" in leaked
+
+
+def _listeners() -> list[tuple[str, int]]:
+    """(address, port) of every listening TCP socket on this machine, as `ss` reports them."""
+    out = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True, check=True, timeout=30).stdout
+    found = []
+    for line in out.splitlines():
+        local = line.split()[3]
+        address, _, port = local.rpartition(":")
+        address = address.strip("[]").split("%")[0]
+        found.append(("::" if address == "*" else address, int(port)))  # `*`: every address
+    return found
+
+
+def _outside_addresses() -> list[str]:
+    """This machine's addresses other than loopback (what another machine on the network would dial)."""
+    out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=10).stdout.split()
+    return [a for a in out if not ipaddress.ip_address(a).is_loopback and not ipaddress.ip_address(a).is_link_local]
+
+
+def test_the_local_stack_listens_on_loopback_only_and_refuses_other_addresses(stack):
+    # given the running local stack as shipped (gpugate:local.expose unset)
+    ports = load_stack(stack.stack_file).spec.ports
+    https, http = ports.https, ports.http
+    ours = {https, http, *stack.ports.values()}
+    # when its listening sockets are listed
+    listening = [(address, port) for address, port in _listeners() if port in ours]
+    # then Caddy's https and http ports are among them, and every one of the stack's sockets is on loopback
+    assert {https, http} <= {port for _, port in listening}
+    assert [(a, p) for a, p in listening if not ipaddress.ip_address(a).is_loopback] == []
+    # ... so a connection to this machine's network address is refused
+    outside = _outside_addresses()
+    if not outside:
+        pytest.skip("this machine has no address but loopback")
+    for address in outside:
+        with pytest.raises(OSError):
+            socket.create_connection((address, https), timeout=5).close()

@@ -49,6 +49,7 @@ BAD_STACKS = [
     ("model outside the catalog", "staging", _set("acme/secret-model", "gpugate:model", "id"), "gpugate:model.id", "allowed: HuggingFaceTB/SmolLM2-135M-Instruct"),
     ("local stack asking for a GPU", "local", _set({"type": "L4", "count": 1}, "gpugate:gpu"), "gpugate:gpu.type", "allowed: cpu"),
     ("replica range upside down", "prod", _set({"min": 4, "max": 2}, "gpugate:kubernetes", "replicas"), "gpugate:kubernetes.replicas.max", "allowed: 4..1000"),
+    ("local options on a cloud stack", "staging", _set({"expose": True}, "gpugate:local"), "gpugate:local", "only for target local"),
     ("namespace typo", "staging", _set("x.example.com", "gpugatee:domain"), "gpugatee:domain", "allowed: gpugate, aws, gcp"),
 ]
 

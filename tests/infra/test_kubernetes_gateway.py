@@ -296,7 +296,7 @@ def test_an_existing_cluster_without_a_kubeconfig_is_refused_with_the_command_to
 # ---- the policy pack over the Kubernetes resources: each bad variant is caught ---------------------
 
 
-def test_a_load_balancer_service_that_opens_ssh_is_caught_by_both_ingress_rules():
+def test_a_load_balancer_service_that_opens_ssh_is_caught_by_both_ingress_rules_and_the_exposure_rule():
     stack = load_stack("prod")
 
     def build(s: Stack) -> KubernetesGateway:
@@ -316,6 +316,7 @@ def test_a_load_balancer_service_that_opens_ssh_is_caught_by_both_ingress_rules(
     assert {(v.policy, v.resource) for v in report.violations} == {
         ("web-only-from-world", "debug-ssh"),
         ("no-world-ssh", "debug-ssh"),
+        ("kubernetes-web-only-exposed", "debug-ssh"),
     }
 
 

@@ -23,9 +23,10 @@ from pulumi.runtime.proto import analyzer_pb2, analyzer_pb2_grpc
 
 from gpugate.cli.plan import plan_stack
 from infra.policy.evaluate import evaluate_policies
-from gpugate.stackfile import stack_names
+from gpugate.spec import Target
+from gpugate.stackfile import load_stack, stack_names
 from infra.offline import Recorded, Run
-from infra.policy.rules import RULES
+from infra.policy.rules import K8S_SERVICE, RULES
 from tests.conftest import REPO
 from tests.infra.conftest import of_type, one
 
@@ -54,13 +55,27 @@ def named(run: Run, type_token: str, name_part: str) -> Recorded:
     return next(r for r in of_type(run, type_token) if name_part in r.name)
 
 
-@pytest.mark.parametrize("stack", stack_names())
-def test_every_stack_in_stacks_passes_the_policy_pack(stack):
+PLANNED_STACKS = [name for name in stack_names() if load_stack(name).spec.target is not Target.LOCAL]
+
+
+@pytest.mark.parametrize("stack", PLANNED_STACKS)
+def test_every_cloud_stack_in_stacks_passes_every_rule_of_the_policy_pack(stack):
     report = plan_stack(stack)
+    # every rule ran over every resource the program asks for ...
+    assert report.planned
+    assert {v.policy for v in report.policies} >= {rule.name for rule in RULES}
+    assert all(v.checked > 5 for v in report.policies)
+    # ... and none found anything
     assert report.violations == []
-    if report.planned:  # VM targets: every rule ran over every resource
-        assert {v.policy for v in report.policies} >= {rule.name for rule in RULES}
-        assert all(v.checked > 5 for v in report.policies)
+
+
+def test_the_local_stack_is_not_planned_so_the_pack_judges_nothing_there():
+    # Pulumi provisions nothing for the local target: an empty verdict list would prove nothing,
+    # so the report must say it did not plan (the local stack's exposure is tested in test_caddy.py).
+    report = plan_stack("local")
+    assert not report.planned and report.policies == []
+    assert "local target" in report.note
+    assert len(PLANNED_STACKS) == len(stack_names()) - 1
 
 
 # ---- web-only-from-world -------------------------------------------------------------------
@@ -89,6 +104,68 @@ def test_a_gcp_firewall_without_source_ranges_is_open_to_the_world_and_caught(de
     assert list(broken_rules(bad)) == ["web-only-from-world"]
 
 
+def test_a_non_web_port_open_to_two_halves_of_the_address_space_is_the_world_and_caught(staging, dev):
+    # given a non-web port open to 0.0.0.0/1 + 128.0.0.0/1: every address, written as two networks
+    halves = ["0.0.0.0/1", "128.0.0.0/1"]
+    group = one(staging, "aws:ec2/securityGroup:SecurityGroup")
+    port_8000 = {"protocol": "tcp", "fromPort": 8000.0, "toPort": 8000.0, "cidrBlocks": halves}
+    aws = changed(group, lambda w: w.update(ingress=[port_8000]))
+    firewall = named(dev, FIREWALL, "in-http")
+    gcp = changed(firewall, lambda w: w.update(sourceRanges=halves, allows=[{"protocol": "tcp", "ports": ["8000"]}]))
+    # then both clouds' rules break web-only-from-world
+    assert list(broken_rules(aws)) == ["web-only-from-world"]
+    assert list(broken_rules(gcp)) == ["web-only-from-world"]
+    assert "tcp port 8000 from 0.0.0.0/1, 128.0.0.0/1" in broken_rules(gcp)["web-only-from-world"][0]
+
+
+@pytest.mark.parametrize(
+    ("sources", "world"),
+    [
+        (["10.0.0.0/8"], False),  # the largest private range: the bound itself
+        (["10.0.0.0/9", "10.128.0.0/9"], False),  # a /8 in two pieces
+        (["10.0.0.0/8", "10.1.0.0/16"], False),  # overlaps count once
+        (["10.0.0.0/7"], True),
+        (["10.0.0.0/8", "11.0.0.0/8"], True),  # two /8s together
+        (["2001:db8::/32"], False),
+        (["2001:db8::/31"], True),
+        (["not-a-network"], True),  # unbounded: a typo must not open a port quietly
+    ],
+)
+def test_world_means_more_addresses_than_a_slash_8_alone_or_together(dev, sources, world):
+    firewall = named(dev, FIREWALL, "in-http")
+    variant = changed(firewall, lambda w: w.update(sourceRanges=sources, allows=[{"protocol": "tcp", "ports": ["8000"]}]))
+    assert ("web-only-from-world" in broken_rules(variant)) is world
+
+
+# ---- kubernetes-web-only-exposed --------------------------------------------------------------
+
+
+def _service(kind: str, ports: list[dict], **spec: object) -> Recorded:
+    wire = {"metadata": {"name": "debug", "namespace": "gpugate"}, "spec": {"type": kind, "ports": ports, **spec}}
+    urn = "urn:pulumi:prod::gpugate::kubernetes:core/v1:Service::debug"
+    return Recorded(type=K8S_SERVICE, name="debug", urn=urn, custom=True, wire=wire)
+
+
+def test_a_node_port_service_is_caught_whatever_its_port():
+    # given NodePort Services: one letting the cluster pick the node port, one on 8443, one on a web port
+    allocated = _service("NodePort", [{"port": 443, "protocol": "TCP"}])
+    chosen = _service("NodePort", [{"port": 80, "nodePort": 30443.0, "protocol": "TCP"}])
+    web = _service("NodePort", [{"port": 443, "nodePort": 443.0, "protocol": "TCP"}])
+    # then each that opens anything but 80/443 on the nodes is caught
+    assert list(broken_rules(allocated)) == ["kubernetes-web-only-exposed"]
+    assert "allocated from 30000-32767" in broken_rules(allocated)["kubernetes-web-only-exposed"][0]
+    assert "nodePort 30443" in broken_rules(chosen)["kubernetes-web-only-exposed"][0]
+    assert broken_rules(web) == {}
+
+
+def test_a_load_balancer_on_a_non_web_port_is_caught_even_from_a_narrow_source_range():
+    narrow = _service("LoadBalancer", [{"port": 9090, "protocol": "TCP"}], loadBalancerSourceRanges=["10.1.0.0/16"])
+    web = _service("LoadBalancer", [{"port": 80, "protocol": "TCP"}, {"port": 443, "protocol": "TCP"}])
+    internal = _service("ClusterIP", [{"port": 9090, "protocol": "TCP"}])
+    assert list(broken_rules(narrow)) == ["kubernetes-web-only-exposed"]
+    assert broken_rules(web) == {} and broken_rules(internal) == {}
+
+
 # ---- no-world-ssh ----------------------------------------------------------------------------
 
 
@@ -103,7 +180,8 @@ def test_ssh_from_the_world_split_in_two_halves_is_caught(dev):
     ssh = named(dev, FIREWALL, "in-ssh")
     assert broken_rules(ssh) == {}  # the IAP range is Google's proxy, not the world
     bad = changed(ssh, lambda w: w.update(sourceRanges=["0.0.0.0/1", "128.0.0.0/1"]))
-    assert list(broken_rules(bad)) == ["no-world-ssh"]
+    # the two halves are the world too, where only 80/443 may be open
+    assert set(broken_rules(bad)) == {"no-world-ssh", "web-only-from-world"}
     assert "0.0.0.0/1, 128.0.0.0/1" in broken_rules(bad)["no-world-ssh"][0]
 
 
