@@ -64,6 +64,69 @@ def machine(cloud: str, gpu_type: str, count: int) -> str:
 
 
 @dataclass(frozen=True)
+class MachineFacts:
+    """One machine type's shape, as the cloud lists it: what a node of it offers before the kubelet's reservations."""
+
+    cloud: str  # "aws" or "gcp"
+    vcpus: int
+    memory_gib: float
+    gpu: str  # a GPUS key ("cpu" for none)
+    gpus: int
+    max_pods: int = 110  # EKS: the VPC CNI's ENI limit (amazon-eks-ami's eni-max-pods.txt); GKE: its default per node
+
+
+# Shapes of the machines above and of their larger siblings with the same GPUs (the clouds' instance
+# and machine type pages, 2026-11): a GPU node pool whose pods outgrow the default machine names the
+# ones that hold them. System pools' machines too: their pods are checked the same way.
+MACHINES: dict[str, MachineFacts] = {
+    "c7i.xlarge": MachineFacts("aws", 4, 8, "cpu", 0, 58),
+    "m6i.large": MachineFacts("aws", 2, 8, "cpu", 0, 29),
+    "m6i.xlarge": MachineFacts("aws", 4, 16, "cpu", 0, 58),
+    "g6.xlarge": MachineFacts("aws", 4, 16, "L4", 1, 58),
+    "g6.2xlarge": MachineFacts("aws", 8, 32, "L4", 1, 58),
+    "g6.4xlarge": MachineFacts("aws", 16, 64, "L4", 1, 234),
+    "g6.8xlarge": MachineFacts("aws", 32, 128, "L4", 1, 234),
+    "g6.16xlarge": MachineFacts("aws", 64, 256, "L4", 1, 737),
+    "g6.12xlarge": MachineFacts("aws", 48, 192, "L4", 4, 234),
+    "g6.24xlarge": MachineFacts("aws", 96, 384, "L4", 4, 737),
+    "g6.48xlarge": MachineFacts("aws", 192, 768, "L4", 8, 737),
+    "g5.xlarge": MachineFacts("aws", 4, 16, "A10G", 1, 58),
+    "g5.2xlarge": MachineFacts("aws", 8, 32, "A10G", 1, 58),
+    "g5.4xlarge": MachineFacts("aws", 16, 64, "A10G", 1, 234),
+    "g5.8xlarge": MachineFacts("aws", 32, 128, "A10G", 1, 234),
+    "g5.12xlarge": MachineFacts("aws", 48, 192, "A10G", 4, 737),
+    "g5.24xlarge": MachineFacts("aws", 96, 384, "A10G", 4, 737),
+    "g5.48xlarge": MachineFacts("aws", 192, 768, "A10G", 8, 345),
+    "p4de.24xlarge": MachineFacts("aws", 96, 1152, "A100-80GB", 8, 737),
+    "p5.48xlarge": MachineFacts("aws", 192, 2048, "H100-80GB", 8, 100),
+    "n2-standard-4": MachineFacts("gcp", 4, 16, "cpu", 0),
+    "e2-standard-4": MachineFacts("gcp", 4, 16, "cpu", 0),
+    "g2-standard-4": MachineFacts("gcp", 4, 16, "L4", 1),
+    "g2-standard-8": MachineFacts("gcp", 8, 32, "L4", 1),
+    "g2-standard-12": MachineFacts("gcp", 12, 48, "L4", 1),
+    "g2-standard-16": MachineFacts("gcp", 16, 64, "L4", 1),
+    "g2-standard-32": MachineFacts("gcp", 32, 128, "L4", 1),
+    "g2-standard-24": MachineFacts("gcp", 24, 96, "L4", 2),
+    "g2-standard-48": MachineFacts("gcp", 48, 192, "L4", 4),
+    "g2-standard-96": MachineFacts("gcp", 96, 384, "L4", 8),
+    "a2-ultragpu-1g": MachineFacts("gcp", 12, 170, "A100-80GB", 1),
+    "a2-ultragpu-2g": MachineFacts("gcp", 24, 340, "A100-80GB", 2),
+    "a2-ultragpu-4g": MachineFacts("gcp", 48, 680, "A100-80GB", 4),
+    "a2-ultragpu-8g": MachineFacts("gcp", 96, 1360, "A100-80GB", 8),
+    "a3-highgpu-1g": MachineFacts("gcp", 26, 234, "H100-80GB", 1),
+    "a3-highgpu-2g": MachineFacts("gcp", 52, 468, "H100-80GB", 2),
+    "a3-highgpu-4g": MachineFacts("gcp", 104, 936, "H100-80GB", 4),
+    "a3-highgpu-8g": MachineFacts("gcp", 208, 1872, "H100-80GB", 8),
+}
+
+
+def same_gpus(cloud: str, gpu_type: str, count: int) -> list[str]:
+    """The machines of `cloud` with `count` x `gpu_type`, smallest first."""
+    found = [name for name, m in MACHINES.items() if m.cloud == cloud and m.gpu == gpu_type and m.gpus == count]
+    return sorted(found, key=lambda name: (MACHINES[name].vcpus, MACHINES[name].memory_gib))
+
+
+@dataclass(frozen=True)
 class ModelFacts:
     """Architecture of a model, as its config.json states it."""
 
@@ -72,15 +135,16 @@ class ModelFacts:
     head_dim: int
     max_position_embeddings: int
     num_params: float  # parameters, for weight memory
+    gated: bool = False  # the Hugging Face repository asks for accepted terms: downloads need a token (`hf_token`)
 
 
 MODELS: dict[str, ModelFacts] = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": ModelFacts(30, 3, 64, 8192, 134.5e6),
     "Qwen/Qwen2.5-7B-Instruct": ModelFacts(28, 4, 128, 32768, 7.62e9),
     "Qwen/Qwen2.5-14B-Instruct": ModelFacts(48, 8, 128, 32768, 14.8e9),
-    "meta-llama/Llama-3.1-8B-Instruct": ModelFacts(32, 8, 128, 131072, 8.03e9),
-    "meta-llama/Llama-3.1-70B-Instruct": ModelFacts(80, 8, 128, 131072, 70.6e9),
-    "mistralai/Mistral-7B-Instruct-v0.3": ModelFacts(32, 8, 128, 32768, 7.25e9),
+    "meta-llama/Llama-3.1-8B-Instruct": ModelFacts(32, 8, 128, 131072, 8.03e9, gated=True),
+    "meta-llama/Llama-3.1-70B-Instruct": ModelFacts(80, 8, 128, 131072, 70.6e9, gated=True),
+    "mistralai/Mistral-7B-Instruct-v0.3": ModelFacts(32, 8, 128, 32768, 7.25e9, gated=True),
 }
 
 # Bytes per parameter (weights) and per KV element, by dtype/quantization.

@@ -22,7 +22,8 @@ Secrets never go in a stack file in plain text. They are Pulumi config secrets,
 set with `pulumi config set --secret gpugate:<name> VALUE -s <stack>`:
 `gpugate:alert_credential` (Slack webhook URL, PagerDuty routing key, SMTP password or
 webhook bearer token), `gpugate:vllm_api_key` (optional: else generated), `gpugate:kubeconfig`
-(an existing cluster's kubeconfig).
+(an existing cluster's kubeconfig), `gpugate:hf_token` (a Hugging Face token: the Kubernetes target
+passes it to vLLM as `HF_TOKEN`; required there for a gated model).
 """
 
 

@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from gpugate.catalog import AWS_OFFERINGS, GCP_OFFERINGS, GCP_ZONES, GPUS, MODELS
+from gpugate.catalog import AWS_OFFERINGS, GCP_OFFERINGS, GCP_ZONES, GPUS, MACHINES, MODELS, same_gpus
 
 
 class Strict(BaseModel):
@@ -333,7 +333,11 @@ class LocalSpec(Strict):
 
 class KubernetesSpec(Strict):
     provider: Literal["gke", "eks", "existing"]
-    version: str = Field(pattern=r"^1\.[0-9]{2}$", description="Kubernetes minor version, e.g. 1.30")
+    version: str = Field(
+        pattern=r"^1\.[0-9]{2}$",
+        description="Kubernetes minor version the objects are validated against, e.g. 1.30: EKS creates the cluster "
+        "at it; GKE takes its version from the REGULAR release channel and `pulumi up` stops if the channel runs another minor",
+    )
     namespace: str = Field("gpugate", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
     replicas: ReplicaSpec = Field(
         description="vLLM replicas, one GPU node each: the GPU node pool scales between the same bounds"
@@ -350,6 +354,12 @@ class KubernetesSpec(Strict):
     )
     cert_storage_gib: int = Field(
         1024, ge=1, le=65536, description="size of the certificate volume (Filestore's smallest is 1024; EFS ignores it)"
+    )
+    gpu_machine_type: str | None = Field(
+        None,
+        description="machine type of the GPU nodes: on eks/gke the GPU node pool's (default: the catalog's machine for "
+        "gpu.type x gpu.count); on an existing cluster the GPU nodes' own, so that `gpugate plan` checks the vLLM pod "
+        "fits their allocatable (unchecked when unset)",
     )
     install_addons: bool = Field(
         True, description="install KEDA and kube-prometheus-stack with Helm; false when the cluster already runs them"
@@ -462,6 +472,7 @@ class GatewaySpec(Strict):
         if self.target is Target.KUBERNETES:
             if self.kubernetes is None:
                 raise ValueError("kubernetes: target kubernetes needs a kubernetes section (provider, version, replicas)")
+            self._gpu_machine_fits_the_gpus(self.kubernetes)
         elif self.kubernetes is not None:
             raise ValueError(f"kubernetes: only for target kubernetes, not {self.target}")
         if self.local is not None and not local:
@@ -472,6 +483,19 @@ class GatewaySpec(Strict):
         if tp is not None and self.gpu.count and tp > self.gpu.count:
             raise ValueError(f"vllm.tensor_parallel_size: {tp} is above gpu.count {self.gpu.count}; allowed: 1..{self.gpu.count}")
         return self
+
+    def _gpu_machine_fits_the_gpus(self, kube: KubernetesSpec) -> None:
+        chosen = kube.gpu_machine_type
+        if chosen is None:
+            return
+        clouds = {"eks": ("aws",), "gke": ("gcp",), "existing": ("aws", "gcp")}[kube.provider]
+        allowed = [m for cloud in clouds for m in same_gpus(cloud, self.gpu.type, self.gpu.count)]
+        if chosen not in allowed:
+            known = "unknown to gpugate's catalog" if chosen not in MACHINES else "another cloud or GPU set"
+            raise ValueError(
+                f"kubernetes.gpu_machine_type: {chosen} ({known}) is not a {kube.provider} machine with "
+                f"{self.gpu.count} x {self.gpu.type}; allowed: {', '.join(allowed) or 'none'}"
+            )
 
     def _machine_words(self, machine: str) -> str:
         return f"{machine} ({self.gpu.count} x {self.gpu.type})" if self.gpu.count else f"{machine} (no GPU)"

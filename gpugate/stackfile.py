@@ -21,7 +21,7 @@ FOREIGN_NAMESPACES = ("aws", "gcp", "kubernetes", "pulumi", "random", "tls")
 # Top-level keys of a Pulumi stack file besides `config`.
 PULUMI_STACK_KEYS = ("config", "secretsprovider", "encryptedkey", "encryptionsalt", "environment")
 # Pulumi config secrets a stack may hold under gpugate: (`pulumi config set --secret gpugate:<name>`).
-SECRET_KEYS = ("alert_credential", "vllm_api_key", "kubeconfig")
+SECRET_KEYS = ("alert_credential", "vllm_api_key", "kubeconfig", "hf_token")
 
 # This checkout of gpugate: its templates, runbooks and Pulumi program (not the operator's stacks).
 REPO_ROOT = Path(__file__).resolve().parent.parent

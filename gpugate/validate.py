@@ -30,6 +30,8 @@ from gpugate_runtime.settings import AuthzSettings, KeysSettings, load_settings
 from pydantic import ValidationError
 from ruamel.yaml import YAML
 
+from gpugate.kubernetes import objects, pod_build
+from gpugate.kubernetes.allocatable import node_fits
 from gpugate.kubernetes.checks import check_manifest as check_kubernetes
 from gpugate.kubernetes.objects import CADDY_CONFIG, CADDYFILE_PATH
 from gpugate.lockfiles import LockError, read_pins
@@ -265,6 +267,17 @@ def check_manifest(bundle: Bundle) -> Verdict:
     return Verdict(bundle.stack, MANIFEST, "sha256 of every file", ok, "" if ok else f"mismatch: {wrong + missing}")
 
 
+def node_fit_verdicts(stack: Stack) -> list[Verdict]:
+    """Kubernetes: each Deployment's pod against one node of its pool's machine type (allocatable less DaemonSets)."""
+    kube = stack.spec.kubernetes
+    if kube is None:
+        return []
+    return [
+        Verdict(stack.name, f"kubernetes/{kube.namespace}/deployment-{fit.pod}.yaml", "node allocatable", fit.fits, fit.message)
+        for fit in node_fits(stack.spec, objects(pod_build(stack)))
+    ]
+
+
 def validate_stack(stack: Stack) -> list[Verdict]:
     """Render `stack` under a temporary root and check each file with its consumer."""
     with tempfile.TemporaryDirectory(prefix=f"gpugate-validate-{stack.name}-") as tmp:
@@ -283,6 +296,7 @@ def validate_stack(stack: Stack) -> list[Verdict]:
                     ok, detail = check(layout.etc / relpath, Path(tmp))
                     verdicts.append(Verdict(stack.name, relpath, _labelled(tool), ok, detail))
         verdicts.append(check_manifest(bundle))
+        verdicts += node_fit_verdicts(stack)
         unchecked = sorted(set(bundle.files) - {v.file for v in verdicts})
         verdicts += [Verdict(stack.name, p, "(none)", False, "no checker knows this file") for p in unchecked]
         return verdicts

@@ -8,7 +8,7 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
-from gpugate.catalog import machine
+from gpugate.kubernetes.allocatable import SYSTEM_MACHINES, gpu_machine
 from gpugate.kubernetes.build import ClusterFacts, eks_service_annotations
 from gpugate.kubernetes.objects import GPU_POOL, GPU_TAINT, POOL_LABEL, SYSTEM_POOL
 from gpugate.kubernetes.sizing import gpu_node_disk_gib, gpu_node_max
@@ -18,7 +18,7 @@ from infra.awsvpc import PublicSubnet, public_network
 from infra.network import NETWORK_CIDR
 
 TYPE_TOKEN = "gpugate:eks:Cluster"
-SYSTEM_INSTANCE_TYPE = "m6i.large"
+SYSTEM_INSTANCE_TYPE = SYSTEM_MACHINES["eks"]
 SYSTEM_NODES = (2, 6)
 # AL2023 with the NVIDIA driver and container toolkit; the device plugin comes as a DaemonSet (gpugate/kubernetes/).
 GPU_AMI_TYPE = "AL2023_x86_64_NVIDIA"
@@ -139,7 +139,7 @@ class EksCluster(ManagedCluster):
         gpu = group(
             "gpu",
             ami_type=GPU_AMI_TYPE,
-            instance_types=[machine("aws", spec.gpu.type, spec.gpu.count)],
+            instance_types=[gpu_machine(spec)],
             disk_size=gpu_node_disk_gib(spec),
             scaling_config=aws.eks.NodeGroupScalingConfigArgs(
                 min_size=kube.replicas.min, max_size=gpu_node_max(kube), desired_size=kube.replicas.min

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pulumi
 import pulumi_gcp as gcp
 
-from gpugate.catalog import GPUS, machine
+from gpugate.catalog import GPUS
+from gpugate.kubernetes.allocatable import SYSTEM_MACHINES, gpu_machine
 from gpugate.kubernetes.build import ClusterFacts
 from gpugate.kubernetes.objects import GPU_POOL, GPU_TAINT, POOL_LABEL, SYSTEM_POOL
 from gpugate.kubernetes.sizing import gpu_node_disk_gib, gpu_node_max
@@ -15,7 +16,7 @@ from infra.gcpbase import public_address, service_account
 
 TYPE_TOKEN = "gpugate:gke:Cluster"
 # The proxy pods, the addons (KEDA, kube-prometheus-stack) and kube-system run here, never on a GPU.
-SYSTEM_MACHINE_TYPE = "e2-standard-4"
+SYSTEM_MACHINE_TYPE = SYSTEM_MACHINES["gke"]
 SYSTEM_NODES = (2, 6)  # total min, max across the region's zones
 SYSTEM_DISK_GIB = 50
 DISK_TYPE = "pd-balanced"
@@ -30,12 +31,31 @@ NODE_ROLES = (
     "roles/monitoring.viewer",
     "roles/artifactregistry.reader",
 )
+# GKE picks and upgrades the cluster's version on this channel; the program pins none, and refuses to
+# create or update a cluster whose channel runs a minor other than `kubernetes.version`, the one the
+# manifests are validated against.
+RELEASE_CHANNEL = "REGULAR"
 GKE_TAINT_EFFECT = {"NoSchedule": "NO_SCHEDULE", "PreferNoSchedule": "PREFER_NO_SCHEDULE", "NoExecute": "NO_EXECUTE"}
 # The kubeconfig's user authenticates with the cloud's CLI.
 GKE_EXEC = """      command: gke-gcloud-auth-plugin
       provideClusterInfo: true
       installHint: "gcloud components install gke-gcloud-auth-plugin"
 """
+
+
+def channel_version_problem(validated: str, channel_default: str | None) -> str | None:
+    """Why the manifests' version (`kubernetes.version`, a minor such as 1.33) is not what the release
+    channel runs (a full GKE version such as 1.33.5-gke.1080000), or None when it is."""
+    if channel_default is None:
+        return f"GKE lists no default version for the {RELEASE_CHANNEL} channel here"
+    minor = ".".join(channel_default.split(".")[:2])
+    if minor == validated:
+        return None
+    return (
+        f"kubernetes.version: {validated} is not the minor GKE's {RELEASE_CHANNEL} channel runs now ({channel_default}); "
+        f'set kubernetes.version: "{minor}" and run `gpugate validate` so the objects are checked against the version '
+        "the cluster will run"
+    )
 
 
 def accelerator(spec: GatewaySpec) -> str:
@@ -83,14 +103,19 @@ class GkeCluster(ManagedCluster):
             opts=child,
         )
 
+        channel = gcp.container.get_engine_versions(location=spec.region, project=spec.project, opts=invoke)
+        problem = channel_version_problem(kube.version, channel.release_channel_default_version.get(RELEASE_CHANNEL))
+        if problem is not None:
+            raise ValueError(problem)
+
         cluster = gcp.container.Cluster(
             f"{name}-cluster",
             name=cluster_name,
             location=spec.region,
             network=network.id,
             subnetwork=subnet.id,
-            min_master_version=kube.version,
-            release_channel=gcp.container.ClusterReleaseChannelArgs(channel="REGULAR"),
+            # No min_master_version: the channel decides (checked above against kubernetes.version).
+            release_channel=gcp.container.ClusterReleaseChannelArgs(channel=RELEASE_CHANNEL),
             # Node pools are managed below; GKE needs one pool to create a cluster, removed at once.
             remove_default_node_pool=True,
             initial_node_count=1,
@@ -158,7 +183,7 @@ class GkeCluster(ManagedCluster):
                 total_min_node_count=kube.replicas.min, total_max_node_count=gpu_node_max(kube), location_policy="ANY"
             ),
             node_config=gcp.container.NodePoolNodeConfigArgs(
-                machine_type=machine("gcp", spec.gpu.type, spec.gpu.count),
+                machine_type=gpu_machine(spec),
                 guest_accelerators=[
                     gcp.container.NodePoolNodeConfigGuestAcceleratorArgs(
                         type=accelerator(spec),

@@ -17,13 +17,17 @@ from gpugate.kubernetes import objects, pod_build
 from gpugate.kubernetes.build import Build, ClusterFacts
 from gpugate.kubernetes.objects import (
     ALERT_ITEM,
+    HF_TOKEN_ITEM,
+    HF_TOKEN_SECRET,
     GATEWAY,
     KEDA_NAMESPACE,
     KEY_STORE_FILE,
     MONITORING_NAMESPACE,
+    NODE_EXPORTER_RESOURCES,
     POOL_LABEL,
     PROBER_KEY_ITEM,
     SECRET_ALERT,
+    SECRET_HF,
     SECRET_INTERNAL,
     SECRET_KEYS,
     SYSTEM_POOL,
@@ -169,6 +173,9 @@ class KubernetesGateway(pulumi.ComponentResource):
         }
         if "alert_credential" in host:
             secrets[SECRET_ALERT] = {ALERT_ITEM: host["alert_credential"]}
+        hf_token = pulumi.Config(NAMESPACE).get_secret(HF_TOKEN_SECRET)
+        if hf_token is not None:  # gated models; vLLM reads HF_TOKEN
+            secrets[SECRET_HF] = {HF_TOKEN_ITEM: pulumi.Output.secret(hf_token)}
 
         addons = self._addons(name, kube.install_addons, kube.prometheus_release, on_cluster)
         build: Build = pod_build(stack, facts=cluster.facts, secrets=secrets)
@@ -245,6 +252,8 @@ class KubernetesGateway(pulumi.ComponentResource):
                     }
                 },
                 "grafana": {"nodeSelector": system, "sidecar": {"dashboards": {"enabled": True, "label": "grafana_dashboard"}}},
+                # On every node, GPU nodes too: requests the pools' sizing counts (gpugate/kubernetes/allocatable.py).
+                "prometheus-node-exporter": {"resources": NODE_EXPORTER_RESOURCES},
             },
             opts=opts,
         )

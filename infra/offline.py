@@ -32,6 +32,7 @@ PLACEHOLDER_CA = "cGxhbm5lZC1jbHVzdGVyLWNh"  # base64 of "planned-cluster-ca"
 VLLM_KEY_CANARY_PREFIX = "gpugateplancanaryvllmkey"
 ALERT_CANARY = ("gpugate-plan-canary-alert-credential-" + "x" * 128)[:128]  # a Slack webhook URL is ~80
 CONFIG_KEY_CANARY = "gpugateplancanaryconfigvllmkey" + "y" * 18  # 48, like the generated key
+HF_TOKEN_CANARY = "hf_gpugateplancanaryhftoken" + "z" * 10  # 37, like a Hugging Face token
 
 GCP_API = "https://www.googleapis.com/compute/v1"
 
@@ -136,6 +137,12 @@ class PlanMocks(pulumi.runtime.Mocks):
             state["arn"] = f"arn:aws:{args.typ.split(':')[1].split('/')[0]}::000000000000:{args.name}"
         return f"{args.name}-{short}", state
 
+    def gke_channel_version(self) -> str:
+        """The REGULAR channel's default as a plan assumes it: the minor the stack validates its objects against
+        (only the live lookup at `pulumi up` can say otherwise)."""
+        kube = self.spec.kubernetes
+        return f"{kube.version if kube else '1.30'}.0-gke.planned"
+
     def call(self, args: pulumi.runtime.MockCallArgs) -> dict:
         region = self.spec.region or ""
         token, given = args.token, args.args
@@ -168,6 +175,8 @@ class PlanMocks(pulumi.runtime.Mocks):
                 "family": family,
                 "selfLink": f"{GCP_API}/projects/{project}/global/images/family/{family}",
             }
+        if token == "gcp:container/getEngineVersions:getEngineVersions":
+            return {"releaseChannelDefaultVersion": {"REGULAR": self.gke_channel_version()}, "location": given.get("location")}
         if token == "gcp:dns/getManagedZone:getManagedZone":
             return {"id": given.get("name"), "name": given.get("name"), "dnsName": "planned.example."}
         if token == "gcp:compute/getNetwork:getNetwork":
@@ -197,6 +206,8 @@ def use_mocks(stack: Stack, run: Run) -> None:
     config = {f"{NAMESPACE}:alert_credential": ALERT_CANARY}
     if "vllm_api_key" in stack.secrets:
         config[f"{NAMESPACE}:vllm_api_key"] = CONFIG_KEY_CANARY
+    if "hf_token" in stack.secrets:
+        config[f"{NAMESPACE}:hf_token"] = HF_TOKEN_CANARY
     pulumi.runtime.set_all_config(config, list(config))
     mocks = PlanMocks(stack.spec)
     pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack.name, preview=False, monitor=_RecordingMonitor(mocks, run))
@@ -217,7 +228,7 @@ def _record(stack: Stack, build: Any) -> Run:
 
     _sync_await(run_pulumi_func(program))
     result = next((r for r in run.resources if r.type == "random:index/randomPassword:RandomPassword"), None)
-    canaries = [ALERT_CANARY, CONFIG_KEY_CANARY]
+    canaries = [ALERT_CANARY, CONFIG_KEY_CANARY, HF_TOKEN_CANARY]
     if result is not None:
         length = int(result.props.get("length", 32))
         canaries.append(vllm_key_canary(length))

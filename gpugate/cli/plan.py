@@ -8,7 +8,11 @@ from typing import Any
 
 import typer
 
+from gpugate.catalog import MODELS
 from gpugate.cli.options import ExitCode, JsonOpt, StackOpt, bad_input, console, load_or_exit
+from gpugate.kubernetes import objects, pod_build
+from gpugate.kubernetes.allocatable import node_fits
+from gpugate.kubernetes.vllm import hf_token_problem
 from gpugate.plan.capacity import capacity, scaling
 from gpugate.plan.cost import cost, kubernetes_cost
 from gpugate.plan.inventory import inventory, user_data_size
@@ -42,6 +46,14 @@ def plan(stack: Stack, build: Any = None) -> PlanReport:
         )
     outputs = {name: ("[secret]" if secret else str(value)) for name, (value, secret) in run.outputs.items()}
     kube = spec.kubernetes
+    errors: list[str] = []
+    if kube is not None:
+        errors += filter(None, [hf_token_problem(spec, stack.name, stack.secrets)])
+    elif MODELS[spec.model.id].gated and spec.model.source == "huggingface":
+        warnings.append(
+            f"model.id: {spec.model.id} is gated on Hugging Face and a VM's vLLM gets no token yet "
+            "(gpugate:hf_token reaches the Kubernetes pods only): the download will be refused"
+        )
     note = "addresses, ids and the AMI / image are stand-ins; the cloud decides them at `pulumi up`"
     if kube is not None:
         note = (
@@ -57,11 +69,13 @@ def plan(stack: Stack, build: Any = None) -> PlanReport:
         policies=verdicts,
         capacity=fit,
         scaling=scaling(spec, fit),
+        node_fits=node_fits(spec, objects(pod_build(stack))) if kube else [],
         cost=kubernetes_cost(spec, run.resources, kube.replicas.min) if kube else cost(spec, run.resources),
         cost_at_max=kubernetes_cost(spec, run.resources, kube.replicas.max) if kube else None,
         user_data_bytes=user_data_size(run.resources),
         outputs=outputs,
         warnings=warnings,
+        errors=errors,
     )
 
 
@@ -77,8 +91,9 @@ def sizing_page(stack_name: str = "prod") -> str:
 
 def plan_command(stack: StackOpt, as_json: JsonOpt = False) -> None:
     """Plan a stack offline: the resources `pulumi up` would create, the policy verdicts, whether the
-    model fits the GPU, and the monthly cost. Exits 1 on a policy violation or a model that does not
-    fit, 2 on a bad stack file."""
+    model fits the GPU, whether each Kubernetes pod fits its node pool's machine type, and the monthly
+    cost. Exits 1 on a policy violation, a model that does not fit or a pod that cannot be scheduled, 2 on
+    a bad stack file."""
     loaded = load_or_exit(stack)
     try:
         report = plan(loaded)

@@ -14,7 +14,7 @@ from gpugate.kubernetes.build import (
     placeholder_facts,
     placeholder_secrets,
 )
-from gpugate.kubernetes.objects import LAYOUT, object_path
+from gpugate.kubernetes.objects import HF_TOKEN_SECRET, LAYOUT, object_path
 from gpugate.render.bundle import Bundle, dump_yaml, header, seal
 from gpugate.spec import Target
 from gpugate.stackfile import Stack
@@ -39,7 +39,7 @@ def pod_build(
         spec=spec,
         header=header(stack),
         facts=facts or placeholder_facts(spec.kubernetes),
-        secrets=secrets if secrets is not None else placeholder_secrets(spec),
+        secrets=secrets if secrets is not None else placeholder_secrets(spec, hf_token=HF_TOKEN_SECRET in stack.secrets),
     )
 
 

@@ -10,10 +10,12 @@ from gpugate_runtime.contract.host import Ports
 
 from gpugate.kubernetes.objects import (
     ALERT_ITEM,
+    HF_TOKEN_ITEM,
     KEY_STORE_FILE,
     PLACEHOLDER,
     PROBER_KEY_ITEM,
     SECRET_ALERT,
+    SECRET_HF,
     SECRET_INTERNAL,
     SECRET_KEYS,
     VLLM_KEY_ITEM,
@@ -77,14 +79,16 @@ class Build:
         return f"{self.kube.namespace}-gpu"
 
 
-def secret_names(spec: GatewaySpec) -> dict[str, tuple[str, ...]]:
-    """Secret name -> its items, for this stack."""
+def secret_names(spec: GatewaySpec, hf_token: bool = False) -> dict[str, tuple[str, ...]]:
+    """Secret name -> its items, for this stack (`hf_token`: the stack holds a Hugging Face token)."""
     names = {SECRET_INTERNAL: (VLLM_KEY_ITEM, PROBER_KEY_ITEM), SECRET_KEYS: (KEY_STORE_FILE,)}
     if spec.alerts.needs_credential:
         names[SECRET_ALERT] = (ALERT_ITEM,)
+    if hf_token:
+        names[SECRET_HF] = (HF_TOKEN_ITEM,)
     return names
 
 
-def placeholder_secrets(spec: GatewaySpec) -> dict[str, dict[str, str]]:
-    return {name: {item: PLACEHOLDER for item in items} for name, items in secret_names(spec).items()}
+def placeholder_secrets(spec: GatewaySpec, hf_token: bool = False) -> dict[str, dict[str, str]]:
+    return {name: {item: PLACEHOLDER for item in items} for name, items in secret_names(spec, hf_token).items()}
 

@@ -23,6 +23,17 @@ SYSTEM_POOL = "system"
 MONITORING_NAMESPACE = "monitoring"
 KEDA_NAMESPACE = "keda"
 PROMETHEUS_URL = f"http://kube-prometheus-stack-prometheus.{MONITORING_NAMESPACE}.svc:9090"
+# The Prometheus pods, and only they, of the monitoring namespace: prometheus-operator gives every pod of a
+# Prometheus these selector labels (pkg/prometheus/statefulset.go); Alertmanager, Grafana, the operator and
+# the exporters run there carry other names. Namespace and pod selectors in one peer: both must match.
+PROMETHEUS_POD_LABELS = {"app.kubernetes.io/name": "prometheus", "app.kubernetes.io/managed-by": "prometheus-operator"}
+PROMETHEUS_PEER = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": MONITORING_NAMESPACE}},
+    "podSelector": {"matchLabels": PROMETHEUS_POD_LABELS},
+}
+# kube-prometheus-stack's node exporter runs on every node, GPU nodes included (its chart tolerates every
+# NoSchedule taint); the program gives it these requests so that the pools' sizing can count them.
+NODE_EXPORTER_RESOURCES = {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}}
 JOB_LABEL = "gpugate.dev/job"
 DCGM_PORT = 9400
 
@@ -38,10 +49,13 @@ CERTS_PVC = "gpugate-caddy-certs"
 SECRET_INTERNAL = "gpugate-internal"  # vLLM's internal key and the prober's client key
 SECRET_KEYS = "gpugate-keys"  # the client key store; operators own its contents after creation
 SECRET_ALERT = "gpugate-alert-credential"
+SECRET_HF = "gpugate-hf-token"  # only when the stack holds gpugate:hf_token
 KEY_STORE_FILE = "keys.json"
 VLLM_KEY_ITEM = "vllm_api_key"
 PROBER_KEY_ITEM = "prober_api_key"
 ALERT_ITEM = "credential"
+HF_TOKEN_ITEM = "token"
+HF_TOKEN_SECRET = "hf_token"  # the stack's Pulumi config secret (gpugate:hf_token)
 
 # Where the pods find what the VM gets from user-data.
 KEYS_DIR = Path("/etc/gpugate/keys")

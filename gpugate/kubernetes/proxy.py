@@ -35,9 +35,9 @@ from gpugate.kubernetes.objects import (
     KEY_STORE_FILE,
     KEYS_DIR,
     LAYOUT,
-    MONITORING_NAMESPACE,
     POOL_LABEL,
     PROBER_KEY_ITEM,
+    PROMETHEUS_PEER,
     RUNTIME_ENV,
     SECRET_INTERNAL,
     SECRET_KEYS,
@@ -339,7 +339,6 @@ def _services(b: Build) -> list[dict[str, Any]]:
 
 def objects(b: Build) -> list[dict[str, Any]]:
     """Every object of the proxy component."""
-    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": MONITORING_NAMESPACE}}}
     return [
         *_config(b),
         _certs_pvc(b),
@@ -353,7 +352,7 @@ def objects(b: Build) -> list[dict[str, Any]]:
             {"matchLabels": selector(GATEWAY)},
             [
                 {"ports": [tcp(b.spec.ports.http), tcp(b.spec.ports.https)]},
-                {"from": [monitoring], "ports": [tcp(b.ports.caddy_metrics)]},
+                {"from": [PROMETHEUS_PEER], "ports": [tcp(b.ports.caddy_metrics)]},
             ],
         ),
     ]

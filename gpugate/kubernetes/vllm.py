@@ -8,6 +8,7 @@ from gpugate_runtime.contract import metrics as m
 from gpugate_runtime.contract.host import LOOPBACK, Ports
 from gpugate_runtime.launcher import VLLM_API_KEY_ENV, vllm_args
 
+from gpugate.catalog import MODELS
 from gpugate.kubernetes.build import Build
 from gpugate.kubernetes.objects import (
     ENDPOINT_PROPAGATION_SECONDS,
@@ -15,12 +16,15 @@ from gpugate.kubernetes.objects import (
     GPU_POOL,
     GPU_RESOURCE,
     GPU_TAINT,
+    HF_TOKEN_ITEM,
+    HF_TOKEN_SECRET,
     JOB_LABEL,
     LAYOUT,
-    MONITORING_NAMESPACE,
     POOL_LABEL,
     PROBE_PERIOD_SECONDS,
+    PROMETHEUS_PEER,
     PROMETHEUS_URL,
+    SECRET_HF,
     SECRET_INTERNAL,
     VLLM,
     VLLM_KEY_ITEM,
@@ -41,6 +45,24 @@ from gpugate.kubernetes.sizing import (
 )
 from gpugate.render.launch import launch_spec
 from gpugate.spec import GatewaySpec
+
+# The vLLM image has no passwd entry for the uid it runs as here: anything that asks getpwuid() (getpass,
+# PyTorch's inductor cache default, `~` without HOME) fails. HOME is a writable volume, the user name
+# comes from the environment (getpass reads LOGNAME and USER first), and every cache vLLM, PyTorch,
+# Triton and CUDA write is placed under HOME explicitly.
+VLLM_UID = 1000
+VLLM_HOME = "/home/vllm"
+VLLM_CACHE = f"{VLLM_HOME}/.cache"
+VLLM_ENV = {
+    "HOME": VLLM_HOME,
+    "USER": "vllm",
+    "LOGNAME": "vllm",
+    "XDG_CACHE_HOME": VLLM_CACHE,  # vLLM's cache root (torch.compile artefacts), FlashInfer, outlines
+    "XDG_CONFIG_HOME": f"{VLLM_HOME}/.config",
+    "TORCHINDUCTOR_CACHE_DIR": f"{VLLM_CACHE}/torchinductor",  # else /tmp/torchinductor_<getpass.getuser()>
+    "TRITON_CACHE_DIR": f"{VLLM_CACHE}/triton",
+    "CUDA_CACHE_PATH": f"{VLLM_CACHE}/nv",  # the driver's JIT cache, else ~/.nv/ComputeCache
+}
 
 
 def vllm_container_args(spec: GatewaySpec, ports: Ports) -> list[str]:
@@ -70,6 +92,17 @@ def drain_script(port: int, drain_seconds: int, settle_seconds: int = ENDPOINT_P
     )
 
 
+def hf_token_problem(spec: GatewaySpec, stack: str, secrets: tuple[str, ...]) -> str | None:
+    """Why the pods could not download the stack's model: a gated model and no `hf_token` in the stack."""
+    if spec.model.source != "huggingface" or not MODELS[spec.model.id].gated or HF_TOKEN_SECRET in secrets:
+        return None
+    return (
+        f"model.id: {spec.model.id} is gated on Hugging Face and the stack holds no {HF_TOKEN_SECRET}: vLLM could not "
+        f"download it; run `pulumi config set --secret gpugate:{HF_TOKEN_SECRET} <token> -s {stack}` with a token of an "
+        "account that accepted the model's terms"
+    )
+
+
 def _vllm_deployment(b: Build) -> dict[str, Any]:
     spec, kube, ports = b.spec, b.kube, b.ports
     tags = labels(VLLM, b.stack)
@@ -77,6 +110,12 @@ def _vllm_deployment(b: Build) -> dict[str, Any]:
     startup = startup_budget_seconds(spec)
     memory = vllm_memory_gib(spec)
     health = {"path": "/health", "port": "http"}
+    # The stack's Hugging Face token, when it holds one (gated models; `gpugate plan` refuses one without it).
+    hf_token = (
+        [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": SECRET_HF, "key": HF_TOKEN_ITEM}}}]
+        if SECRET_HF in b.secrets
+        else []
+    )
     container = {
         "name": VLLM,
         "image": spec.vllm.image,
@@ -84,8 +123,9 @@ def _vllm_deployment(b: Build) -> dict[str, Any]:
         "ports": [{"name": "http", "containerPort": ports.vllm, "protocol": "TCP"}],
         "env": [
             {"name": VLLM_API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": SECRET_INTERNAL, "key": VLLM_KEY_ITEM}}},
+            *hf_token,
             {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
-            {"name": "HOME", "value": "/home/vllm"},
+            *({"name": key, "value": value} for key, value in VLLM_ENV.items()),
             {"name": "HF_HOME", "value": "/models/hf"},
             {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
         ],
@@ -101,11 +141,11 @@ def _vllm_deployment(b: Build) -> dict[str, Any]:
         "readinessProbe": {"httpGet": health, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3},
         "livenessProbe": {"httpGet": health, "periodSeconds": 15, "timeoutSeconds": 5, "failureThreshold": 4},
         "lifecycle": {"preStop": {"exec": {"command": ["python3", "-c", drain_script(ports.vllm, drain)]}}},
-        "securityContext": {**restricted(), "runAsUser": 1000, "runAsGroup": 1000},
+        "securityContext": {**restricted(), "runAsUser": VLLM_UID, "runAsGroup": VLLM_UID},
         "volumeMounts": [
             {"name": "model-cache", "mountPath": "/models"},
             {"name": "shm", "mountPath": "/dev/shm"},
-            {"name": "home", "mountPath": "/home/vllm"},
+            {"name": "home", "mountPath": VLLM_HOME},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
     }
@@ -138,7 +178,7 @@ def _vllm_deployment(b: Build) -> dict[str, Any]:
                     "terminationGracePeriodSeconds": drain + 30,
                     "securityContext": {
                         "runAsNonRoot": True,
-                        "fsGroup": 1000,
+                        "fsGroup": VLLM_UID,
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
                     "containers": [container],
@@ -146,7 +186,8 @@ def _vllm_deployment(b: Build) -> dict[str, Any]:
                         # The weights survive container restarts (crash, liveness kill) without a re-download.
                         {"name": "model-cache", "emptyDir": {"sizeLimit": f"{model_cache_gib(spec)}Gi"}},
                         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_gib(spec)}Gi"}},
-                        {"name": "home", "emptyDir": {"sizeLimit": "5Gi"}},
+                        # HOME and the compile caches (inductor, Triton, CUDA JIT, vLLM's torch.compile).
+                        {"name": "home", "emptyDir": {"sizeLimit": "10Gi"}},
                         {"name": "tmp", "emptyDir": {"sizeLimit": "5Gi"}},
                     ],
                 },
@@ -209,7 +250,6 @@ def _scaled_object(b: Build) -> dict[str, Any]:
 
 def objects(b: Build) -> list[dict[str, Any]]:
     """Every object of the vLLM component."""
-    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": MONITORING_NAMESPACE}}}
     return [
         _vllm_deployment(b),
         {
@@ -224,14 +264,16 @@ def objects(b: Build) -> list[dict[str, Any]]:
             },
         },
         disruption_budget(VLLM, b.ns, b.stack),
-        # Only the proxy (and Prometheus, for /metrics) reaches vLLM; authz and the prober listen on
-        # the proxy pod's loopback, out of any other pod's reach.
+        # Only the proxy and the Prometheus pods reach vLLM. vLLM checks its key under /v1 only, so
+        # /invocations, /tokenize, /score, /pooling and /metrics answer whoever this lets in: not the
+        # rest of the monitoring namespace (Grafana, Alertmanager, the operator, anything installed
+        # there later). authz and the prober listen on the proxy pod's loopback, out of any other pod's reach.
         network_policy(
             "vllm-from-gateway",
             b.ns,
             b.stack,
             {"matchLabels": selector(VLLM)},
-            [{"from": [{"podSelector": {"matchLabels": selector(GATEWAY)}}, monitoring], "ports": [tcp(b.ports.vllm)]}],
+            [{"from": [{"podSelector": {"matchLabels": selector(GATEWAY)}}, PROMETHEUS_PEER], "ports": [tcp(b.ports.vllm)]}],
         ),
         _scaled_object(b),
     ]

@@ -128,7 +128,7 @@ KEY_PROPERTIES = {
     "gcp:container/cluster:Cluster": (
         "name",
         "location",
-        "minMasterVersion",
+        "releaseChannel",
         "datapathProvider",
         "masterAuthorizedNetworksConfig",
     ),

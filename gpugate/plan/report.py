@@ -10,6 +10,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from gpugate.kubernetes.allocatable import PodFit
 from gpugate.plan.capacity import ScalingReport
 from gpugate.plan.cost import CostEstimate
 from gpugate.plan.inventory import ResourceRow
@@ -52,12 +53,14 @@ class PlanReport(BaseModel):
     policies: list[Verdict] = []
     capacity: CapacityReport | None = None
     scaling: ScalingReport | None = None
+    node_fits: list[PodFit] = Field([], description="Kubernetes: each Deployment's pod against one node of its pool")
     cost: CostEstimate | None = None
     cost_at_max: CostEstimate | None = Field(None, description="Kubernetes: the month at replicas.max (cost is at replicas.min)")
     user_data_bytes: int | None = None
     user_data_limit_bytes: int = USER_DATA_LIMIT_BYTES
     outputs: dict[str, str] = {}
     warnings: list[str] = []
+    errors: list[str] = Field([], description="what would keep the gateway from serving, beyond the policies")
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -69,7 +72,7 @@ class PlanReport(BaseModel):
     def ok(self) -> bool:
         fits = self.capacity is None or self.capacity.fits
         size = self.user_data_bytes is None or self.user_data_bytes <= self.user_data_limit_bytes
-        return not self.violations and fits and size
+        return not self.violations and not self.errors and fits and size and all(f.fits for f in self.node_fits)
 
     def to_table(self) -> Group:
         """The report for people: resources, policy verdicts, capacity, cost."""
@@ -102,6 +105,9 @@ class PlanReport(BaseModel):
             )
         if self.capacity is not None:
             parts.append(Text("capacity: ") + Text(self.capacity.message, style=None if self.capacity.fits else "bold red"))
+        for fit in self.node_fits:
+            # One line each, unwrapped, so that logs and grep find it whole.
+            parts.append(Text(("nodes: " if fit.fits else "FAIL nodes: ") + fit.message, style=None if fit.fits else "bold red"))
         if self.scaling is not None:
             sc = self.scaling
             parts.append(
@@ -126,6 +132,8 @@ class PlanReport(BaseModel):
             parts += _cost_table(estimate_, label) if estimate_ is not None else []
         for warning in self.warnings:
             parts.append(Text(f"warning: {warning}", style="yellow"))
+        for error in self.errors:
+            parts.append(Text(f"FAIL {error}", style="bold red"))
         parts.append(Text.from_markup("[bold green]plan ok[/]" if self.ok else "[bold red]plan failed[/]"))
         return Group(*parts)
 

@@ -123,14 +123,35 @@ def test_only_the_proxy_is_exposed_and_only_on_80_and_443(prod_objects):
     assert public[0]["spec"]["selector"]["app.kubernetes.io/name"] == "gateway"
 
 
-def test_network_policies_deny_by_default_and_let_only_the_proxy_and_prometheus_reach_vllm(prod_objects):
-    policies = {o["metadata"]["name"]: o["spec"] for o in prod_objects.values() if o["kind"] == "NetworkPolicy"}
-    assert policies["default-deny-ingress"] == {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": []}
-    [rule] = policies["vllm-from-gateway"]["ingress"]
-    peers = rule["from"]
-    assert {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway", "app.kubernetes.io/part-of": "gpugate"}}} in peers
-    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} in peers
-    assert len(peers) == 2 and rule["ports"] == [{"port": 18000, "protocol": "TCP"}]
+PROXY_PEER = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway", "app.kubernetes.io/part-of": "gpugate"}}}
+PROMETHEUS_PODS = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus", "app.kubernetes.io/managed-by": "prometheus-operator"}},
+}
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector  # no matchExpressions to evaluate here
+    return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+
+
+def test_network_policies_deny_by_default_and_let_only_the_proxy_and_prometheus_pods_reach_vllm(prod_objects):
+    vllm = find(prod_objects, "Deployment", "vllm")
+    labels, namespace = vllm["spec"]["template"]["metadata"]["labels"], vllm["metadata"]["namespace"]
+    policies = [o for o in prod_objects.values() if o["kind"] == "NetworkPolicy" and o["metadata"]["namespace"] == namespace]
+    # every policy that selects the vLLM pods, and every peer each lets in
+    on_vllm = [p for p in policies if _selects(p["spec"]["podSelector"], labels)]
+    assert {p["metadata"]["name"] for p in on_vllm} == {"default-deny-ingress", "vllm-from-gateway"}
+    peers = []
+    for policy in on_vllm:
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        for rule in policy["spec"]["ingress"]:
+            assert rule.get("from"), f"{policy['metadata']['name']}: a rule without `from` admits every source"
+            assert rule["ports"] == [{"port": 18000, "protocol": "TCP"}]
+            peers += rule["from"]
+    # only the proxy pods of the namespace and the Prometheus pods of `monitoring`, never the whole namespace
+    assert peers == [PROXY_PEER, PROMETHEUS_PODS]
+    assert not any(set(peer) == {"namespaceSelector"} for p in policies for r in p["spec"]["ingress"] for peer in r.get("from", []))
 
 
 def test_both_deployments_have_a_disruption_budget_of_one_pod(prod_objects):
@@ -314,3 +335,183 @@ def test_prometheus_scrapes_only_ready_vllm_pods_so_a_replica_still_loading_neve
     keep, job = endpoint["relabelings"]
     assert keep == {"sourceLabels": ["__meta_kubernetes_endpoint_ready"], "regex": "true", "action": "keep"}
     assert job == {"targetLabel": "job", "replacement": "vllm", "action": "replace"}
+
+
+# ---- sizing against node allocatable -------------------------------------------------------------
+
+
+def _kube_variant(tmp_path: Path, **kube_changes):
+    from tests.conftest import edit_stack
+
+    def change(config: dict) -> None:
+        kube = config["gpugate:kubernetes"]
+        for key, value in kube_changes.items():
+            kube[key] = value
+        if kube["provider"] == "eks":
+            kube["images"]["device_plugin"] = "nvcr.io/nvidia/k8s-device-plugin@sha256:" + "d" * 64
+            config["gpugate:region"] = "us-east-1"
+
+    return load_stack(edit_stack("prod", tmp_path / "Pulumi.variant.yaml", change))
+
+
+def test_the_kubelet_reservations_follow_the_eks_and_gke_formulas():
+    from gpugate.kubernetes.allocatable import allocatable
+
+    # EKS g6.xlarge: 4 vCPU, 16 GiB, 58 pods: 16384 - (255 + 11 x 58) - 100 MiB; 4000 - (60 + 10 + 2 x 5) m
+    assert allocatable("g6.xlarge").model_dump() == {"cpu_m": 3920, "memory_mib": 16384 - 893 - 100}
+    # GKE g2-standard-8: 8 vCPU, 32 GiB: 25% of 4 + 20% of 4 + 10% of 8 + 6% of 16 GiB = 3.56 GiB, then 100 MiB
+    assert allocatable("g2-standard-8").model_dump() == {"cpu_m": 8000 - 90, "memory_mib": 32768 - round(3.56 * 1024) - 100}
+
+
+def test_validate_refuses_a_vllm_pod_larger_than_the_gke_machine_and_names_the_machines_that_fit(tmp_path):
+    from gpugate.validate import node_fit_verdicts
+
+    # given prod on GKE with its GPU nodes pinned to g2-standard-4 (4 vCPU / 16 GiB)
+    stack = _kube_variant(tmp_path, gpu_machine_type="g2-standard-4")
+    # when validate sizes the pods against the pools
+    verdicts = {v.file: v for v in node_fit_verdicts(stack)}
+    # then vLLM's pod is refused with its request, the node's allocatable and the machines that hold it
+    vllm = verdicts["kubernetes/gpugate/deployment-vllm.yaml"]
+    assert not vllm.ok and vllm.tool == "node allocatable"
+    assert "requests 4 CPU / 23.00 GiB" in vllm.detail
+    assert "one g2-standard-4 node has 3.92 CPU / 13.30 GiB allocatable" in vllm.detail
+    assert "machine types that fit: g2-standard-8, g2-standard-12, g2-standard-16, g2-standard-32" in vllm.detail
+    assert verdicts["kubernetes/gpugate/deployment-gateway.yaml"].ok
+
+
+def test_gpugate_validate_exits_1_and_prints_the_misfit_of_the_vllm_pod(tmp_path):
+    from tests.conftest import run_gpugate
+
+    # given prod with its GPU nodes pinned to a machine too small for the vLLM pod
+    stack = _kube_variant(tmp_path, gpu_machine_type="g2-standard-4")
+    # when the operator validates it
+    result = run_gpugate("validate", "--stack", str(stack.path))
+    # then validation fails on that pod, with the figures and the machines that would hold it
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "FAIL  variant    kubernetes/gpugate/deployment-vllm.yaml  node allocatable" in result.stdout
+    assert "one g2-standard-4 node has 3.92 CPU / 13.30 GiB allocatable: it cannot be scheduled" in result.stdout
+
+
+def test_validate_accepts_prod_whose_pods_fit_the_gke_machines(tmp_path):
+    from gpugate.validate import node_fit_verdicts
+
+    verdicts = node_fit_verdicts(load_stack("prod"))
+    assert [v.file.rsplit("/", 1)[1] for v in verdicts] == ["deployment-gateway.yaml", "deployment-vllm.yaml"]
+    assert all(v.ok for v in verdicts), [v.detail for v in verdicts]
+    assert "g2-standard-8 node has 7.91 CPU / 28.34 GiB allocatable: fits" in verdicts[1].detail
+
+
+def test_the_node_exporter_the_program_installs_is_counted_on_every_pool_and_not_when_the_cluster_brings_its_own(tmp_path):
+    from gpugate.kubernetes import objects, pod_build
+    from gpugate.kubernetes.allocatable import node_fits
+
+    stack = load_stack("prod")
+    with_exporter = {f.pod: f.daemons for f in node_fits(stack.spec, objects(pod_build(stack)))}
+    without = _kube_variant(tmp_path, install_addons=False)
+    bare = {f.pod: f.daemons for f in node_fits(without.spec, objects(pod_build(without)))}
+    assert {pod: (with_exporter[pod].cpu_m - bare[pod].cpu_m, with_exporter[pod].memory_mib - bare[pod].memory_mib) for pod in bare} == {
+        "gateway": (50, 64),
+        "vllm": (50, 64),
+    }
+
+
+def test_an_existing_cluster_is_sized_only_when_it_names_its_gpu_machine(tmp_path):
+    from gpugate.kubernetes import objects, pod_build
+    from gpugate.kubernetes.allocatable import node_fits
+
+    # without a machine type nothing can be said about the GPU nodes
+    unnamed = _kube_variant(tmp_path, provider="existing", cert_storage_class="nfs")
+    assert node_fits(unnamed.spec, objects(pod_build(unnamed))) == []
+    # with one, the EKS formula of its cloud applies
+    named = _kube_variant(tmp_path, provider="existing", cert_storage_class="nfs", gpu_machine_type="g6.xlarge")
+    [fit] = node_fits(named.spec, objects(pod_build(named)))
+    assert not fit.fits and "g6.xlarge node has 3.92 CPU / 14.68 GiB" not in fit.message
+    assert "g6.xlarge node has 3.92 CPU / 15.03 GiB allocatable" in fit.message and "g6.2xlarge" in fit.fitting
+
+
+def test_a_gpu_machine_of_another_gpu_set_is_refused_with_the_ones_allowed(tmp_path):
+    from gpugate.stackfile import SpecError
+
+    expected = r"kubernetes.gpu_machine_type = .g6.xlarge.: .*not a gke machine with 1 x L4; allowed: g2-standard-4, g2-standard-8,"
+    with pytest.raises(SpecError, match=expected):
+        _kube_variant(tmp_path, gpu_machine_type="g6.xlarge")
+
+
+# ---- the vLLM pod's uid, HOME, caches and Hugging Face token ---------------------------------------
+
+CACHE_VARIABLES = ("HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH")
+
+
+def _vllm_container(objects: dict) -> dict:
+    return pod_spec(find(objects, "Deployment", "vllm"))["containers"][0]
+
+
+def test_vllm_home_and_every_compile_cache_are_on_a_writable_volume_of_its_pod(prod_objects):
+    pod = pod_spec(find(prod_objects, "Deployment", "vllm"))
+    container = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    empty_dirs = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    checked = []
+    for variable in CACHE_VARIABLES:
+        on = [path for path in mounts if env[variable] == path or env[variable].startswith(path + "/")]
+        assert on and mounts[on[0]] in empty_dirs, (variable, env[variable])
+        checked.append(variable)
+    assert checked == list(CACHE_VARIABLES)
+    # getpass reads these before it asks getpwuid(), which fails for a uid the image does not list
+    assert env["USER"] == env["LOGNAME"] == "vllm"
+
+
+@pytest.mark.e2e
+def test_vllm_and_pytorch_find_a_user_name_and_writable_caches_with_no_passwd_entry_for_the_pod_uid(prod_objects, tmp_path):
+    from gpugate.local.vllm_env import ensure_vllm_venv
+
+    python = ensure_vllm_venv()
+    home = tmp_path / "home"
+    env = {e["name"]: e["value"] for e in _vllm_container(prod_objects)["env"] if e["name"] in (*CACHE_VARIABLES, "USER", "LOGNAME")}
+    env = {k: v.replace("/home/vllm", str(home)) for k, v in env.items()}
+    probe = (
+        "import json, os, pwd\n"
+        "def no_entry(uid):\n"
+        "    raise KeyError(f'getpwuid(): uid not found: {uid}')\n"
+        "pwd.getpwuid = no_entry  # the vLLM image has no passwd entry for the pod's uid\n"
+        "import getpass\n"
+        "from torch._inductor.runtime.cache_dir_utils import cache_dir, triton_cache_dir\n"
+        "import vllm.envs as envs\n"
+        "print(json.dumps({'user': getpass.getuser(), 'home': os.path.expanduser('~'), 'inductor': cache_dir(),\n"
+        "    'triton': triton_cache_dir(0), 'vllm_cache': envs.VLLM_CACHE_ROOT, 'vllm_config': envs.VLLM_CONFIG_ROOT}))\n"
+    )
+    # given the pod's environment, with the image's missing passwd entry
+    base = {"PATH": "/usr/bin:/bin"}
+    result = subprocess.run([str(python), "-c", probe], env={**base, **env}, capture_output=True, text=True, timeout=120)
+    # then a user name is found and vLLM, PyTorch and Triton all keep their caches in the writable HOME
+    assert result.returncode == 0, result.stderr[-2000:]
+    import json
+
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found.pop("user") == "vllm"
+    assert all(path.startswith(str(home)) for path in found.values()), found
+    assert (home / ".cache" / "torchinductor").is_dir()
+    # and without the pod's variables, the same image fails on the first getpass.getuser()
+    bare = subprocess.run([str(python), "-c", probe], env=base, capture_output=True, text=True, timeout=120)
+    assert bare.returncode != 0 and "uid not found" in bare.stderr
+
+
+def test_no_hugging_face_token_reaches_vllm_unless_the_stack_holds_one(prod_objects, tmp_path):
+    from gpugate.kubernetes import objects, pod_build
+    from tests.conftest import edit_stack
+
+    # prod holds no hf_token: no Secret for it, no HF_TOKEN in the pod
+    assert "HF_TOKEN" not in {e["name"] for e in _vllm_container(prod_objects)["env"]}
+    assert not any(o["kind"] == "Secret" and o["metadata"]["name"] == "gpugate-hf-token" for o in prod_objects.values())
+
+    # a stack that holds one: HF_TOKEN comes from the Secret, which renders a placeholder only
+    def with_token(config: dict) -> None:
+        config["gpugate:hf_token"] = {"secure": "v1:AAAAencryptedbypulumi"}
+
+    stack = load_stack(edit_stack("prod", tmp_path / "Pulumi.token.yaml", with_token))
+    built = {(o["kind"], o["metadata"]["name"]): o for o in objects(pod_build(stack))}
+    env = {e["name"]: e for e in pod_spec(built[("Deployment", "vllm")])["containers"][0]["env"]}
+    assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "gpugate-hf-token", "key": "token"}}}
+    assert built[("Secret", "gpugate-hf-token")]["stringData"] == {"token": PLACEHOLDER}

@@ -14,7 +14,7 @@ from gpugate.plan.inventory import SECRET_SIG, SECRET_SIG_KEY
 from infra.policy.evaluate import plain_secrets
 from gpugate.stackfile import NAMESPACE, Stack, load_stack
 from infra.kubernetes import TYPE_TOKEN, KubernetesGateway, KubernetesGatewayArgs, prober_store
-from infra.offline import Recorded, Run, record, use_mocks
+from infra.offline import HF_TOKEN_CANARY, Recorded, Run, record, use_mocks
 from infra.program import gateway, stack_outputs
 from gpugate.targets import render_bundle
 from gpugate_runtime.keys import KeyStore, TOKEN_RE, token_digest
@@ -89,7 +89,26 @@ def test_the_cluster_enforces_network_policies_and_its_api_answers_the_admin_net
     assert cluster["masterAuthorizedNetworksConfig"]["cidrBlocks"] == [
         {"cidrBlock": "203.0.113.0/24", "displayName": "gpugate admin network"}
     ]
-    assert cluster["minMasterVersion"] == "1.30"
+
+
+
+def test_gke_takes_its_version_from_the_release_channel_with_no_pinned_master_version(prod):
+    cluster = one(prod, "gcp:container/cluster:Cluster").props
+    assert cluster["releaseChannel"] == {"channel": "REGULAR"}
+    assert "minMasterVersion" not in cluster
+    pools = of_type(prod, GKE_POOL)
+    assert len(pools) == 2 and not any("version" in pool.props for pool in pools)
+
+
+def test_gke_refuses_a_cluster_whose_channel_runs_another_minor_than_the_one_the_objects_are_validated_against(monkeypatch):
+    from infra.offline import PlanMocks
+
+    # given GKE's REGULAR channel now runs 1.33 while prod's objects are validated against kubernetes.version 1.30
+    monkeypatch.setattr(PlanMocks, "gke_channel_version", lambda self: "1.33.5-gke.1080000")
+    stack = load_stack("prod")
+    # then the program stops before creating the cluster, naming both and what to change
+    with pytest.raises(ValueError, match=r'kubernetes.version: 1.30 is not the minor GKE.s REGULAR channel runs now \(1.33.5-gke.1080000\); set kubernetes.version: "1.33"'):
+        _under_mocks(stack, lambda: gateway(stack).url)
 
 
 def test_the_vllm_deployment_the_program_applies_requests_gpus_and_tolerates_the_taint(prod):
@@ -192,13 +211,43 @@ def test_the_eks_variant_runs_gpu_nodes_on_the_nvidia_ami_with_the_device_plugin
     assert one(eks, "kubernetes:storage.k8s.io/v1:StorageClass").props["metadata"]["name"] == "efs-sc"
 
 
-def test_the_eks_variant_passes_the_policy_pack_and_its_plan_prices_min_and_max(tmp_path):
+def test_on_eks_a_vllm_pod_larger_than_a_g6_xlarge_fails_the_plan_naming_its_request_the_allocatable_and_the_machines_that_fit(tmp_path):
+    from rich.console import Console
+
     from tests.conftest import edit_stack
 
+    # given prod moved to EKS as it is: one L4 per replica, the catalog's g6.xlarge (4 vCPU / 16 GiB)
     report = plan(load_stack(edit_stack("prod", tmp_path / "Pulumi.prodeks.yaml", eks_variant)))
+    # then the plan is refused although every policy passes
+    assert report.violations == [] and not report.ok
+    vllm = next(f for f in report.node_fits if f.pod == "vllm")
+    assert not vllm.fits and vllm.machine_type == "g6.xlarge"
+    console = Console(record=True, width=400)
+    console.print(report.to_table())
+    text = console.export_text()
+    assert (
+        "FAIL nodes: the vllm pod requests 4 CPU / 23.00 GiB and the gpu pool's DaemonSets 0.5 CPU / 0.88 GiB; one "
+        "g6.xlarge node has 3.92 CPU / 15.03 GiB allocatable: it cannot be scheduled; machine types that fit: g6.2xlarge"
+    ) in text
+    assert "plan failed" in text and "plan ok" not in text
+
+
+def eks_fitting_variant(config: dict[str, Any]) -> None:
+    eks_variant(config)
+    config["gpugate:gpu"]["count"] = 4  # g6.12xlarge: 48 vCPU / 192 GiB
+
+
+def test_an_eks_gpu_pool_whose_machine_holds_the_pod_passes_and_its_plan_prices_min_and_max(tmp_path):
+    from tests.conftest import edit_stack
+
+    report = plan(load_stack(edit_stack("prod", tmp_path / "Pulumi.prodeks.yaml", eks_fitting_variant)))
     assert report.violations == [] and report.ok
+    assert [(f.pod, f.machine_type, f.fits) for f in report.node_fits] == [
+        ("gateway", "m6i.large", True),
+        ("vllm", "g6.12xlarge", True),
+    ]
     assert report.cost.monthly_usd < report.cost_at_max.monthly_usd
-    assert any("g6.xlarge x 8" in line.item for line in report.cost_at_max.lines)
+    assert any("g6.12xlarge x 8" in line.item for line in report.cost_at_max.lines)
 
 
 def _under_mocks(stack: Stack, body: Callable[[], Any], config: dict[str, str] | None = None) -> Run:
@@ -321,3 +370,49 @@ def test_kube_prometheus_stack_selects_the_gateway_rules_monitors_and_alert_rout
     for kind in ("PrometheusRule", "ServiceMonitor", "AlertmanagerConfig"):
         for obj in (r for r in prod.resources if r.type.endswith(f":{kind}")):
             assert obj.props["metadata"]["labels"]["release"] == label, obj.name
+
+
+def test_the_node_exporter_on_every_node_gets_the_requests_the_pool_sizing_counts(prod):
+    from gpugate.kubernetes.objects import NODE_EXPORTER_RESOURCES
+
+    release = named(prod, "kubernetes:helm.sh/v3:Release", "kube-prometheus-stack").props
+    assert release["values"]["prometheus-node-exporter"]["resources"] == NODE_EXPORTER_RESOURCES
+    assert NODE_EXPORTER_RESOURCES["requests"] == {"cpu": "50m", "memory": "64Mi"}
+
+
+def gated_variant(config: dict[str, Any]) -> None:
+    config["gpugate:model"]["id"] = "meta-llama/Llama-3.1-8B-Instruct"
+    config["gpugate:model"]["served_name"] = "llama-3.1-8b-instruct"
+
+
+def with_hf_token(config: dict[str, Any]) -> None:
+    gated_variant(config)
+    config["gpugate:hf_token"] = {"secure": "v1:AAAAencryptedbypulumi"}
+
+
+def test_a_gated_model_without_a_hugging_face_token_fails_the_plan_with_the_command_to_set_one(tmp_path):
+    from tests.conftest import edit_stack
+
+    report = plan(load_stack(edit_stack("prod", tmp_path / "Pulumi.gated.yaml", gated_variant)))
+    assert not report.ok and report.violations == []
+    assert report.errors == [
+        "model.id: meta-llama/Llama-3.1-8B-Instruct is gated on Hugging Face and the stack holds no hf_token: vLLM could "
+        "not download it; run `pulumi config set --secret gpugate:hf_token <token> -s gated` with a token of an account "
+        "that accepted the model's terms"
+    ]
+
+
+def test_the_stack_hugging_face_token_reaches_vllm_as_hf_token_from_a_secret_and_the_plan_passes(tmp_path):
+    from tests.conftest import edit_stack
+
+    stack = load_stack(edit_stack("prod", tmp_path / "Pulumi.gated.yaml", with_hf_token))
+    report = plan(stack)
+    assert report.errors == [] and report.ok
+    run = record(stack)
+    secret = named(run, SECRET, "gpugate-hf-token")
+    assert is_secret(secret.wire["stringData"]) or is_secret(secret.wire["stringData"]["token"])
+    vllm = named(run, DEPLOYMENT, "deployment-vllm").props
+    env = {e["name"]: e for e in vllm["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "gpugate-hf-token", "key": "token"}}
+    # and the token (a canary in the plan) appears in no plain input or output
+    assert HF_TOKEN_CANARY in run.canaries and plain_secrets(run).violations == []
