@@ -32,7 +32,7 @@ from pulumi_policy.secret import secrets_preserving_proxy
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from gpugate.catalog import GPUS
+from gpugate.catalog import GPUS, MACHINES
 
 WEB_PORTS = frozenset({80, 443})
 SSH_PORT = 22
@@ -82,8 +82,14 @@ GPU_MACHINE_FAMILIES = ("a2-", "a3-", "a4-", "g2-", "g4-")
 # passes another proxy whose values come with their secrets already unwrapped.
 SECRETS_VISIBLE = type(secrets_preserving_proxy({}))
 
-AWS_INSTANCE_TYPES = frozenset(t for gpu in GPUS.values() for t in gpu.aws_instance_types.values())
-GCP_MACHINE_TYPES = frozenset(t for gpu in GPUS.values() for t in gpu.gcp_machine_types.values())
+# The catalog's machine per GPU count, and the larger machines with the same GPUs a node pool may name
+# (kubernetes.gpu_machine_type, when a pod outgrows the default: gpugate/kubernetes/allocatable.py).
+AWS_INSTANCE_TYPES = frozenset(t for gpu in GPUS.values() for t in gpu.aws_instance_types.values()) | frozenset(
+    name for name, m in MACHINES.items() if m.cloud == "aws" and m.gpus
+)
+GCP_MACHINE_TYPES = frozenset(t for gpu in GPUS.values() for t in gpu.gcp_machine_types.values()) | frozenset(
+    name for name, m in MACHINES.items() if m.cloud == "gcp" and m.gpus
+)
 
 
 @dataclass(frozen=True)

@@ -250,6 +250,19 @@ def test_an_eks_gpu_pool_whose_machine_holds_the_pod_passes_and_its_plan_prices_
     assert any("g6.12xlarge x 8" in line.item for line in report.cost_at_max.lines)
 
 
+def test_on_eks_one_l4_per_replica_plans_ok_on_the_larger_l4_machine_the_stack_names(tmp_path):
+    from tests.conftest import edit_stack
+
+    def larger(config: dict[str, Any]) -> None:
+        eks_variant(config)
+        config["gpugate:kubernetes"]["gpu_machine_type"] = "g6.2xlarge"  # the fit the refused plan names
+
+    # the policy pack admits the catalog's larger machine with the same GPU, and the pod fits it
+    report = plan(load_stack(edit_stack("prod", tmp_path / "Pulumi.prodeks.yaml", larger)))
+    assert report.violations == [] and report.ok
+    assert ("vllm", "g6.2xlarge", True) in [(f.pod, f.machine_type, f.fits) for f in report.node_fits]
+
+
 def _under_mocks(stack: Stack, body: Callable[[], Any], config: dict[str, str] | None = None) -> Run:
     run = Run()
 
