@@ -80,7 +80,7 @@ NewExpiresOption = Annotated[
 RevokeIdArgument = Annotated[
     str | None,
     typer.Argument(
-        metavar="[ID]",
+        metavar="ID",
         help="the key id (12 hex digits, see `keys list`). Without ID the key itself is read from stdin or a hidden prompt; "
         "a key on the command line is refused",
         show_default=False,
