@@ -49,9 +49,9 @@ def test_bad_task_argument_exits_2_before_any_connection():
 
 
 def test_missing_positional_argument_exits_2():
-    result = gpugate_run("revoke-key", "--stack", "local", "--host", UNROUTABLE, timeout=10)
+    result = gpugate_run("rotate-key", "--stack", "local", "--host", UNROUTABLE, timeout=10)
     assert result.returncode == 2
-    assert "'key'" in result.stderr
+    assert "'name'" in result.stderr
 
 
 def test_kubernetes_stack_is_refused_with_what_to_use_instead():
