@@ -18,14 +18,14 @@ from gpugate.spec import Target
 
 VM_VERBS = (
     "on a VM stack the same verbs run on its host through the runbook tasks: `gpugate run rotate-key --stack {stack} NAME`, "
-    "`gpugate run revoke-key --stack {stack} [ID]` (the key itself on stdin), `gpugate run status --stack {stack}` (key counts)"
+    "`gpugate run revoke-key --stack {stack} ID` (or `-` and the key itself on stdin), `gpugate run status --stack {stack}` (key counts)"
 )
 
 app = typer.Typer(
     help=(
         "A local stack's client keys: create, list, rotate, revoke (keys are shown once and stored hashed). "
         "VM stacks: the same verbs are runbook tasks over SSH — `gpugate run rotate-key --stack S NAME`, "
-        "`gpugate run revoke-key --stack S [ID]`, `gpugate run status --stack S` (docs/runbook-tasks.md)."
+        "`gpugate run revoke-key --stack S ID` (or - and the key on stdin), `gpugate run status --stack S` (docs/runbook-tasks.md)."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -74,7 +74,7 @@ def rotate(
 
 @app.command()
 def revoke(key_id: runtime_keys.RevokeIdArgument = None, json_out: JsonOption = False, stack: LocalStackOpt = "local") -> None:
-    """Revoke a key now, by its id or by the key itself on stdin (or a hidden prompt); authz rejects it within a second.
+    """Revoke a key now, by its id or by the key itself on stdin (no ID, or -) or a hidden prompt; authz rejects it within a second.
 
     A key on the command line is refused: it would stay in shell history and process lists.
     """

@@ -174,15 +174,9 @@ def parse_task_args(name: str, task, args: list[str]) -> dict[str, Any]:
     return result[0].as_kwargs
 
 
-def _positional(argument) -> str:
-    """NAME, or [NAME] where the task gives the argument a default (it may be left out)."""
-    name = argument.name.upper()
-    return f"[{name}]" if argument.default is not None else name
-
-
 def task_help(name: str, task) -> str:
     arguments = task.get_arguments()
-    words = [_positional(a) if a.positional else f"[--{a.name}{' VALUE' if a.takes_value else ''}]" for a in arguments]
+    words = [a.name.upper() if a.positional else f"[--{a.name}{' VALUE' if a.takes_value else ''}]" for a in arguments]
     lines = [
         f"Usage: gpugate run {name} --stack S [--host H] [--user U] [--identity FILE] [--known-hosts FILE] [--dry-run] {' '.join(words)}",
         "",

@@ -64,18 +64,17 @@ def rotate_key(c, name, overlap="", expires=""):
 
 @task(
     auto_shortflags=False,
-    positional=["key_id"],
-    help={"key_id": "the key id (12 hex digits); without it the leaked key itself is read from stdin or a hidden prompt"},
+    help={"key_id": "the key id (12 hex digits), or - to read the leaked key itself from stdin or a hidden prompt"},
 )
-def revoke_key(c, key_id=""):
-    """Revoke a key now; authz rejects it within a second. Give its id, or the leaked key itself on stdin.
+def revoke_key(c, key_id):
+    """Revoke a key now; authz rejects it within a second. Give its id, or - and the leaked key itself on stdin.
 
     A key on the command line is refused (it would stay in shell history and process lists). Checks first that
     the key exists; revoking a revoked key changes nothing. A full key never leaves this machine: only its id is
     sent to the host.
     """
     try:
-        key_id, _ = revocation_target(key_id or None)
+        key_id, _ = revocation_target(key_id)
     except KeyInputError as exc:
         raise Exit(f"error: {exc}", EXIT_BAD_INPUT) from None
     host = Host(c)

@@ -33,6 +33,7 @@ from pydantic import (
 TOKEN_PREFIX = "ggk"
 ID_HEX = 12  # 48 random bits: unique within a store (checked), not a secret
 SECRET_BYTES = 32  # 256 random bits from the OS CSPRNG
+STDIN_ARGUMENT = "-"  # as an ID: read the key itself from stdin or a prompt
 ID_RE = re.compile(rf"^[0-9a-f]{{{ID_HEX}}}$")
 TOKEN_RE = re.compile(rf"^{TOKEN_PREFIX}_([0-9a-f]{{{ID_HEX}}})_([0-9a-f]{{{SECRET_BYTES * 2}}})$")
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -135,18 +136,19 @@ def read_key_input(prompt: str = "key to revoke (input hidden): ") -> str:
 def revocation_target(key_id: str | None, read_key: Callable[[], str] = read_key_input) -> tuple[str, str | None]:
     """What a revocation acts on: (key id, the key itself when it was given).
 
-    The id comes from the command line; the key itself only through `read_key` (stdin or a hidden prompt):
-    a key in argv stays in shell history and shows in process lists, so one there is refused, unechoed.
+    The id comes from the command line; the key itself only through `read_key` (stdin or a hidden prompt),
+    asked for by leaving the id out or giving `-`: a key in argv stays in shell history and shows in process
+    lists, so one there is refused, unechoed.
     """
-    if key_id is not None:
+    if key_id not in (None, STDIN_ARGUMENT):
         if key_id.startswith(f"{TOKEN_PREFIX}_") or key_id_of(key_id):
             raise KeyInputError(
                 "ID is a whole key, not a key id: a key on the command line stays in shell history and process lists, "
-                f"so it is refused. Give its id (the {ID_HEX} hex digits after `{TOKEN_PREFIX}_`), or leave ID out and "
-                "pass the key on stdin (`... revoke < FILE`) or at the prompt"
+                f"so it is refused. Give its id (the {ID_HEX} hex digits after `{TOKEN_PREFIX}_`), or give `-` (or no ID) "
+                "and pass the key on stdin (`... revoke - < FILE`) or at the prompt"
             )
         if not ID_RE.match(key_id):
-            raise KeyInputError(f"ID must be a key id: {ID_HEX} hex digits (see `keys list`); a key itself goes on stdin, not in ID")
+            raise KeyInputError(f"ID must be a key id: {ID_HEX} hex digits (see `keys list`), or - to read the key itself from stdin")
         return key_id, None
     token = read_key().strip()
     if not token:

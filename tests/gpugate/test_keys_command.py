@@ -105,9 +105,10 @@ def test_revoke_by_id_revokes_that_key(state: Path) -> None:
     assert read_store(store_of(state)).keys[0].revoked_at is not None
 
 
-def test_revoke_reads_the_key_itself_from_stdin_and_never_prints_it(state: Path) -> None:
+@pytest.mark.parametrize("id_argument", [[], ["-"]], ids=["no ID", "ID -"])
+def test_revoke_reads_the_key_itself_from_stdin_and_never_prints_it(state: Path, id_argument: list[str]) -> None:
     alice = created(state, "alice")
-    result = gpugate_keys("revoke", "--stack", "local", state=state, stdin=alice["key"] + "\n")
+    result = gpugate_keys("revoke", *id_argument, "--stack", "local", state=state, stdin=alice["key"] + "\n")
     assert result.returncode == 0, result.stderr
     assert f"Key {alice['id']} (alice) revoked" in result.stdout
     assert alice["key"] not in result.stdout + result.stderr

@@ -147,7 +147,7 @@ def test_revoke_by_the_leaked_key_on_stdin_rejects_it_within_two_seconds_and_pri
     headers = {"Authorization": f"Bearer {leaked.token}"}
     assert gateway.request(client, "POST", "/v1/chat/completions", json=CHAT, headers=headers).status_code == 200
     monkeypatch.setattr("sys.stdin", io.StringIO(leaked.token + "\n"))
-    fab("revoke-key")
+    fab("revoke-key", key_id="-")
     started = time.monotonic()
     wait_until(lambda: gateway.request(client, "POST", "/v1/chat/completions", json=CHAT, headers=headers).status_code == 401, 2, what="401")
     assert time.monotonic() - started < 2
@@ -190,7 +190,7 @@ def test_rotating_a_name_without_an_active_key_exits_2_and_issues_nothing(gatewa
 def test_dry_run_of_a_revoke_sends_only_the_key_id_and_revokes_nothing(gateway, fab, capsys, monkeypatch):
     key = gateway.new_key("dry")
     monkeypatch.setattr("sys.stdin", io.StringIO(key.token))
-    fab("revoke-key", dry_run=True)
+    fab("revoke-key", key_id="-", dry_run=True)
     out = capsys.readouterr().out
     assert f"would revoke key {key.record.id}" in out and key.token not in out
     assert next(k for k in read_store(gateway.layout.key_store).keys if k.id == key.record.id).revoked_at is None

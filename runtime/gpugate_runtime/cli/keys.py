@@ -81,8 +81,8 @@ RevokeIdArgument = Annotated[
     str | None,
     typer.Argument(
         metavar="ID",
-        help="the key id (12 hex digits, see `keys list`). Without ID the key itself is read from stdin or a hidden prompt; "
-        "a key on the command line is refused",
+        help="the key id (12 hex digits, see `keys list`). Without ID, or with -, the key itself is read from stdin or a "
+        "hidden prompt; a key on the command line is refused",
         show_default=False,
     ),
 ]
