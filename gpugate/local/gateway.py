@@ -30,7 +30,7 @@ from gpugate.local.model import ensure_model
 from gpugate.local.supervisord import SUPERVISOR_CONF
 from gpugate.local.vllm_env import LocalEnvError, ensure_vllm_venv
 from gpugate.render.bundle import MANIFEST, write_bundle
-from gpugate.render.settings import public_url
+from gpugate.render.settings import keys_settings, public_url
 from gpugate.spec import Target
 from gpugate.stackfile import Stack
 
@@ -251,12 +251,8 @@ class LocalGateway:
             time.sleep(0.2)
 
     def keys_settings(self) -> KeysSettings:
-        """The `keys` settings this stack's hosts get (its store, its limits' expiry and overlap), as rendered for them."""
-        return KeysSettings(
-            store=self.layout.key_store,
-            expires_days=self.spec.limits.expires_days,
-            rotation_overlap_hours=self.spec.limits.rotation_overlap_hours,
-        )
+        """The `keys` settings this stack's env file gives its host commands (its store, its expiry and overlap)."""
+        return keys_settings(self.spec, self.layout.key_store)
 
     def create_key(self, name: str) -> tuple[str, str]:
         """A new client key in this stack's store: (plaintext shown once, key id)."""
