@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from gpugate import __version__
-from gpugate.cli import alerts, bundle, dashboard, local, plan, promote, run, smoke
+from gpugate.cli import alerts, bundle, dashboard, keys, local, plan, promote, run, smoke
 from gpugate.cli.options import console
 
 app = typer.Typer(
@@ -43,6 +43,7 @@ app.command("up")(local.up)
 app.command("down")(local.down)
 app.command("status")(local.status)
 app.command("logs")(local.logs)
+app.add_typer(keys.app, name="keys")
 app.command("plan")(plan.plan_command)
 app.command("smoke")(smoke.smoke_command)
 app.command("promote")(promote.promote_command)

@@ -30,11 +30,16 @@ def _fail(err, code: int = ExitCode.CHECK_FAILED):
     raise typer.Exit(code)
 
 
-def up(stack: LocalStackOpt = "local") -> None:
+def up(
+    stack: LocalStackOpt = "local",
+    new_key: Annotated[bool, typer.Option("--new-key", help="issue (and print once) another client key even if the stack has one")] = False,
+) -> None:
     """Bring up a local stack on this machine: install what is missing, render, start, wait until healthy.
 
     A second `up` with nothing changed is a no-op that reports the running stack; a changed stack
-    file re-renders and restarts only the services whose files changed.
+    file re-renders and restarts only the services whose files changed. A client key is issued and
+    printed once on the stack's first start only (or with --new-key); later, manage keys with
+    `gpugate keys create / list / rotate / revoke --stack S`.
     """
     gateway = _local_or_exit(stack)
     try:
@@ -43,7 +48,7 @@ def up(stack: LocalStackOpt = "local") -> None:
                 status.update(message)
                 console.print(f"[dim]·[/] {message}", highlight=False)
 
-            result = gateway.up(progress)
+            result = gateway.up(progress, new_key=new_key)
     except LocalStackError as err:
         _fail(err)
     if not result.started and not result.restarted:
@@ -55,7 +60,9 @@ def up(stack: LocalStackOpt = "local") -> None:
     console.print(f"  endpoint  {result.url}/v1", highlight=False)
     console.print(f"  CA file   {result.ca_file}   (Caddy's local CA: trust it or pass it to your client)", highlight=False)
     console.print(f"  status    gpugate status --stack {gateway.stack.name}", highlight=False)
-    if result.client_key:
+    if not result.client_key:
+        console.print(f"  keys      none issued by this up (the stack has an active key); a new one: gpugate keys create NAME --stack {stack}", highlight=False, markup=False)
+    else:
         model = gateway.spec.model.served_name
         console.print(f"\n[bold]A new client key[/] ({result.client_key_id}) — shown once, store it now:\n  {result.client_key}\n", highlight=False)
         console.print("curl:", style="bold")

@@ -15,11 +15,14 @@ import time
 import xmlrpc.client
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 from gpugate_runtime.contract.host import HostLayout, Ports
 from gpugate_runtime.contract.services import services
+from gpugate_runtime.keys import KeyInputError, KeyStoreError, create_key, read_store, utcnow
+from gpugate_runtime.settings import KeysSettings
 from supervisor.xmlrpc import SupervisorTransport
 
 from gpugate.local.bundle import local_facts, local_layout, render_local
@@ -27,7 +30,7 @@ from gpugate.local.model import ensure_model
 from gpugate.local.supervisord import SUPERVISOR_CONF
 from gpugate.local.vllm_env import LocalEnvError, ensure_vllm_venv
 from gpugate.render.bundle import MANIFEST, write_bundle
-from gpugate.render.settings import public_url
+from gpugate.render.settings import keys_settings, public_url
 from gpugate.spec import Target
 from gpugate.stackfile import Stack
 
@@ -55,7 +58,7 @@ class UpResult:
     restarted: list[str] = field(default_factory=list)
     url: str = ""
     ca_file: Path | None = None
-    client_key: str | None = None  # shown once, only when created by this `up`
+    client_key: str | None = None  # shown once, only when created by this `up` (first start, or asked for)
     client_key_id: str | None = None
     seconds: float = 0.0
 
@@ -136,7 +139,9 @@ class LocalGateway:
 
     # ---- up ----------------------------------------------------------------------------
 
-    def up(self, progress: Callable[[str], None] = lambda s: None) -> UpResult:
+    def up(self, progress: Callable[[str], None] = lambda s: None, *, new_key: bool = False) -> UpResult:
+        """Start or update the stack. A client key is issued on its first start (no active client key in its
+        store) or when `new_key` asks for one; otherwise keys are `gpugate keys`' business."""
         start = time.monotonic()
         progress("checking system packages (Caddy, Prometheus, Alertmanager)")
         ensure_system_packages()
@@ -152,7 +157,10 @@ class LocalGateway:
         was_running = self.running()
         if was_running and not changed:
             self._wait_ready(progress, READY_TIMEOUT_S)
-            return UpResult(started=False, url=self.url, ca_file=self.ca_file, seconds=time.monotonic() - start)
+            result = UpResult(started=False, url=self.url, ca_file=self.ca_file)
+            self._issue_client_key(result, new_key)
+            result.seconds = time.monotonic() - start
+            return result
 
         if not was_running:
             self._check_ports_free()
@@ -176,8 +184,7 @@ class LocalGateway:
                 self.down()  # nothing is left half-running
             raise
         result = UpResult(started=not was_running, restarted=restarted, url=self.url, ca_file=self.ca_file)
-        if not was_running:
-            result.client_key, result.client_key_id = self.create_key(f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}")
+        self._issue_client_key(result, new_key)
         result.seconds = time.monotonic() - start
         return result
 
@@ -243,18 +250,33 @@ class LocalGateway:
                 raise LocalStackError("supervisord did not come up", tail(self.layout.logs / "supervisord.log"))
             time.sleep(0.2)
 
-    def runtime_cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "gpugate_runtime", *args], capture_output=True, text=True, timeout=60
-        )
+    def keys_settings(self) -> KeysSettings:
+        """The `keys` settings this stack's env file gives its host commands (its store, its expiry and overlap)."""
+        return keys_settings(self.spec, self.layout.key_store)
 
     def create_key(self, name: str) -> tuple[str, str]:
         """A new client key in this stack's store: (plaintext shown once, key id)."""
-        proc = self.runtime_cli("keys", "create", name, "--store", str(self.layout.key_store), "--json")
-        if proc.returncode != 0:
-            raise LocalStackError(f"creating the client key {name!r} failed", proc.stderr)
-        created = json.loads(proc.stdout)
-        return created["key"], created["id"]
+        settings = self.keys_settings()
+        try:
+            issued = create_key(settings.store, name, expires=timedelta(days=settings.expires_days))
+        except (KeyInputError, KeyStoreError) as err:
+            raise LocalStackError(f"creating the client key {name!r} failed", str(err)) from None
+        return issued.token, issued.record.id
+
+    def active_client_keys(self) -> int:
+        """How many keys other than the prober's own are active in the store."""
+        try:
+            keys = read_store(self.layout.key_store).keys
+        except KeyStoreError as err:
+            raise LocalStackError("the key store cannot be read", str(err), f"fix or move {self.layout.key_store}") from None
+        now = utcnow()
+        return sum(1 for k in keys if k.name != PROBER_KEY_NAME and k.status(now) == "active")
+
+    def _issue_client_key(self, result: UpResult, new_key: bool) -> None:
+        # Only the first start (or an explicit ask) mints: each key is shown once, so minting on every
+        # restart would leave a trail of active keys nobody holds.
+        if new_key or self.active_client_keys() == 0:
+            result.client_key, result.client_key_id = self.create_key(f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}")
 
     def _ensure_prober_key(self) -> None:
         if self.layout.prober_key_file.exists():

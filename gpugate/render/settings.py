@@ -18,6 +18,13 @@ def public_url(spec: GatewaySpec) -> str:
     return f"https://{spec.domain}{port}"
 
 
+def keys_settings(spec: GatewaySpec, key_store: Path) -> KeysSettings:
+    """What `keys` commands on a stack's host use: its store, and the stack's expiry and rotation overlap."""
+    return KeysSettings(
+        store=key_store, expires_days=spec.limits.expires_days, rotation_overlap_hours=spec.limits.rotation_overlap_hours
+    )
+
+
 def runtime_settings(
     spec: GatewaySpec,
     ports: Ports,
@@ -44,11 +51,7 @@ def runtime_settings(
             default_max_concurrent=spec.limits.max_concurrent,
             max_body_bytes=spec.limits.max_body_kib * 1024,
         ),
-        KeysSettings(
-            store=key_store,
-            expires_days=spec.limits.expires_days,
-            rotation_overlap_hours=spec.limits.rotation_overlap_hours,
-        ),
+        keys_settings(spec, key_store),
         ProberSettings(
             port=ports.prober,
             public_url=public_url(spec),

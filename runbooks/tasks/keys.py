@@ -7,11 +7,11 @@ import re
 
 from fabric import task
 from gpugate_runtime.keys import (
-    ID_HEX,
     NAME_PATTERN,
     NAME_RULE,
-    key_id_of,
+    KeyInputError,
     parse_duration,
+    revocation_target,
 )
 from invoke.exceptions import Exit
 
@@ -62,16 +62,21 @@ def rotate_key(c, name, overlap="", expires=""):
     return issued["key"]
 
 
-@task(auto_shortflags=False, help={"key": "the key id (12 hex digits), or the leaked key itself (only its id is used)"})
-def revoke_key(c, key):
-    """Revoke a key now; authz rejects it within a second. Give its id, or the leaked key itself.
+@task(
+    auto_shortflags=False,
+    help={"key_id": "the key id (12 hex digits), or - to read the leaked key itself from stdin or a hidden prompt"},
+)
+def revoke_key(c, key_id):
+    """Revoke a key now; authz rejects it within a second. Give its id, or - and the leaked key itself on stdin.
 
-    Checks first that the key exists; revoking a revoked key changes nothing. A full key never leaves this
-    machine: only its id is sent to the host.
+    A key on the command line is refused (it would stay in shell history and process lists). Checks first that
+    the key exists; revoking a revoked key changes nothing. A full key never leaves this machine: only its id is
+    sent to the host.
     """
-    key_id = key_id_of(key) or key
-    if not re.fullmatch(rf"[0-9a-f]{{{ID_HEX}}}", key_id):
-        raise Exit(f"error: {'that' if key.startswith('ggk_') else repr(key)} is neither a key id ({ID_HEX} hex digits) nor a gpugate key", EXIT_BAD_INPUT)
+    try:
+        key_id, _ = revocation_target(key_id)
+    except KeyInputError as exc:
+        raise Exit(f"error: {exc}", EXIT_BAD_INPUT) from None
     host = Host(c)
     host.env()
     record = next((k for k in host.keys() if k["id"] == key_id), None)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import fcntl
+import getpass
 import hashlib
+import hmac
 import json
 import os
 import re
 import secrets
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,6 +33,8 @@ from pydantic import (
 TOKEN_PREFIX = "ggk"
 ID_HEX = 12  # 48 random bits: unique within a store (checked), not a secret
 SECRET_BYTES = 32  # 256 random bits from the OS CSPRNG
+STDIN_ARGUMENT = "-"  # as an ID: read the key itself from stdin or a prompt
+ID_RE = re.compile(rf"^[0-9a-f]{{{ID_HEX}}}$")
 TOKEN_RE = re.compile(rf"^{TOKEN_PREFIX}_([0-9a-f]{{{ID_HEX}}})_([0-9a-f]{{{SECRET_BYTES * 2}}})$")
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 NAME_RULE = "1-64 of a-z 0-9 . _ - starting with a letter or digit"
@@ -117,6 +122,43 @@ def key_id_of(token: str) -> str | None:
     """The key id of a well-formed key, else None."""
     match = TOKEN_RE.match(token)
     return match.group(1) if match else None
+
+
+def read_key_input(prompt: str = "key to revoke (input hidden): ") -> str:
+    """One key from stdin: a hidden prompt on a terminal, else the first line of what is piped in."""
+    if sys.stdin is None:
+        return ""
+    if sys.stdin.isatty():
+        return getpass.getpass(prompt)
+    return sys.stdin.readline()
+
+
+def revocation_target(key_id: str | None, read_key: Callable[[], str] = read_key_input) -> tuple[str, str | None]:
+    """What a revocation acts on: (key id, the key itself when it was given).
+
+    The id comes from the command line; the key itself only through `read_key` (stdin or a hidden prompt),
+    asked for by leaving the id out or giving `-`: a key in argv stays in shell history and shows in process
+    lists, so one there is refused, unechoed.
+    """
+    if key_id not in (None, STDIN_ARGUMENT):
+        if key_id.startswith(f"{TOKEN_PREFIX}_") or key_id_of(key_id):
+            raise KeyInputError(
+                "ID is a whole key, not a key id: a key on the command line stays in shell history and process lists, "
+                f"so it is refused. Give its id (the {ID_HEX} hex digits after `{TOKEN_PREFIX}_`), or give `-` (or no ID) "
+                "and pass the key on stdin (`... revoke - < FILE`) or at the prompt"
+            )
+        if not ID_RE.match(key_id):
+            raise KeyInputError(f"ID must be a key id: {ID_HEX} hex digits (see `keys list`), or - to read the key itself from stdin")
+        return key_id, None
+    token = read_key().strip()
+    if not token:
+        raise KeyInputError("no key given: pass the key on stdin or at the prompt, or give its ID")
+    found = key_id_of(token)
+    if found is None:
+        raise KeyInputError(
+            f"what was read is not a gpugate key ({TOKEN_PREFIX}_<{ID_HEX} hex>_<{SECRET_BYTES * 2} hex>); to revoke by id, give ID"
+        )
+    return found, token
 
 
 def _new_token(taken: set[str]) -> tuple[str, str]:
@@ -248,8 +290,12 @@ def rotate_key(path: Path, name: str, *, overlap: timedelta, expires: timedelta,
     return Rotation(issued=issued, retiring=retiring)
 
 
-def revoke_key(path: Path, key_id: str, now: datetime | None = None) -> KeyRecord:
-    """Revoke a key by id from now on; revoking a revoked key changes nothing."""
+def revoke_key(path: Path, key_id: str, now: datetime | None = None, *, token: str | None = None) -> KeyRecord:
+    """Revoke a key by id from now on; revoking a revoked key changes nothing.
+
+    With `token` (the key itself, read from stdin, never argv), the record must also match its hash, so a
+    mistyped key revokes nothing rather than whichever key shares its id.
+    """
     now = now or utcnow()
     with locked(path):
         store = read_store(path)
@@ -257,6 +303,8 @@ def revoke_key(path: Path, key_id: str, now: datetime | None = None) -> KeyRecor
         if found is None:
             known = ", ".join(k.id for k in store.keys) or "none"
             raise KeyInputError(f"no key with id {key_id!r} in {path}; ids there: {known}")
+        if token is not None and not hmac.compare_digest(found.sha256, token_digest(token)):
+            raise KeyInputError(f"the key given is not key {key_id} of {path} (its hash does not match): mistyped, or from another store")
         if found.revoked_at is not None:
             return found
         revoked = found.model_copy(update={"revoked_at": now})

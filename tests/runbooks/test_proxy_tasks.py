@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import time
@@ -141,11 +142,12 @@ def test_reload_proxy_without_a_file_reloads_the_deployed_caddyfile_and_changes_
 # --- keys -----------------------------------------------------------------------------------------
 
 
-def test_revoke_by_the_leaked_key_rejects_it_within_two_seconds_and_prints_only_its_id(gateway, fab, client, capsys):
+def test_revoke_by_the_leaked_key_on_stdin_rejects_it_within_two_seconds_and_prints_only_its_id(gateway, fab, client, capsys, monkeypatch):
     leaked = gateway.new_key("leaky")
     headers = {"Authorization": f"Bearer {leaked.token}"}
     assert gateway.request(client, "POST", "/v1/chat/completions", json=CHAT, headers=headers).status_code == 200
-    fab("revoke-key", key=leaked.token)
+    monkeypatch.setattr("sys.stdin", io.StringIO(leaked.token + "\n"))
+    fab("revoke-key", key_id="-")
     started = time.monotonic()
     wait_until(lambda: gateway.request(client, "POST", "/v1/chat/completions", json=CHAT, headers=headers).status_code == 401, 2, what="401")
     assert time.monotonic() - started < 2
@@ -155,17 +157,26 @@ def test_revoke_by_the_leaked_key_rejects_it_within_two_seconds_and_prints_only_
 
 def test_revoking_a_revoked_key_changes_nothing(gateway, fab, capsys):
     key = gateway.new_key("twice")
-    fab("revoke-key", key=key.record.id)
+    fab("revoke-key", key_id=key.record.id)
     store_before = gateway.layout.key_store.read_bytes()
-    fab("revoke-key", key=key.record.id)
+    fab("revoke-key", key_id=key.record.id)
     assert "already revoked" in capsys.readouterr().out
     assert gateway.layout.key_store.read_bytes() == store_before
 
 
 def test_revoking_an_unknown_id_exits_2(gateway, fab):
     with pytest.raises(Exit) as refused:
-        fab("revoke-key", key="0123456789ab")
+        fab("revoke-key", key_id="0123456789ab")
     assert refused.value.code == 2 and "no key with id 0123456789ab" in refused.value.message
+
+
+def test_revoke_refuses_the_key_itself_as_an_argument_without_echoing_it(gateway, fab):
+    key = gateway.new_key("in-argv")
+    with pytest.raises(Exit) as refused:
+        fab("revoke-key", key_id=key.token)
+    assert refused.value.code == 2 and "not a key id" in refused.value.message and "stdin" in refused.value.message
+    assert key.token not in refused.value.message
+    assert next(k for k in read_store(gateway.layout.key_store).keys if k.id == key.record.id).revoked_at is None
 
 
 def test_rotating_a_name_without_an_active_key_exits_2_and_issues_nothing(gateway, fab):
@@ -176,9 +187,10 @@ def test_rotating_a_name_without_an_active_key_exits_2_and_issues_nothing(gatewa
     assert read_store(gateway.layout.key_store) == before
 
 
-def test_dry_run_of_a_revoke_sends_only_the_key_id_and_revokes_nothing(gateway, fab, capsys):
+def test_dry_run_of_a_revoke_sends_only_the_key_id_and_revokes_nothing(gateway, fab, capsys, monkeypatch):
     key = gateway.new_key("dry")
-    fab("revoke-key", key=key.token, dry_run=True)
+    monkeypatch.setattr("sys.stdin", io.StringIO(key.token))
+    fab("revoke-key", key_id="-", dry_run=True)
     out = capsys.readouterr().out
     assert f"would revoke key {key.record.id}" in out and key.token not in out
     assert next(k for k in read_store(gateway.layout.key_store).keys if k.id == key.record.id).revoked_at is None

@@ -51,7 +51,14 @@ def test_bad_task_argument_exits_2_before_any_connection():
 def test_missing_positional_argument_exits_2():
     result = gpugate_run("revoke-key", "--stack", "local", "--host", UNROUTABLE, timeout=10)
     assert result.returncode == 2
-    assert "'key'" in result.stderr
+    assert "'key_id'" in result.stderr
+
+
+def test_revoke_key_refuses_the_key_itself_in_argv_before_any_connection():
+    key = "ggk_0123456789ab_" + "ab" * 32
+    result = gpugate_run("revoke-key", "--stack", "local", "--host", UNROUTABLE, key, timeout=10)
+    assert result.returncode == 2
+    assert "not a key id" in result.stderr and "- < FILE" in result.stderr and key not in result.stderr
 
 
 def test_kubernetes_stack_is_refused_with_what_to_use_instead():

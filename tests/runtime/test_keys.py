@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 DAY = timedelta(days=1)
 
 
-def run_keys(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_keys(*args: str, env: dict[str, str] | None = None, stdin: str = "") -> subprocess.CompletedProcess:
     """`gpugate-runtime keys ...` in a fresh process, as an operator runs it."""
     environment = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -44,7 +44,7 @@ def run_keys(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
         **(env or {}),
     }
     return subprocess.run(
-        [sys.executable, "-m", "gpugate_runtime", "keys", *args], capture_output=True, text=True, env=environment, timeout=60
+        [sys.executable, "-m", "gpugate_runtime", "keys", *args], input=stdin, capture_output=True, text=True, env=environment, timeout=60
     )
 
 
@@ -323,6 +323,32 @@ def test_bad_input_exits_2_naming_the_flag_and_what_is_allowed(store: Path, args
     message = " ".join(result.stderr.split()).replace("│", "").replace("  ", " ")
     assert flag in message and allowed in message, result.stderr
     assert not store.exists()
+
+
+def test_revoke_cli_takes_the_key_itself_on_stdin_and_never_prints_it(store: Path) -> None:
+    created = json.loads(run_keys("create", "alice", "--json", "--store", str(store)).stdout)
+    result = run_keys("revoke", "--store", str(store), stdin=created["key"] + "\n")
+    assert result.returncode == 0, result.stderr
+    assert f"Key {created['id']} (alice) revoked" in result.stdout
+    assert created["key"] not in result.stdout + result.stderr
+    assert read_store(store).keys[0].revoked_at is not None
+
+
+def test_revoke_cli_refuses_a_key_in_argv_unechoed_and_revokes_nothing(store: Path) -> None:
+    created = json.loads(run_keys("create", "alice", "--json", "--store", str(store)).stdout)
+    result = run_keys("revoke", created["key"], "--store", str(store))
+    assert result.returncode == 2
+    assert "not a key id" in result.stderr and "stdin" in result.stderr
+    assert created["key"] not in result.stdout + result.stderr
+    assert read_store(store).keys[0].revoked_at is None
+
+
+def test_revoke_cli_refuses_a_mistyped_key_on_stdin(store: Path) -> None:
+    created = json.loads(run_keys("create", "alice", "--json", "--store", str(store)).stdout)
+    mistyped = created["key"][:-1] + ("0" if created["key"][-1] != "0" else "1")
+    result = run_keys("revoke", "--store", str(store), stdin=mistyped)
+    assert result.returncode == 2 and "hash does not match" in result.stderr
+    assert read_store(store).keys[0].revoked_at is None
 
 
 def test_revoking_an_unknown_id_exits_2(store: Path) -> None:

@@ -1,4 +1,8 @@
-"""`gpugate-runtime keys`: create, list, rotate and revoke client keys in a key store."""
+"""`gpugate-runtime keys`: create, list, rotate and revoke client keys in a key store.
+
+The options and the `run_*` bodies are shared with `gpugate keys --stack S` (the operator's command for a local stack),
+so both say and do the same; only where the settings come from differs.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from gpugate_runtime.keys import (
     create_key,
     parse_duration,
     read_store,
+    revocation_target,
     revoke_key,
     rotate_key,
     utcnow,
@@ -56,6 +61,33 @@ def _duration_option(allow_zero: bool):
     return check
 
 
+NameArgument = Annotated[str, typer.Argument(callback=_name, help="who the key is for, e.g. team-search")]
+RotateNameArgument = Annotated[str, typer.Argument(callback=_name, help="the key name to rotate")]
+RpmOption = Annotated[int | None, typer.Option("--rpm", min=1, max=MAX_LIMIT, help="requests per minute (default: the stack's)")]
+MaxConcurrentOption = Annotated[
+    int | None, typer.Option("--max-concurrent", min=1, max=MAX_LIMIT, help="requests in flight (default: the stack's)")
+]
+ExpiresOption = Annotated[
+    str | None, typer.Option("--expires", callback=_duration_option(False), help="validity, e.g. 90d (default: the stack's)")
+]
+OverlapOption = Annotated[
+    str | None,
+    typer.Option("--overlap", callback=_duration_option(True), help="how long the old key stays valid, e.g. 24h (default: the stack's)"),
+]
+NewExpiresOption = Annotated[
+    str | None, typer.Option("--expires", callback=_duration_option(False), help="validity of the new key (default: the stack's)")
+]
+RevokeIdArgument = Annotated[
+    str | None,
+    typer.Argument(
+        metavar="ID",
+        help="the key id (12 hex digits, see `keys list`). Without ID, or with -, the key itself is read from stdin or a "
+        "hidden prompt; a key on the command line is refused",
+        show_default=False,
+    ),
+]
+
+
 def _settings() -> KeysSettings:
     return settings_or_exit(KeysSettings, "key")
 
@@ -69,25 +101,13 @@ def _when(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else "-"
 
 
-@app.command()
-def create(
-    name: Annotated[str, typer.Argument(callback=_name, help="who the key is for, e.g. team-search")],
-    rpm: Annotated[int | None, typer.Option("--rpm", min=1, max=MAX_LIMIT, help="requests per minute (default: the stack's)")] = None,
-    max_concurrent: Annotated[
-        int | None, typer.Option("--max-concurrent", min=1, max=MAX_LIMIT, help="requests in flight (default: the stack's)")
-    ] = None,
-    expires: Annotated[
-        str | None, typer.Option("--expires", callback=_duration_option(False), help="validity, e.g. 90d (default: the stack's)")
-    ] = None,
-    json_out: JsonOption = False,
-    store: StoreOption = None,
-) -> None:
-    """Issue a key and print it once: only its hash is stored."""
-    settings = _settings()
-    path = store or settings.store
+# ---- the commands' bodies, shared with `gpugate keys` -------------------------------------------
+
+
+def run_create(settings: KeysSettings, name: str, rpm: int | None, max_concurrent: int | None, expires: str | None, json_out: bool) -> None:
     validity = parse_duration(expires) if expires else timedelta(days=settings.expires_days)
     try:
-        issued = create_key(path, name, expires=validity, rpm=rpm, max_concurrent=max_concurrent)
+        issued = create_key(settings.store, name, expires=validity, rpm=rpm, max_concurrent=max_concurrent)
     except (KeyInputError, KeyStoreError) as exc:
         raise _fail(exc) from None
     _show_issued(issued, json_out, f"Created key {issued.record.id} for {name}")
@@ -103,10 +123,7 @@ def _show_issued(issued: IssuedKey, json_out: bool, headline: str, extra: dict[s
     typer.echo(issued.token)
 
 
-@app.command("list")
-def list_(json_out: JsonOption = False, store: StoreOption = None) -> None:
-    """Show keys (never a key or its hash)."""
-    path = store or _settings().store
+def run_list(path: Path, json_out: bool) -> None:
     try:
         keys = read_store(path).keys
     except KeyStoreError as exc:
@@ -128,26 +145,11 @@ def list_(json_out: JsonOption = False, store: StoreOption = None) -> None:
     (console if console.is_terminal else Console(width=160)).print(table)
 
 
-@app.command()
-def rotate(
-    name: Annotated[str, typer.Argument(callback=_name, help="the key name to rotate")],
-    overlap: Annotated[
-        str | None,
-        typer.Option("--overlap", callback=_duration_option(True), help="how long the old key stays valid, e.g. 24h (default: the stack's)"),
-    ] = None,
-    expires: Annotated[
-        str | None, typer.Option("--expires", callback=_duration_option(False), help="validity of the new key (default: the stack's)")
-    ] = None,
-    json_out: JsonOption = False,
-    store: StoreOption = None,
-) -> None:
-    """Issue a new key for NAME; its old keys expire at the end of the overlap."""
-    settings = _settings()
-    path = store or settings.store
+def run_rotate(settings: KeysSettings, name: str, overlap: str | None, expires: str | None, json_out: bool) -> None:
     window = parse_duration(overlap, allow_zero=True) if overlap else timedelta(hours=settings.rotation_overlap_hours)
     validity = parse_duration(expires) if expires else timedelta(days=settings.expires_days)
     try:
-        rotation = rotate_key(path, name, overlap=window, expires=validity)
+        rotation = rotate_key(settings.store, name, overlap=window, expires=validity)
     except (KeyInputError, KeyStoreError) as exc:
         raise _fail(exc) from None
     retiring = {k.id: _when(k.expires_at) for k in rotation.retiring}
@@ -157,19 +159,59 @@ def rotate(
             typer.echo(f"Old key {key_id} stays valid until {until}.")
 
 
-@app.command()
-def revoke(
-    key_id: Annotated[str, typer.Argument(metavar="ID", help="the key id (see `keys list`)")],
-    json_out: JsonOption = False,
-    store: StoreOption = None,
-) -> None:
-    """Revoke a key now; authz rejects it within a second."""
-    path = store or _settings().store
+def run_revoke(path: Path, key_id: str | None, json_out: bool) -> None:
     try:
-        record = revoke_key(path, key_id)
+        target, token = revocation_target(key_id)
+        record = revoke_key(path, target, token=token)
     except (KeyInputError, KeyStoreError) as exc:
         raise _fail(exc) from None
     if json_out:
         typer.echo(json.dumps(record.public(utcnow()), sort_keys=True))
     else:
         typer.echo(f"Key {record.id} ({record.name}) revoked at {_when(record.revoked_at)}.")
+
+
+# ---- gpugate-runtime keys ------------------------------------------------------------------------
+
+
+@app.command()
+def create(
+    name: NameArgument,
+    rpm: RpmOption = None,
+    max_concurrent: MaxConcurrentOption = None,
+    expires: ExpiresOption = None,
+    json_out: JsonOption = False,
+    store: StoreOption = None,
+) -> None:
+    """Issue a key and print it once: only its hash is stored."""
+    settings = _settings()
+    if store:
+        settings = settings.model_copy(update={"store": store})
+    run_create(settings, name, rpm, max_concurrent, expires, json_out)
+
+
+@app.command("list")
+def list_(json_out: JsonOption = False, store: StoreOption = None) -> None:
+    """Show keys (never a key or its hash)."""
+    run_list(store or _settings().store, json_out)
+
+
+@app.command()
+def rotate(
+    name: RotateNameArgument,
+    overlap: OverlapOption = None,
+    expires: NewExpiresOption = None,
+    json_out: JsonOption = False,
+    store: StoreOption = None,
+) -> None:
+    """Issue a new key for NAME; its old keys expire at the end of the overlap."""
+    settings = _settings()
+    if store:
+        settings = settings.model_copy(update={"store": store})
+    run_rotate(settings, name, overlap, expires, json_out)
+
+
+@app.command()
+def revoke(key_id: RevokeIdArgument = None, json_out: JsonOption = False, store: StoreOption = None) -> None:
+    """Revoke a key now, by its id or by the key itself on stdin; authz rejects it within a second."""
+    run_revoke(store or _settings().store, key_id, json_out)
