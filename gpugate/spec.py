@@ -148,7 +148,7 @@ class TimeoutsSpec(Strict):
         description="vLLM's response headers on the routes that do not generate (/v1/models, /healthz); 503 after",
     )  # fmt: skip
     max_stream_seconds: int = Field(
-        600, ge=10, le=86_400,
+        600, ge=2, le=86_400,
         description="the longest any response may last, a streamed completion included: Caddy ends it then, and "
         "authz's in-flight slot lasts as long (a non-streamed completion's headers must come within it too)",
     )  # fmt: skip
