@@ -463,8 +463,12 @@ def test_client_request_id_round_trips_into_vllm_access_log_and_authz_log(gatewa
         what="the access-log entry",
     )
     assert entry["status"] == 200 and entry["duration"] > 0 and entry["size"] > 0
-    decisions = [json.loads(line) for line in gateway.authz_log.read_text().splitlines()]
-    assert any(d.get("request_id") == request_id and d.get("key_id") == key.record.id for d in decisions)
+    # authz writes decision lines on its maintenance tick, up to access_log_poll_seconds after the answer
+    def decided() -> bool:
+        decisions = [json.loads(line) for line in gateway.authz_log.read_text().splitlines()]
+        return any(d.get("request_id") == request_id and d.get("key_id") == key.record.id for d in decisions)
+
+    assert wait_until(decided, 2, what="authz's decision line")
 
 
 def test_malformed_client_request_id_is_replaced_by_a_fresh_one(gateway: Gateway, client: httpx.Client) -> None:
