@@ -133,6 +133,27 @@ class KeyLimits(Strict):
     )
 
 
+class TimeoutsSpec(Strict):
+    """How long each hop of the gateway may take (Caddy's server and its proxy to vLLM), seconds."""
+
+    read_header_seconds: int = Field(10, ge=1, le=300, description="a client's request line and headers (408 / closed after)")
+    read_body_seconds: int = Field(
+        60, ge=1, le=3600,
+        description="a client's whole request, headers and body: a body trickled slower is cut off (1 MiB at 20 KiB/s fits)",
+    )  # fmt: skip
+    idle_seconds: int = Field(120, ge=1, le=3600, description="a kept-alive connection with no request in flight is closed after this")
+    upstream_dial_seconds: int = Field(5, ge=1, le=60, description="Caddy connecting to vLLM (503 with Retry-After after)")
+    upstream_header_seconds: int = Field(
+        30, ge=1, le=600,
+        description="vLLM's response headers on the routes that do not generate (/v1/models, /healthz); 503 after",
+    )  # fmt: skip
+    max_stream_seconds: int = Field(
+        600, ge=2, le=86_400,
+        description="the longest any response may last, a streamed completion included: Caddy ends it then, and "
+        "authz's in-flight slot lasts as long (a non-streamed completion's headers must come within it too)",
+    )  # fmt: skip
+
+
 class SloSpec(Strict):
     """Service-level objectives; the alert rules are rendered from these thresholds."""
 
@@ -399,6 +420,7 @@ class GatewaySpec(Strict):
     gpu: GpuSpec
     vllm: VllmSpec = VllmSpec()
     limits: KeyLimits = KeyLimits()
+    timeouts: TimeoutsSpec = TimeoutsSpec()
     slo: SloSpec = SloSpec()
     alerts: AlertsSpec
     monitoring: MonitoringSpec = MonitoringSpec()

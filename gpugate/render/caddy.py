@@ -25,6 +25,24 @@ CANONICAL_URI = r"^(/|(/[a-z0-9_-]+)+)(\?.*)?$"
 
 
 @dataclass(frozen=True)
+class PublicRoute:
+    """Public endpoints proxied alike: a Caddy matcher name, their paths and how long vLLM may take
+    to send response headers on them."""
+
+    name: str
+    paths: tuple[str, ...]
+    response_header_seconds: int
+
+
+def public_routes(spec: GatewaySpec) -> tuple[PublicRoute, ...]:
+    """The listing answers at once; a completion not streamed sends its headers only when done."""
+    return (
+        PublicRoute("models", ("/v1/models",), spec.timeouts.upstream_header_seconds),
+        PublicRoute("generate", ("/v1/chat/completions", "/v1/completions"), spec.timeouts.max_stream_seconds),
+    )
+
+
+@dataclass(frozen=True)
 class Upstream:
     """vLLM as Caddy reaches it: one address, or (`dynamic`) every ready pod behind a DNS name,
     re-resolved every `refresh` so a new replica takes traffic at once, and retried for
@@ -89,4 +107,5 @@ def caddyfile(
         body_length_header=BODY_LENGTH_HEADER,
         access_log_ids_field=ACCESS_LOG_IDS_FIELD,
         canonical_uri=CANONICAL_URI,
+        public_routes=public_routes(spec),
     )

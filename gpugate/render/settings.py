@@ -12,6 +12,10 @@ from pydantic_settings import BaseSettings
 from gpugate.render.templates import render_template
 from gpugate.spec import GatewaySpec
 
+# Seconds an in-flight slot outlives the longest stream: Caddy writes the stream's access-log line
+# (which frees the slot) a moment after it ends it.
+INFLIGHT_TTL_MARGIN_SECONDS = 30
+
 
 def public_url(spec: GatewaySpec) -> str:
     port = "" if spec.ports.https == 443 else f":{spec.ports.https}"
@@ -50,6 +54,9 @@ def runtime_settings(
             default_rpm=spec.limits.rpm,
             default_max_concurrent=spec.limits.max_concurrent,
             max_body_bytes=spec.limits.max_body_kib * 1024,
+            # Caddy ends every response by max_stream_seconds, so a slot outlives its stream: a running
+            # stream never loses its slot to the TTL, which only frees slots whose log line was lost.
+            inflight_ttl_seconds=spec.timeouts.max_stream_seconds + INFLIGHT_TTL_MARGIN_SECONDS,
         ),
         keys_settings(spec, key_store),
         ProberSettings(

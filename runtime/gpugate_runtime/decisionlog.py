@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from logging.handlers import WatchedFileHandler
+from typing import TextIO
 
 from gpugate_runtime.settings import AuthzSettings
 
@@ -22,6 +24,12 @@ class DecisionLog(WatchedFileHandler):
     after the decision, which is also when rotation is checked; any other record (start-up, store
     reloads, warnings, errors) is written at once. A crash can lose at most one tick of decision lines.
     """
+
+    def _open(self) -> TextIO:  # logging.FileHandler's hook for opening the stream
+        # Decision lines name keys and request ids: a new log (first start, after logrotate moved
+        # it) is its owner's only, whatever the umask; /dev/stdout in a pod is opened as it is.
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
     def emit(self, record: logging.LogRecord) -> None:
         if not isinstance(record.msg, dict):

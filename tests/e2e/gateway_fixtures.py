@@ -144,6 +144,10 @@ class StubUpstream:
                 else:
                     self._json(200, {"stub": "would have answered", "path": self.path})
 
+            # vLLM answers these methods too (405 on most routes); recorded like GET so a test can
+            # tell whether one reached it.
+            do_DELETE = do_OPTIONS = do_GET
+
             def do_POST(self) -> None:
                 self._record()
                 length = int(self.headers.get("Content-Length") or 0)
@@ -257,13 +261,17 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def running_gateway(root: Path, upstream_on: Callable[[int], Upstream] = StubUpstream) -> Iterator[Gateway]:
-    """Render a copy of the local stack with free ports under root, start a stand-in for vLLM
-    (`upstream_on(port)`, a StubUpstream by default), authz and Caddy, and stop them all on exit."""
+def running_gateway(
+    root: Path, upstream_on: Callable[[int], Upstream] = StubUpstream, config: dict[str, Any] | None = None
+) -> Iterator[Gateway]:
+    """Render a copy of the local stack with free ports under root (and the stack keys in `config`,
+    e.g. {"gpugate:timeouts": {...}}), start a stand-in for vLLM (`upstream_on(port)`, a StubUpstream
+    by default), authz and Caddy, and stop them all on exit."""
     base, https_port, http_port = free_internal_base(), free_port(), free_port()
 
-    def ports(config: dict[str, Any]) -> None:
-        config["gpugate:ports"] = {"https": https_port, "http": http_port, "internal_base": base}
+    def ports(stack: dict[str, Any]) -> None:
+        stack["gpugate:ports"] = {"https": https_port, "http": http_port, "internal_base": base}
+        stack.update(config or {})
 
     stack_file = edit_stack("local", root / "Pulumi.local.yaml", ports)
     layout = HostLayout(root / "host")

@@ -396,6 +396,34 @@ def test_chunked_body_without_length_gets_411(gateway: Gateway, client: httpx.Cl
     assert response.status_code == 411
 
 
+def framed_request(gateway: Gateway, method: str, path: str, request_id: str, token: str | None, framing: str) -> bytes:
+    """One HTTP/1.1 request written byte for byte; `framing`: "chunked" (a 5-byte chunked body) or "none"."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOSTNAME}", "Connection: close", f"{REQUEST_ID_HEADER}: {request_id}"]
+    if token:
+        lines.append(f"Authorization: Bearer {token}")
+    if framing == "chunked":
+        lines.append("Transfer-Encoding: chunked")
+    body = "5\r\nhello\r\n0\r\n\r\n" if framing == "chunked" else ""
+    return raw_https(gateway, ("\r\n".join(lines) + "\r\n\r\n" + body).encode())
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/v1/models"), ("DELETE", "/v1/models"), ("OPTIONS", "/v1/models"), ("GET", "/healthz")])
+def test_a_chunked_body_on_any_method_gets_411_and_never_reaches_vllm(gateway: Gateway, method: str, path: str) -> None:
+    # given a valid key, and the same request without a body reaching vLLM (the stub records each request)
+    key = gateway.new_key(f"chunked-{method.lower()}-{path.strip('/').replace('/', '-')}")
+    bare = rid("bare-" + method.lower())
+    assert framed_request(gateway, method, path, bare, key.token, "none").startswith(b"HTTP/1.1 ")
+    assert [seen.method for seen in gateway.upstream.seen_with(bare)] == [method]
+    # when it carries a chunked body (no Content-Length: nothing to check its size against)
+    request_id = rid("chunked-" + method.lower())
+    response = framed_request(gateway, method, path, request_id, key.token, "chunked")
+    # then the gateway refuses it with a JSON 411 and vLLM never sees the request or its body
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 411 "), head
+    assert b'"length_required"' in body
+    assert gateway.upstream.seen_with(request_id) == []
+
+
 def test_stream_chunks_arrive_before_the_stream_ends(gateway: Gateway, client: httpx.Client) -> None:
     # given vLLM streaming 4 chunks 0.3 s apart
     key = gateway.new_key("streamer")
@@ -435,8 +463,12 @@ def test_client_request_id_round_trips_into_vllm_access_log_and_authz_log(gatewa
         what="the access-log entry",
     )
     assert entry["status"] == 200 and entry["duration"] > 0 and entry["size"] > 0
-    decisions = [json.loads(line) for line in gateway.authz_log.read_text().splitlines()]
-    assert any(d.get("request_id") == request_id and d.get("key_id") == key.record.id for d in decisions)
+    # authz writes decision lines on its maintenance tick, up to access_log_poll_seconds after the answer
+    def decided() -> bool:
+        decisions = [json.loads(line) for line in gateway.authz_log.read_text().splitlines()]
+        return any(d.get("request_id") == request_id and d.get("key_id") == key.record.id for d in decisions)
+
+    assert wait_until(decided, 2, what="authz's decision line")
 
 
 def test_malformed_client_request_id_is_replaced_by_a_fresh_one(gateway: Gateway, client: httpx.Client) -> None:

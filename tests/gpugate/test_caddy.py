@@ -92,3 +92,35 @@ def test_the_local_stack_listens_on_loopback_only_unless_the_stack_exposes_it(st
 
 def test_cloud_hosts_listen_on_every_interface_for_their_public_ports(tmp_path):
     assert {":443", ":80"} <= listens(adapted(caddyfile_of("staging"), tmp_path))
+
+
+def proxies_to_vllm(routes: list[dict]) -> dict[str, dict]:
+    """The proxy to vLLM of each public route (its last reverse_proxy: forward_auth's comes first), by its first path."""
+    found = {}
+    for route in routes:
+        paths = [path for match in route.get("match", []) for path in match.get("path", [])]
+        handlers = [h for sub in route["handle"] for r in sub.get("routes", []) for h in r["handle"]]
+        proxies = [h for h in handlers if h["handler"] == "reverse_proxy"]
+        if paths and proxies:
+            found[paths[0]] = proxies[-1]
+    return found
+
+
+@pytest.mark.parametrize("stack", ["local", "staging", "dev", "prod"])
+def test_every_hop_has_a_timeout_from_the_stack(stack, stack_copy, tmp_path):
+    # given a stack with its own timeouts
+    timeouts = {"read_header_seconds": 7, "read_body_seconds": 45, "idle_seconds": 90, "upstream_dial_seconds": 3,
+                "upstream_header_seconds": 20, "max_stream_seconds": 900}  # fmt: skip
+    config = adapted(caddyfile_of(stack_copy(stack, lambda c: c.update({"gpugate:timeouts": timeouts}))), tmp_path)
+    # then every server bounds a client's headers, its whole request, an idle connection and a whole response
+    seconds = 1_000_000_000
+    for server in config["apps"]["http"]["servers"].values():
+        assert (server["read_header_timeout"], server["read_timeout"], server["idle_timeout"], server["write_timeout"]) == (
+            7 * seconds, 45 * seconds, 90 * seconds, 900 * seconds
+        )
+    # and each proxy to vLLM bounds the dial and the response headers: short where nothing is generated
+    proxies = proxies_to_vllm(gateway_routes(config))
+    assert sorted(proxies) == ["/healthz", "/v1/chat/completions", "/v1/models"]
+    header_timeouts = {path: proxy["transport"]["response_header_timeout"] for path, proxy in proxies.items()}
+    assert header_timeouts == {"/healthz": 20 * seconds, "/v1/models": 20 * seconds, "/v1/chat/completions": 900 * seconds}
+    assert {proxy["transport"]["dial_timeout"] for proxy in proxies.values()} == {3 * seconds}

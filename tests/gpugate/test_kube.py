@@ -238,7 +238,8 @@ def test_the_vllm_prestop_hook_gives_up_at_the_drain_budget(metrics_server):
 def test_the_proxy_pod_caddyfile_balances_over_every_vllm_pod_and_exposes_metrics_to_prometheus(tmp_path):
     stack = load_stack("prod")
     text = pod_caddyfile(stack.spec, header(stack))
-    assert text.count("dynamic a vllm.gpugate.svc.cluster.local 18000") == 2
+    # /healthz, /v1/models and the completions each proxy to every pod
+    assert text.count("dynamic a vllm.gpugate.svc.cluster.local 18000") == 3
     assert "lb_policy least_conn" in text and "127.0.0.1:18000" not in text
     assert "http://:18005 {" in text and "bind 127.0.0.1" not in text
     # and Caddy itself accepts it

@@ -133,7 +133,7 @@ def test_reload_proxy_refuses_a_broken_caddyfile_and_the_gateway_keeps_serving(s
     before = deployed.read_bytes()
     caddy_pid = stack.pid_of("caddy")
     broken = tmp_path / "Caddyfile"
-    broken.write_text(deployed.read_text().replace("handle @public {", "handle @public {\n\t\tnot_a_directive on", 1))
+    broken.write_text(deployed.read_text().replace("handle @generate {", "handle @generate {\n\t\tnot_a_directive on", 1))
     result = run(stack, sshd, "reload-proxy", "--caddyfile", str(broken), timeout=120)
     assert result.returncode == 1
     assert "refused" in result.stderr and "not_a_directive" in result.stderr

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -405,6 +406,8 @@ def test_decision_log_follows_logrotate_moving_it(authz: AuthzProcess) -> None:
     authz.ask(key.token, request_id="after-rotation")
     wait_for(lambda: logged("after-rotation", authz.log_file), 2, "a decision in the new authz.log")
     assert not logged("after-rotation", rotated) and logged("before-rotation", rotated)
+    # and both files, the first and the one reopened after the move, are authz's own only (umask 022 here)
+    assert [oct(stat.S_IMODE(f.stat().st_mode)) for f in (rotated, authz.log_file)] == ["0o600", "0o600"]
 
 
 def test_one_json_log_line_per_decision_with_request_id_and_no_key(authz: AuthzProcess) -> None:
