@@ -6,16 +6,27 @@ import json
 
 import pytest
 
+from gpugate.images import PLACEHOLDER_DIGEST
 from gpugate.kubernetes.sizing import gpu_node_disk_gib
 from gpugate.plan.cost import price_table
 from gpugate.stackfile import load_stack
-from tests.conftest import run_gpugate
+from tests.conftest import edit_stack, run_gpugate
+
+
+def pinned(config: dict) -> None:
+    """prod as it is once its images are pinned: its placeholder digests (images-pinned refuses them) made real-looking."""
+    real = "sha256:" + "0123456789abcdef" * 4
+    config["gpugate:vllm"]["image"] = config["gpugate:vllm"]["image"].replace(PLACEHOLDER_DIGEST, real)
+    images = config["gpugate:kubernetes"]["images"]
+    for name in images:
+        images[name] = images[name].replace(PLACEHOLDER_DIGEST, real)
 
 
 @pytest.fixture(scope="module")
-def report() -> dict:
-    # when a user plans prod, with no cloud, no cluster and no Pulumi CLI
-    result = run_gpugate("plan", "--stack", "prod", "--json")
+def report(tmp_path_factory) -> dict:
+    # when a user plans prod (its images pinned), with no cloud, no cluster and no Pulumi CLI
+    stack = edit_stack("prod", tmp_path_factory.mktemp("pinned") / "Pulumi.prod.yaml", pinned)
+    result = run_gpugate("plan", "--stack", str(stack), "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
 
@@ -36,7 +47,7 @@ def test_the_prod_plan_lists_the_cluster_its_node_pools_the_addons_and_the_workl
 def test_the_prod_plan_runs_every_rule_of_the_policy_pack_and_all_pass(report):
     verdicts = {v["policy"]: v for v in report["policies"]}
     assert {"web-only-from-world", "mapped-gpu-machines", "gpu-pools-tainted", "kubernetes-secrets",
-            "cluster-api-not-public", "secrets-stay-secret"} <= set(verdicts)
+            "cluster-api-not-public", "secrets-stay-secret", "images-pinned"} <= set(verdicts)
     assert all(v["ok"] and v["checked"] > 30 for v in verdicts.values())
     assert report["outputs"]["kubeconfig"] == "[secret]"
 
