@@ -261,7 +261,8 @@ def images_gate(candidate: Stack) -> Gate:
     name = f"{candidate.name}-images"
     problems = image_problems(candidate.spec)
     if not problems:
-        return Gate(gate=name, ok=True, evidence=f"{len(stack_images(candidate.spec))} images pinned by digest", threshold=IMAGES_ALLOWED)
+        evidence = f"{len(stack_images(candidate.spec))} images pinned by digest"
+        return Gate(gate=name, ok=True, evidence=evidence, threshold=IMAGES_ALLOWED)
     return Gate(
         gate=name, ok=False, evidence="; ".join(f"{field}: {problem}" for field, problem in problems), threshold=IMAGES_ALLOWED,
         todo=f"pin each named field in {candidate.path.name} (or the source stack's gpugate:vllm.image) to the digest of a "

@@ -284,7 +284,10 @@ def node_fit_verdicts(stack: Stack) -> list[Verdict]:
 def image_verdicts(stack: Stack) -> list[Verdict]:
     """A WARN per image pinned by a placeholder digest: renderable, but `pulumi up` and `gpugate promote` refuse it."""
     return [
-        Verdict(stack.name, f"{stack.path.name} {field}", "image pin", True, f"{problem}; allowed: {IMAGES_ALLOWED}; `pulumi up` and `gpugate promote` refuse it", warning=True)
+        Verdict(
+            stack.name, f"{stack.path.name} {field}", "image pin", True,
+            f"{problem}; allowed: {IMAGES_ALLOWED}; `pulumi up` and `gpugate promote` refuse it", warning=True,
+        )
         for field, problem in image_problems(stack.spec)
     ]
 

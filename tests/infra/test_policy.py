@@ -183,7 +183,8 @@ def _deployment(*images: str) -> Recorded:
 def test_a_pod_image_by_tag_or_by_placeholder_digest_is_caught_and_a_real_digest_passes():
     real = "docker.io/library/caddy@sha256:" + "0123456789abcdef" * 4
     # given pods running a tag, a placeholder digest, and a digest of a published image
-    tagged, placeholder = _deployment("docker.io/library/caddy:2.6.2"), _deployment(real, "vllm/vllm-openai@" + PLACEHOLDER_DIGEST)
+    tagged = _deployment("docker.io/library/caddy:2.6.2")
+    placeholder = _deployment(real, "vllm/vllm-openai@" + PLACEHOLDER_DIGEST)
     # then the tag and the placeholder are caught, each message naming the container and what is allowed
     assert list(broken_rules(tagged)) == ["images-pinned"]
     assert "container c0 image docker.io/library/caddy:2.6.2 is not pinned by digest" in broken_rules(tagged)["images-pinned"][0]
