@@ -6,26 +6,16 @@ import json
 
 import pytest
 
-from gpugate.images import PLACEHOLDER_DIGEST
 from gpugate.kubernetes.sizing import gpu_node_disk_gib
 from gpugate.plan.cost import price_table
 from gpugate.stackfile import load_stack
-from tests.conftest import edit_stack, run_gpugate
-
-
-def pinned(config: dict) -> None:
-    """prod as it is once its images are pinned: its placeholder digests (images-pinned refuses them) made real-looking."""
-    real = "sha256:" + "0123456789abcdef" * 4
-    config["gpugate:vllm"]["image"] = config["gpugate:vllm"]["image"].replace(PLACEHOLDER_DIGEST, real)
-    images = config["gpugate:kubernetes"]["images"]
-    for name in images:
-        images[name] = images[name].replace(PLACEHOLDER_DIGEST, real)
+from tests.conftest import edit_stack, pin_images, run_gpugate
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     # when a user plans prod (its images pinned), with no cloud, no cluster and no Pulumi CLI
-    stack = edit_stack("prod", tmp_path_factory.mktemp("pinned") / "Pulumi.prod.yaml", pinned)
+    stack = edit_stack("prod", tmp_path_factory.mktemp("pinned") / "Pulumi.prod.yaml", pin_images)
     result = run_gpugate("plan", "--stack", str(stack), "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
