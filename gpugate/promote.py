@@ -24,6 +24,8 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from gpugate.images import ALLOWED as IMAGES_ALLOWED
+from gpugate.images import image_problems, stack_images
 from gpugate.release import (
     GateRecord,
     LogEntry,
@@ -254,6 +256,20 @@ def alerts_gate(soak: Soak) -> Gate:
 Planner = Callable[[Stack], Any]
 
 
+def images_gate(candidate: Stack) -> Gate:
+    """Every image the target would run, with the new pins, is pinned by a published digest (gpugate/images.py)."""
+    name = f"{candidate.name}-images"
+    problems = image_problems(candidate.spec)
+    if not problems:
+        evidence = f"{len(stack_images(candidate.spec))} images pinned by digest"
+        return Gate(gate=name, ok=True, evidence=evidence, threshold=IMAGES_ALLOWED)
+    return Gate(
+        gate=name, ok=False, evidence="; ".join(f"{field}: {problem}" for field, problem in problems), threshold=IMAGES_ALLOWED,
+        todo=f"pin each named field in {candidate.path.name} (or the source stack's gpugate:vllm.image) to the digest of a "
+        "published image (`crane digest <image>:<tag>`) and say in a comment where it comes from",
+    )
+
+
 def plan_gate(candidate: Stack, planner: Planner) -> Gate:
     """The target stack, with the new pins, passes the offline plan: policy, capacity, user-data size."""
     name = f"{candidate.name}-plan"
@@ -348,6 +364,7 @@ def plan_promotion(
             smoke_gate(source_release, smoke_record),
             prober_gate(soak, end),
             alerts_gate(soak),
+            images_gate(candidate),
             plan_gate(candidate, planner),
         ]
     return Change(

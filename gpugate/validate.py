@@ -30,6 +30,8 @@ from gpugate_runtime.settings import AuthzSettings, KeysSettings, load_settings
 from pydantic import ValidationError
 from ruamel.yaml import YAML
 
+from gpugate.images import ALLOWED as IMAGES_ALLOWED
+from gpugate.images import image_problems
 from gpugate.kubernetes import objects, pod_build
 from gpugate.kubernetes.allocatable import node_fits
 from gpugate.kubernetes.checks import check_manifest as check_kubernetes
@@ -50,6 +52,7 @@ class Verdict:
     tool: str
     ok: bool
     detail: str = ""
+    warning: bool = False  # ok, but printed as WARN: something to fix before it is deployed
 
 
 class ToolMissing(Exception):
@@ -278,6 +281,17 @@ def node_fit_verdicts(stack: Stack) -> list[Verdict]:
     ]
 
 
+def image_verdicts(stack: Stack) -> list[Verdict]:
+    """A WARN per image pinned by a placeholder digest: renderable, but `pulumi up` and `gpugate promote` refuse it."""
+    return [
+        Verdict(
+            stack.name, f"{stack.path.name} {field}", "image pin", True,
+            f"{problem}; allowed: {IMAGES_ALLOWED}; `pulumi up` and `gpugate promote` refuse it", warning=True,
+        )
+        for field, problem in image_problems(stack.spec)
+    ]
+
+
 def validate_stack(stack: Stack) -> list[Verdict]:
     """Render `stack` under a temporary root and check each file with its consumer."""
     with tempfile.TemporaryDirectory(prefix=f"gpugate-validate-{stack.name}-") as tmp:
@@ -299,4 +313,4 @@ def validate_stack(stack: Stack) -> list[Verdict]:
         verdicts += node_fit_verdicts(stack)
         unchecked = sorted(set(bundle.files) - {v.file for v in verdicts})
         verdicts += [Verdict(stack.name, p, "(none)", False, "no checker knows this file") for p in unchecked]
-        return verdicts
+        return verdicts + image_verdicts(stack)

@@ -48,6 +48,20 @@ def edit_stack(source: str, dest: Path, change: Callable[[dict[str, Any]], None]
     return dest
 
 
+# Stands in for the digest of a published image where a test needs a stack whose images may be deployed.
+PINNED_DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+def pin_images(config: dict[str, Any]) -> None:
+    """edit_stack change: the stack's placeholder image digests (gpugate/images.py) replaced by PINNED_DIGEST."""
+    vllm = config.get("gpugate:vllm") or {}
+    if vllm.get("image"):
+        vllm["image"] = vllm["image"].split("@")[0] + "@" + PINNED_DIGEST
+    images = (config.get("gpugate:kubernetes") or {}).get("images") or {}
+    for name in images:
+        images[name] = images[name].split("@")[0] + "@" + PINNED_DIGEST
+
+
 @pytest.fixture
 def stack_copy(tmp_path: Path) -> Callable[..., Path]:
     """stack_copy("staging", change, name="bad") -> path of an edited copy, named Pulumi.<name>.yaml."""

@@ -69,7 +69,8 @@ def validate(
 ) -> None:
     """Render and check every file with the tool that will consume it (caddy, promtool, amtool, cloud-init, ...).
 
-    Prints one verdict line per file; exits 1 if any check fails, 2 if a stack file is invalid.
+    Prints one verdict line per file, and a WARN line per image pinned by a placeholder digest (which
+    `pulumi up` and `gpugate promote` refuse); exits 1 if any check fails, 2 if a stack file is invalid.
     """
     if (stack is None) == (not all_stacks):
         bad_input("give exactly one of --stack NAME or --all")
@@ -86,11 +87,11 @@ def validate(
         console.print_json(json.dumps([v.__dict__ for v in verdicts]))
     else:
         for v in verdicts:
-            mark = "[green]PASS[/]" if v.ok else "[bold red]FAIL[/]"
+            mark = "[bold yellow]WARN[/]" if v.warning else "[green]PASS[/]" if v.ok else "[bold red]FAIL[/]"
             console.print(f"{mark}  {v.stack:<10} {v.file:<40} {v.tool}", highlight=False)
-            if v.detail and not v.ok:
+            if v.detail and (v.warning or not v.ok):
                 for line in v.detail.splitlines():
                     console.print(f"      {line}", highlight=False, markup=False)
-        failed = sum(not v.ok for v in verdicts)
-        console.print(f"{len(verdicts) - failed} passed, {failed} failed")
+        failed, warned = sum(not v.ok for v in verdicts), sum(v.warning for v in verdicts)
+        console.print(f"{len(verdicts) - failed - warned} passed, {warned} warnings, {failed} failed")
     raise typer.Exit(ExitCode.CHECK_FAILED if any(not v.ok for v in verdicts) else ExitCode.OK)

@@ -33,6 +33,8 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from gpugate.catalog import GPUS, MACHINES
+from gpugate.images import ALLOWED as IMAGE_ALLOWED
+from gpugate.images import image_problem
 
 WEB_PORTS = frozenset({80, 443})
 SSH_PORT = 22
@@ -343,6 +345,24 @@ def _containers(props: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
         yield from pod.get(key) or []
 
 
+def images_pinned(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    """Pods run images pinned by a real digest: a tag can move under a running release, and a placeholder
+    digest (gpugate/images.py) was never resolved against a registry, so no node could pull it."""
+    if args.resource_type not in K8S_WORKLOADS:
+        return
+    for container in _containers(args.props):
+        image = container.get("image")
+        if not _known(image):
+            continue
+        problem = image_problem(str(image))
+        if problem is not None:
+            report_violation(
+                f"{args.name}: container {container.get('name')} image {problem}; allowed: {IMAGE_ALLOWED} "
+                "(set it in the stack's gpugate:kubernetes.images or gpugate:vllm.image)",
+                None,
+            )
+
+
 def kubernetes_secrets(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
     """Secrets reach pods from Secrets only; in the plan, a Secret's data is also a Pulumi secret."""
     props = args.props
@@ -489,6 +509,12 @@ RULES: tuple[Rule, ...] = (
         "kubernetes-secrets",
         "Pods take secret-named settings from Secrets, never literals or ConfigMaps; in the plan, Secret data is a Pulumi secret.",
         kubernetes_secrets,
+    ),
+    Rule(
+        "images-pinned",
+        "Kubernetes pods run images pinned by a published digest: no tag without a digest, no placeholder digest "
+        "(sha256 of one repeated hex digit).",
+        images_pinned,
     ),
     Rule(
         "cluster-api-not-public",

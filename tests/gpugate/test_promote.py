@@ -19,6 +19,7 @@ import typer
 from typer.testing import CliRunner
 
 from gpugate.cli.promote import promote_command
+from gpugate.images import PLACEHOLDER_DIGEST
 from gpugate.release import PIN_KEYS, Pins, ReleaseError, read_log, release_of, with_pins
 from gpugate.smoke import SmokeCheck, SmokeReport
 from gpugate.stackfile import load_stack
@@ -31,6 +32,7 @@ app.command("promote")(promote_command)
 
 NEW_REVISION = "0123456789abcdef0123456789abcdef01234567"
 NEW_IMAGE = "vllm/vllm-openai@sha256:" + "ab" * 32
+PINNED = "sha256:" + "0123456789abcdef" * 4  # stands in for the digest of a published image
 SOAK_SECONDS = 4
 SOAK = f"{SOAK_SECONDS}s"
 STARTUP_TIMEOUT_S = 30
@@ -203,6 +205,10 @@ def repo(tmp_path) -> Repo:
     stacks.mkdir()
     staging = Path(shutil.copy(STACKS / "Pulumi.staging.yaml", stacks))
     prod = Path(shutil.copy(STACKS / "Pulumi.prod.yaml", stacks))
+    # prod's other images pinned, as they must be before anything is promoted to it (the committed ones are placeholders)
+    prod.write_text(prod.read_text().replace(
+        f"@{PLACEHOLDER_DIGEST}           # placeholder", f"@{PINNED}           #").replace(
+        f"@{PLACEHOLDER_DIGEST} # placeholder", f"@{PINNED} #"))
     _new_release_in_staging(staging)
     smoke = write_smoke_record(staging, tmp_path / "smoke-staging.json")
     return Repo(staging, prod, stacks / "promotions.jsonl", smoke, prod.read_bytes())
@@ -230,7 +236,7 @@ def test_writing_pins_changes_exactly_the_pin_lines_and_keeps_every_comment():
     assert diff == [
         "-    revision: a09a35458c702b33eeacc393d103063234e8bc28",
         f"+    revision: {NEW_REVISION}",
-        "-    image: vllm/vllm-openai@sha256:4f8ac4a8e2a42a4a7b2f7a5fe0b1f0f4a0a8b1b0c7f1d9a57f3f66f3a2de5c11",
+        f"-    image: vllm/vllm-openai@{PLACEHOLDER_DIGEST}",
         f"+    image: {NEW_IMAGE}",
     ]
     assert [line for line in edit.text.splitlines() if "#" in line] == [line for line in text.splitlines() if "#" in line]
@@ -285,7 +291,8 @@ def test_promotion_with_every_gate_green_writes_only_the_pin_lines_and_logs_who_
     assert entry.to_release.pins.vllm_image == NEW_IMAGE
     assert entry.to_release.bundle_sha256 != before.bundle_sha256
     assert [(g.gate, g.ok) for g in entry.gates] == [
-        ("staging-smoke", True), ("staging-prober-soak", True), ("staging-alerts-soak", True), ("prod-plan", True),
+        ("staging-smoke", True), ("staging-prober-soak", True), ("staging-alerts-soak", True), ("prod-images", True),
+        ("prod-plan", True),
     ]
 
 
@@ -311,6 +318,31 @@ def test_a_red_staging_smoke_blocks_and_names_the_failed_check(repo, staging_mon
     assert "BLOCKED by staging-smoke: smoke at 2025-01-01T00:00:00Z failed: chat (12.40 s)" in result.output
     assert "what to do:" in result.output
     assert repo.prod.read_bytes() == repo.prod_original and not repo.log.exists()
+
+
+def test_a_placeholder_image_in_the_target_or_the_release_blocks_and_names_the_field(repo, staging_monitoring):
+    # given prod's Caddy image still the committed placeholder
+    caddy = next(line for line in repo.prod.read_text().splitlines() if line.strip().startswith("caddy:"))
+    repo.prod.write_text(repo.prod.read_text().replace(caddy, f"      caddy: docker.io/library/caddy@{PLACEHOLDER_DIGEST}"))
+    before = repo.prod.read_bytes()
+    # when promoted with --apply
+    result = promote(repo, staging_monitoring["clean"], "--apply")
+    # then the images gate blocks, naming the field and what is allowed, and nothing is written
+    assert result.exit_code == 1, result.output
+    assert "BLOCKED by prod-images: gpugate:kubernetes.images.caddy: docker.io/library/caddy@sha256:000" in result.output
+    assert "has a placeholder digest" in result.output and "crane digest" in result.output
+    assert repo.prod.read_bytes() == before and not repo.log.exists()
+
+
+def test_a_release_whose_vllm_image_is_a_placeholder_is_not_promoted(repo, staging_monitoring):
+    # given staging's release pins the placeholder vLLM image (and its smoke passed for that release)
+    repo.staging.write_text(repo.staging.read_text().replace(NEW_IMAGE, f"vllm/vllm-openai@{PLACEHOLDER_DIGEST}"))
+    write_smoke_record(repo.staging, repo.smoke)
+    # when promoted, then the images gate names the pin that would carry it to prod
+    result = promote(repo, staging_monitoring["clean"], "--apply")
+    assert result.exit_code == 1, result.output
+    assert "BLOCKED by prod-images: gpugate:vllm.image: vllm/vllm-openai@sha256:000" in result.output
+    assert not repo.log.exists()
 
 
 def test_a_smoke_record_of_an_older_release_does_not_count(repo, staging_monitoring):

@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO, run_gpugate
+from gpugate.stackfile import load_stack
+from gpugate.validate import image_verdicts
+from tests.conftest import REPO, edit_stack, run_gpugate
 
 
 def test_validate_all_passes_and_names_each_real_tool_per_stack():
@@ -75,3 +77,29 @@ def test_validate_needs_exactly_one_of_stack_or_all():
     result = run_gpugate("validate")
     assert result.returncode == 2
     assert "--stack" in result.stderr and "--all" in result.stderr
+
+
+def test_validate_warns_once_per_placeholder_image_and_still_passes():
+    # given prod as committed: its vLLM, Caddy, runtime and DCGM images pinned by placeholder digests
+    result = run_gpugate("validate", "--stack", "prod")
+    # then validate passes (the files are valid) but prints a WARN line naming each placeholder's field
+    assert result.returncode == 0, result.stdout + result.stderr
+    warned = [line for line in result.stdout.splitlines() if line.startswith("WARN")]
+    fields = ["gpugate:vllm.image", *(f"gpugate:kubernetes.images.{n}" for n in ("caddy", "runtime", "dcgm_exporter"))]
+    assert len(warned) == len(fields) == 4
+    for field, line in zip(fields, warned, strict=True):
+        assert f"Pulumi.prod.yaml {field}" in line
+    assert "placeholder digest; allowed: repo@sha256:" in result.stdout and "gpugate promote` refuse it" in result.stdout
+    assert "4 warnings, 0 failed" in result.stdout
+
+
+def test_a_stack_whose_images_are_pinned_gets_no_warning(tmp_path):
+    real = "sha256:" + "0123456789abcdef" * 4
+
+    def pinned(config: dict) -> None:
+        config["gpugate:vllm"]["image"] = "vllm/vllm-openai@" + real
+        for name in config["gpugate:kubernetes"]["images"]:
+            config["gpugate:kubernetes"]["images"][name] = config["gpugate:kubernetes"]["images"][name].split("@")[0] + "@" + real
+
+    assert len(image_verdicts(load_stack("prod"))) == 4
+    assert image_verdicts(load_stack(edit_stack("prod", tmp_path / "Pulumi.prod.yaml", pinned))) == []

@@ -18,6 +18,7 @@ from infra.offline import HF_TOKEN_CANARY, Recorded, Run, record, use_mocks
 from infra.program import gateway, stack_outputs
 from gpugate.targets import render_bundle
 from gpugate_runtime.keys import KeyStore, TOKEN_RE, token_digest
+from tests.conftest import pin_images
 from tests.infra.conftest import of_type, one
 from tests.infra.test_policy import broken_rules, changed
 
@@ -37,6 +38,7 @@ def eks_variant(config: dict[str, Any]) -> None:
     kube = config["gpugate:kubernetes"]
     kube["provider"] = "eks"
     kube["images"]["device_plugin"] = "nvcr.io/nvidia/k8s-device-plugin@sha256:" + "d" * 64
+    pin_images(config)  # every image, the device plugin's too, pinned: images-pinned refuses placeholders
     config["gpugate:region"] = "us-east-1"
     config["gpugate:dns_zone"] = "gpugate.example.com"
 
@@ -309,8 +311,10 @@ def test_an_existing_cluster_without_a_kubeconfig_is_refused_with_the_command_to
 # ---- the policy pack over the Kubernetes resources: each bad variant is caught ---------------------
 
 
-def test_a_load_balancer_service_that_opens_ssh_is_caught_by_both_ingress_rules_and_the_exposure_rule():
-    stack = load_stack("prod")
+def test_a_load_balancer_service_that_opens_ssh_is_caught_by_both_ingress_rules_and_the_exposure_rule(tmp_path):
+    from tests.conftest import edit_stack
+
+    stack = load_stack(edit_stack("prod", tmp_path / "Pulumi.prod.yaml", pin_images))
 
     def build(s: Stack) -> KubernetesGateway:
         component = KubernetesGateway(f"gpugate-{s.name}", KubernetesGatewayArgs.from_bundle(s, render_bundle(s)))
@@ -394,6 +398,7 @@ def test_the_node_exporter_on_every_node_gets_the_requests_the_pool_sizing_count
 
 
 def gated_variant(config: dict[str, Any]) -> None:
+    pin_images(config)
     config["gpugate:model"]["id"] = "meta-llama/Llama-3.1-8B-Instruct"
     config["gpugate:model"]["served_name"] = "llama-3.1-8b-instruct"
 

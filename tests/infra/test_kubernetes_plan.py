@@ -9,13 +9,14 @@ import pytest
 from gpugate.kubernetes.sizing import gpu_node_disk_gib
 from gpugate.plan.cost import price_table
 from gpugate.stackfile import load_stack
-from tests.conftest import run_gpugate
+from tests.conftest import edit_stack, pin_images, run_gpugate
 
 
 @pytest.fixture(scope="module")
-def report() -> dict:
-    # when a user plans prod, with no cloud, no cluster and no Pulumi CLI
-    result = run_gpugate("plan", "--stack", "prod", "--json")
+def report(tmp_path_factory) -> dict:
+    # when a user plans prod (its images pinned), with no cloud, no cluster and no Pulumi CLI
+    stack = edit_stack("prod", tmp_path_factory.mktemp("pinned") / "Pulumi.prod.yaml", pin_images)
+    result = run_gpugate("plan", "--stack", str(stack), "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
 
@@ -36,7 +37,7 @@ def test_the_prod_plan_lists_the_cluster_its_node_pools_the_addons_and_the_workl
 def test_the_prod_plan_runs_every_rule_of_the_policy_pack_and_all_pass(report):
     verdicts = {v["policy"]: v for v in report["policies"]}
     assert {"web-only-from-world", "mapped-gpu-machines", "gpu-pools-tainted", "kubernetes-secrets",
-            "cluster-api-not-public", "secrets-stay-secret"} <= set(verdicts)
+            "cluster-api-not-public", "secrets-stay-secret", "images-pinned"} <= set(verdicts)
     assert all(v["ok"] and v["checked"] > 30 for v in verdicts.values())
     assert report["outputs"]["kubeconfig"] == "[secret]"
 
