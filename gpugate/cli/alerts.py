@@ -32,9 +32,10 @@ def alerts_command(
     ] = None,
     include_suppressed: Annotated[bool, typer.Option("--all", help="also show silenced and inhibited alerts")] = False,
 ) -> None:
-    """List the alerts firing in a stack's Alertmanager: severity, since when, the live value and the first
-    steps of each alert's runbook. Exits 0 when none fire, 1 when some do (or Alertmanager cannot be
-    reached), 2 on a bad stack file."""
+    """List the alerts firing in a stack's Alertmanager, with the first steps of each one's runbook.
+
+    Severity, since when, the live value and the first steps of each alert's runbook. Exits 0 when none
+    fire, 1 when some do (or Alertmanager cannot be reached), 2 on a bad stack file."""
     out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
     loaded = load_or_exit(stack)
     url = alertmanager_url or default_alertmanager_url(loaded.spec)

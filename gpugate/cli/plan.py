@@ -90,10 +90,11 @@ def sizing_page(stack_name: str = "prod") -> str:
 
 
 def plan_command(stack: StackOpt, as_json: JsonOpt = False) -> None:
-    """Plan a stack offline: the resources `pulumi up` would create, the policy verdicts, whether the
-    model fits the GPU, whether each Kubernetes pod fits its node pool's machine type, and the monthly
-    cost. Exits 1 on a policy violation, a model that does not fit or a pod that cannot be scheduled, 2 on
-    a bad stack file."""
+    """Plan a stack offline: resources, policy verdicts, whether the model and pods fit, monthly cost.
+
+    The resources `pulumi up` would create, the policy pack's verdicts, whether the model fits the GPU,
+    whether each Kubernetes pod fits its node pool's machine type, and the monthly cost. Exits 1 on a
+    policy violation, a model that does not fit or a pod that cannot be scheduled, 2 on a bad stack file."""
     loaded = load_or_exit(stack)
     try:
         report = plan(loaded)

@@ -27,9 +27,10 @@ def smoke_command(
     record: Annotated[Path | None, typer.Option("--record", help="write the result (with the stack's release) to this JSON file for `gpugate promote`")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Check a live gateway from outside with the official openai client: models listed, a chat and a
-    streamed chat within the latency SLO, a wrong key refused with 401, vLLM's own paths (/metrics,
-    /invocations, /v1/load_lora_adapter, /docs) not reachable, TLS valid with HSTS.
+    """Check a live gateway from outside with the official openai client, as a client would.
+
+    Models listed, a chat and a streamed chat within the latency SLO, a wrong key refused with 401,
+    vLLM's own paths (/metrics, /invocations, /v1/load_lora_adapter, /docs) not reachable, TLS valid with HSTS.
 
     Exits 0 when every check passes, 1 with a table of what failed, 2 on bad input.
     """
