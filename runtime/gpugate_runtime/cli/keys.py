@@ -174,6 +174,12 @@ def run_revoke(path: Path, key_id: str | None, json_out: bool) -> None:
 # ---- gpugate-runtime keys ------------------------------------------------------------------------
 
 
+def _settings_for(store: Path | None) -> KeysSettings:
+    """The keys settings from the environment, with --store in place of the configured store when given."""
+    settings = _settings()
+    return settings.model_copy(update={"store": store}) if store else settings
+
+
 @app.command()
 def create(
     name: NameArgument,
@@ -184,9 +190,7 @@ def create(
     store: StoreOption = None,
 ) -> None:
     """Issue a key and print it once: only its hash is stored."""
-    settings = _settings()
-    if store:
-        settings = settings.model_copy(update={"store": store})
+    settings = _settings_for(store)
     run_create(settings, name, rpm, max_concurrent, expires, json_out)
 
 
@@ -205,9 +209,7 @@ def rotate(
     store: StoreOption = None,
 ) -> None:
     """Issue a new key for NAME; its old keys expire at the end of the overlap."""
-    settings = _settings()
-    if store:
-        settings = settings.model_copy(update={"store": store})
+    settings = _settings_for(store)
     run_rotate(settings, name, overlap, expires, json_out)
 
 
