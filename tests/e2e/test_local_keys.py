@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -19,6 +20,8 @@ from tests.e2e.local_stack import RunningStack, running_local_stack, wait_until
 pytestmark = pytest.mark.e2e
 
 REVOKE_DEADLINE_S = 2.0
+QUICKSTART = REPO / "docs" / "quickstart.md"
+QUICKSTART_STATE = "/root/.local/state/gpugate/local"  # the local stack's state dir as the sample shows it
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +115,42 @@ def test_revoke_refuses_a_key_in_argv_and_the_key_keeps_working(stack):
     assert result.returncode == 2
     assert "not a key id" in result.stderr and kept["key"] not in result.stderr
     wait_until(lambda: accepted(stack, kept["key"]), 5, 0.2, "authz to accept the key")
+
+
+def sample_of_up(page: str) -> list[str]:
+    """The quickstart's "real output" of the first `./scripts/up`: the first text block of section 1."""
+    section = page.split("## 1.", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```text\n(.*?)```", section, re.S)
+    assert block, "docs/quickstart.md section 1 has no text block"
+    return block.group(1).splitlines()
+
+
+def shape(line: str, state: str, stack: str) -> str:
+    """A line of up's output with what differs between runs made alike: the state dir, the stack's name and
+    port, key ids and keys (the sample shortens them), bundle hashes and seconds. File counts stay."""
+    line = line.replace(state, "<state>")
+    line = re.sub(rf"\bstack {re.escape(stack)}\b|--stack {re.escape(stack)}\b", lambda m: m.group(0).replace(stack, "<stack>"), line)
+    line = re.sub(r"ggk_[0-9a-f]+_[A-Za-z0-9_-]*…?", "<key>", line)
+    line = re.sub(r"localhost:\d+", "localhost:<port>", line)
+    line = re.sub(r"\b[0-9a-f]{12}\b", "<hex>", line)
+    line = re.sub(r"\b(in|up in) \d+ s\b", r"\1 <n> s", line)
+    return line.rstrip()
+
+
+def test_the_quickstart_sample_is_what_the_first_up_prints(stack):
+    # given the sample in docs/quickstart.md and what this stack's first `gpugate up` printed
+    sample = [shape(line, QUICKSTART_STATE, "local") for line in sample_of_up(QUICKSTART.read_text())]
+    printed = [shape(line, str(stack.state), stack.stack_file.stem.removeprefix("Pulumi.")) for line in stack.up_output.splitlines()]
+    # then every line of the sample is a line up prints (a line the sample names that up no longer prints,
+    # or a changed file count, fails), and the sample leaves out none of the lines a user acts on
+    checked = 0
+    for line in sample:
+        if line.startswith("· waiting for: "):  # how many of these a start prints depends on its timing
+            names = set(line.removeprefix("· waiting for: ").split(", "))
+            assert any(p.startswith("· waiting for: ") and names <= set(p.removeprefix("· waiting for: ").split(", ")) for p in printed), line
+        else:
+            assert line in printed, f"docs/quickstart.md shows a line `gpugate up` no longer prints:\n{line}\nit printed:\n" + "\n".join(printed)
+        checked += 1
+    assert checked >= 15
+    for must in ("  endpoint  ", "  CA file   ", "A new client key", "curl:", "Python (openai):"):
+        assert any(must in line for line in sample), must
