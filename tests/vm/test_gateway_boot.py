@@ -48,9 +48,9 @@ from tests.e2e.conftest import VllmServer, running_vllm
 from tests.vm.disk_image import DiskImage
 from tests.vm.qemu import GUEST_FORWARD_ADDRESS, HOST_LOOPBACK, Vm, free_loopback_port
 
-# Boot, apt (Caddy, Prometheus, Alertmanager, boto3), pip (the runtime venv) under an emulated CPU: 35 min
-# to cloud-init's end on a busy 2-core machine (docs/performance.md, "VM boot"). The first test's limit covers
-# the whole boot (pytest-timeout counts fixture setup).
+# Boot, apt (Caddy, Prometheus, Alertmanager, boto3), pip (the runtime venv) under an emulated CPU: 12 min
+# to cloud-init's end on a quiet 2-core machine, 35 on a busy one (docs/performance.md, "VM boot"). The
+# first test's limit covers the whole boot (pytest-timeout counts fixture setup).
 CLOUD_INIT_TIMEOUT_S = 2700
 BOOT_TEST_TIMEOUT_S = CLOUD_INIT_TIMEOUT_S + 600
 pytestmark = [pytest.mark.vm, pytest.mark.e2e, pytest.mark.timeout(BOOT_TEST_TIMEOUT_S)]

@@ -17,6 +17,8 @@ from gpugate.stackfile import load_stack, stack_names
 from gpugate.targets import render_bundle
 from gpugate.vm.userdata import USER_DATA, delivered
 from tests.vm.debian_index import DebianIndex
+from tests.vm.disk_image import APT_CACHE
+from tests.vm.disk_image import PACKAGES as IMAGE_PACKAGES
 
 VM_STACKS = [name for name in stack_names() if load_stack(name).spec.target in ("aws", "gcp")]
 
@@ -42,3 +44,10 @@ def test_every_package_the_user_data_installs_is_in_bookworm_main(stack: str, de
 def test_a_name_the_release_lacks_is_caught(debian_index: DebianIndex) -> None:
     # what the review found: a package installed by a name Debian does not publish
     assert debian_index.missing([*installed_packages("smoke"), "gpugate-runtime"]) == ["gpugate-runtime"]
+
+
+@pytest.mark.parametrize("stack", [name for name in VM_STACKS if load_stack(name).spec.gpu.type == "cpu"])
+def test_the_test_images_apt_cache_holds_every_package_a_cpu_stack_installs(stack: str) -> None:
+    # the CPU stacks are the ones tests/vm boots; a package missing from the cache is still installed
+    # there, only downloaded slowly
+    assert set(installed_packages(stack)) <= set(APT_CACHE) | set(IMAGE_PACKAGES), stack
