@@ -23,9 +23,9 @@ VM_VERBS = (
 
 app = typer.Typer(
     help=(
-        "A local stack's client keys: create, list, rotate, revoke (keys are shown once and stored hashed). "
-        "VM stacks: the same verbs are runbook tasks over SSH — `gpugate run rotate-key --stack S NAME`, "
-        "`gpugate run revoke-key --stack S ID` (or - and the key on stdin), `gpugate run status --stack S` (docs/runbook-tasks.md)."
+        "A local stack's client keys: create, list, rotate, revoke (keys are shown once and stored hashed); "
+        + VM_VERBS.format(stack="S")
+        + " (docs/runbook-tasks.md)."
     ),
     no_args_is_help=True,
     add_completion=False,
