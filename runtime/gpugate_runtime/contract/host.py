@@ -20,6 +20,7 @@ PORT_OFFSETS: dict[str, int] = {
     "alertmanager": 4,
     "caddy_metrics": 5,
     "alert_sink": 6,
+    "router": 7,
 }
 
 SERVICES = ("vllm", "authz", "caddy", "prober", "prometheus", "alertmanager")
@@ -92,6 +93,17 @@ class HostLayout:
     def authz_log(self) -> Path:
         """authz's decision log, one JSON line per decision."""
         return self.logs / "authz.log"
+
+    @property
+    def route_log(self) -> Path:
+        """The router's metadata-only log, one `contract.routing.RouteRecord` JSON line per request;
+        authz follows it to account each key family's token and cost spend."""
+        return self.logs / "route.log"
+
+    @property
+    def spend_store(self) -> Path:
+        """Each key family's spend per budget period (single-host stores; replicas share Redis instead)."""
+        return self.state / "spend.json"
 
     @property
     def key_store(self) -> Path:
