@@ -325,6 +325,12 @@ class KubeImages(Strict):
         pattern=DIGEST_PATTERN,
         description="NVIDIA device plugin, pinned by digest; required on EKS (GKE installs its own)",
     )
+    cluster_autoscaler: str | None = Field(
+        None,
+        pattern=DIGEST_PATTERN,
+        description="Cluster Autoscaler (registry.k8s.io/autoscaling/cluster-autoscaler, the tag of the cluster's minor "
+        "version), pinned by digest; required on EKS, where it adds GPU nodes for KEDA's replicas (GKE autoscales its pools)",
+    )
 
 
 class KubeAutoscaling(Strict):
@@ -395,6 +401,11 @@ class KubernetesSpec(Strict):
     def _provider_needs(self) -> Self:
         if self.provider == "eks" and self.images.device_plugin is None:
             raise ValueError("images.device_plugin: EKS needs the NVIDIA device plugin image pinned by digest")
+        if self.provider == "eks" and self.images.cluster_autoscaler is None:
+            raise ValueError(
+                "images.cluster_autoscaler: EKS needs the Cluster Autoscaler image (registry.k8s.io/autoscaling/"
+                f"cluster-autoscaler, a v{self.version}.x tag) pinned by digest"
+            )
         if self.provider == "existing" and self.cert_storage_class is None:
             raise ValueError("cert_storage_class: an existing cluster needs a ReadWriteMany storage class for certificates")
         return self

@@ -33,6 +33,7 @@ from ruamel.yaml import YAML
 from gpugate.images import ALLOWED as IMAGES_ALLOWED
 from gpugate.images import image_problems
 from gpugate.kubernetes import objects, pod_build
+from gpugate.kubernetes.access import private_api_note
 from gpugate.kubernetes.allocatable import node_fits
 from gpugate.kubernetes.checks import check_manifest as check_kubernetes
 from gpugate.kubernetes.objects import CADDY_CONFIG, CADDYFILE_PATH
@@ -292,6 +293,12 @@ def image_verdicts(stack: Stack) -> list[Verdict]:
     ]
 
 
+def api_access_verdicts(stack: Stack) -> list[Verdict]:
+    """A WARN when the cluster's API server will be private: `pulumi up` must then run inside its network."""
+    note = private_api_note(stack.spec, stack.name)
+    return [] if note is None else [Verdict(stack.name, f"{stack.path.name} gpugate:admin_cidrs", "cluster API access", True, note, warning=True)]
+
+
 def validate_stack(stack: Stack) -> list[Verdict]:
     """Render `stack` under a temporary root and check each file with its consumer."""
     with tempfile.TemporaryDirectory(prefix=f"gpugate-validate-{stack.name}-") as tmp:
@@ -313,4 +320,4 @@ def validate_stack(stack: Stack) -> list[Verdict]:
         verdicts += node_fit_verdicts(stack)
         unchecked = sorted(set(bundle.files) - {v.file for v in verdicts})
         verdicts += [Verdict(stack.name, p, "(none)", False, "no checker knows this file") for p in unchecked]
-        return verdicts + image_verdicts(stack)
+        return verdicts + image_verdicts(stack) + api_access_verdicts(stack)

@@ -1,4 +1,5 @@
-"""EksCluster: an EKS cluster with a system node group and an autoscaled GPU node group on the NVIDIA AMI, EFS for shared certificates, Elastic IPs for the gateway and its DNS record."""
+"""EksCluster: an EKS cluster with a system node group and a GPU node group on the NVIDIA AMI that Cluster Autoscaler
+scales, in zones that offer the GPU machine, EFS for shared certificates, Elastic IPs for the gateway and its DNS record."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
 from gpugate.kubernetes.allocatable import SYSTEM_MACHINES, gpu_machine
-from gpugate.kubernetes.build import ClusterFacts, eks_service_annotations
+from gpugate.kubernetes.autoscaler import AUTOSCALER, KUBE_SYSTEM, discovery_tags
+from gpugate.kubernetes.build import ClusterFacts, cluster_name as name_of_cluster, eks_service_annotations
 from gpugate.kubernetes.objects import GPU_POOL, GPU_TAINT, POOL_LABEL, SYSTEM_POOL
 from gpugate.kubernetes.sizing import gpu_node_disk_gib, gpu_node_max
 from gpugate.spec import GatewaySpec
 from infra.cluster import ManagedCluster, kubeconfig
-from infra.awsvpc import PublicSubnet, public_network
+from infra.awsvpc import PublicSubnet, public_network, zones_offering
 from infra.network import NETWORK_CIDR
 
 TYPE_TOKEN = "gpugate:eks:Cluster"
@@ -24,8 +26,14 @@ SYSTEM_NODES = (2, 6)
 GPU_AMI_TYPE = "AL2023_x86_64_NVIDIA"
 SYSTEM_AMI_TYPE = "AL2023_x86_64_STANDARD"
 EKS_TAINT_EFFECT = {"NoSchedule": "NO_SCHEDULE", "PreferNoSchedule": "PREFER_NO_SCHEDULE", "NoExecute": "NO_EXECUTE"}
-# Two subnets in two zones (EKS requires two); the public NLB takes one Elastic IP in each.
-SUBNETS = (("a", "10.80.0.0/19"), ("b", "10.80.32.0/19"))
+# Two subnets in two zones (EKS requires two), the first two that offer the GPU machine; the public NLB
+# takes one Elastic IP in each.
+SUBNET_CIDRS = ("10.80.0.0/19", "10.80.32.0/19")
+# EKS managed add-ons, (name, configuration). The VPC CNI comes before any node, so that nodes join with
+# its network policy agent enabled; the others run pods (a Deployment waits for a node, and the add-on
+# reports DEGRADED until one exists), so they come after the node groups.
+ADDONS_BEFORE_NODES = (("vpc-cni", {"enableNetworkPolicy": "true"}),)
+ADDONS_AFTER_NODES = (("kube-proxy", None), ("coredns", None), ("aws-efs-csi-driver", None))
 NFS_PORT = 2049
 EFS_STORAGE_CLASS = "efs-sc"
 CLUSTER_POLICIES = ("arn:aws:iam::aws:policy/AmazonEKSClusterPolicy",)
@@ -41,6 +49,63 @@ AWS_EXEC = """      command: aws
 """
 
 
+def autoscaler_policy(cluster: str) -> dict:
+    """Cluster Autoscaler's IAM policy (its AWS provider's README): read every Auto Scaling group and node group,
+    resize or shrink only this cluster's."""
+    enabled, owned = discovery_tags(cluster).items()
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": [
+                    "autoscaling:DescribeAutoScalingGroups",
+                    "autoscaling:DescribeAutoScalingInstances",
+                    "autoscaling:DescribeLaunchConfigurations",
+                    "autoscaling:DescribeScalingActivities",
+                    "autoscaling:DescribeTags",
+                    "ec2:DescribeImages",
+                    "ec2:DescribeInstanceTypes",
+                    "ec2:DescribeLaunchTemplateVersions",
+                    "ec2:GetInstanceTypesFromInstanceRequirements",
+                    # a managed node group's labels and taints, for scaling a group up from zero
+                    "eks:DescribeNodegroup",
+                ],
+                "Resource": "*",
+            },
+            {
+                "Effect": "Allow",
+                "Action": ["autoscaling:SetDesiredCapacity", "autoscaling:TerminateInstanceInAutoScalingGroup"],
+                "Resource": "*",
+                "Condition": {"StringEquals": {f"aws:ResourceTag/{enabled[0]}": enabled[1], f"aws:ResourceTag/{owned[0]}": owned[1]}},
+            },
+        ],
+    }
+
+
+def irsa_trust(provider_arn: str, issuer: str, namespace: str, account: str) -> str:
+    """A role's trust policy for one Kubernetes service account (IRSA): its token, issued by the cluster's OIDC issuer."""
+    host = issuer.removeprefix("https://")
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Principal": {"Federated": provider_arn},
+                    "Action": "sts:AssumeRoleWithWebIdentity",
+                    "Condition": {
+                        "StringEquals": {
+                            f"{host}:sub": f"system:serviceaccount:{namespace}:{account}",
+                            f"{host}:aud": "sts.amazonaws.com",
+                        }
+                    },
+                }
+            ],
+        }
+    )
+
+
 def _trust(service: str) -> pulumi.Output[str]:
     return pulumi.Output.json_dumps(
         {
@@ -51,8 +116,8 @@ def _trust(service: str) -> pulumi.Output[str]:
 
 
 class EksCluster(ManagedCluster):
-    """An EKS cluster in two zones: a system and a GPU node group, EFS for the shared certificates, one
-    Elastic IP per zone for the public NLB, and the DNS record."""
+    """An EKS cluster in two zones that offer the GPU machine: a system and a GPU node group that Cluster
+    Autoscaler resizes, EFS for the shared certificates, one Elastic IP per zone for the public NLB, and the DNS record."""
 
     def __init__(self, name: str, spec: GatewaySpec, stack: str, opts: pulumi.ResourceOptions | None = None):
         super().__init__(TYPE_TOKEN, name, None, opts)
@@ -61,12 +126,21 @@ class EksCluster(ManagedCluster):
         provider = aws.Provider(f"{name}-aws", region=spec.region, opts=pulumi.ResourceOptions(parent=self))
         child = pulumi.ResourceOptions(parent=self, provider=provider)
         invoke = pulumi.InvokeOptions(parent=self, provider=provider)
-        cluster_name = kube.cluster_name or f"gpugate-{stack}"
+        cluster_name = name_of_cluster(kube, stack)
         tags = {"gpugate:stack": stack}
 
+        machine = gpu_machine(spec)
+        zones = zones_offering(machine, invoke)
+        if len(zones) < 2:
+            raise ValueError(
+                f"EKS needs two availability zones and only {', '.join(zones)} of {spec.region} offers {machine}; "
+                "pick another region or gpu"
+            )
+        # Suffixes as the zones name them (us-east-1c -> c): a subnet keeps its name while its zone does.
+        placed = [PublicSubnet(zone.removeprefix(spec.region), zone, cidr) for zone, cidr in zip(zones, SUBNET_CIDRS)]
         network = public_network(
             name,
-            [PublicSubnet(suffix, f"{spec.region}{suffix}", cidr) for suffix, cidr in SUBNETS],
+            placed,
             tags,
             cluster_name,
             child,
@@ -105,16 +179,8 @@ class EksCluster(ManagedCluster):
             tags=tags,
             opts=child,
         )
-        # The VPC CNI enforces NetworkPolicies once asked to; EFS's CSI driver mounts the certificate volume.
-        aws.eks.Addon(
-            f"{name}-vpc-cni",
-            cluster_name=cluster.name,
-            addon_name="vpc-cni",
-            configuration_values=json.dumps({"enableNetworkPolicy": "true"}),
-            resolve_conflicts_on_update="OVERWRITE",
-            opts=child,
-        )
-        aws.eks.Addon(f"{name}-efs-csi", cluster_name=cluster.name, addon_name="aws-efs-csi-driver", opts=child)
+        # The VPC CNI enforces NetworkPolicies once asked to (before the nodes join).
+        before = [self._addon(name, cluster, addon, config, child) for addon, config in ADDONS_BEFORE_NODES]
 
         def group(kind: str, **kwargs) -> aws.eks.NodeGroup:
             return aws.eks.NodeGroup(
@@ -122,8 +188,9 @@ class EksCluster(ManagedCluster):
                 cluster_name=cluster.name,
                 node_role_arn=node_role.arn,
                 subnet_ids=subnet_ids,
-                tags=tags,
-                opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=attachments)),
+                # EKS tags the group's Auto Scaling group with these too: Cluster Autoscaler finds it by them.
+                tags={**tags, **discovery_tags(cluster_name)},
+                opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[*attachments, *before])),
                 **kwargs,
             )
 
@@ -139,7 +206,7 @@ class EksCluster(ManagedCluster):
         gpu = group(
             "gpu",
             ami_type=GPU_AMI_TYPE,
-            instance_types=[gpu_machine(spec)],
+            instance_types=[machine],
             disk_size=gpu_node_disk_gib(spec),
             scaling_config=aws.eks.NodeGroupScalingConfigArgs(
                 min_size=kube.replicas.min, max_size=gpu_node_max(kube), desired_size=kube.replicas.min
@@ -151,6 +218,28 @@ class EksCluster(ManagedCluster):
                     key=GPU_TAINT["key"], value=GPU_TAINT["value"], effect=EKS_TAINT_EFFECT[GPU_TAINT["effect"]]
                 )
             ],
+        )
+
+        # kube-proxy, CoreDNS, and EFS's CSI driver, which mounts the certificate volume: after the nodes.
+        after_nodes = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[system, gpu]))
+        for addon, config in ADDONS_AFTER_NODES:
+            self._addon(name, cluster, addon, config, after_nodes)
+
+        # Cluster Autoscaler's IAM role, assumed by its service account through the cluster's OIDC issuer (IRSA).
+        issuer = cluster.identities.apply(lambda ids: ids[0].oidcs[0].issuer)
+        oidc = aws.iam.OpenIdConnectProvider(
+            f"{name}-oidc", url=issuer, client_id_lists=["sts.amazonaws.com"], tags=tags, opts=child
+        )
+        autoscaler_role = aws.iam.Role(
+            f"{name}-autoscaler",
+            assume_role_policy=pulumi.Output.all(oidc.arn, issuer).apply(
+                lambda v: irsa_trust(v[0], v[1], KUBE_SYSTEM, AUTOSCALER)
+            ),
+            tags=tags,
+            opts=child,
+        )
+        aws.iam.RolePolicy(
+            f"{name}-autoscaler", role=autoscaler_role.id, policy=json.dumps(autoscaler_policy(cluster_name)), opts=child
         )
 
         nfs = aws.ec2.SecurityGroup(
@@ -171,14 +260,14 @@ class EksCluster(ManagedCluster):
             opts=child,
         )
         filesystem = aws.efs.FileSystem(f"{name}-certs", encrypted=True, tags={**tags, "Name": f"{cluster_name}-certs"}, opts=child)
-        for suffix, subnet in zip((s for s, _ in SUBNETS), subnets, strict=True):
+        for where, subnet in zip(placed, subnets, strict=True):
             aws.efs.MountTarget(
-                f"{name}-certs-{suffix}", file_system_id=filesystem.id, subnet_id=subnet.id, security_groups=[nfs.id], opts=child
+                f"{name}-certs-{where.suffix}", file_system_id=filesystem.id, subnet_id=subnet.id, security_groups=[nfs.id], opts=child
             )
 
         eips = [
-            aws.ec2.Eip(f"{name}-ip-{suffix}", domain="vpc", tags={**tags, "Name": f"{cluster_name}-{suffix}"}, opts=child)
-            for suffix, _ in SUBNETS
+            aws.ec2.Eip(f"{name}-ip-{where.suffix}", domain="vpc", tags={**tags, "Name": f"{cluster_name}-{where.suffix}"}, opts=child)
+            for where in placed
         ]
         dns_zone = aws.route53.get_zone(name=spec.dns_zone, private_zone=False, opts=invoke)
         aws.route53.Record(
@@ -201,6 +290,8 @@ class EksCluster(ManagedCluster):
             facts=ClusterFacts(
                 "eks",
                 service_annotations=eks_service_annotations(pulumi.Output.all(*[e.allocation_id for e in eips]).apply(",".join)),
+                cluster_name=cluster_name,
+                autoscaler_role_arn=autoscaler_role.arn,
             ),
             pools=[system, gpu],
         )
@@ -210,4 +301,19 @@ class EksCluster(ManagedCluster):
             provisioner="efs.csi.aws.com",
             parameters={"provisioningMode": "efs-ap", "fileSystemId": filesystem.id, "directoryPerms": "700"},
             opts=pulumi.ResourceOptions(parent=self, provider=self.provider),
+        )
+
+    @staticmethod
+    def _addon(
+        name: str, cluster: aws.eks.Cluster, addon: str, config: dict | None, opts: pulumi.ResourceOptions
+    ) -> aws.eks.Addon:
+        """One EKS managed add-on; it takes over the self-managed copy EKS installs at creation."""
+        return aws.eks.Addon(
+            f"{name}-{addon}",
+            cluster_name=cluster.name,
+            addon_name=addon,
+            configuration_values=json.dumps(config) if config else None,
+            resolve_conflicts_on_create="OVERWRITE",
+            resolve_conflicts_on_update="OVERWRITE",
+            opts=opts,
         )

@@ -51,7 +51,7 @@ PROMETHEUS_CHART = ("kube-prometheus-stack", "69.8.0", "https://prometheus-commu
 # Kinds served by the addons' CRDs: created after the addons.
 ADDON_GROUPS = ("keda.sh", "monitoring.coreos.com")
 # Top-level fields of an object, as the typed resources name them.
-SNAKE = {"stringData": "string_data", "automountServiceAccountToken": "automount_service_account_token"}
+SNAKE = {"stringData": "string_data", "automountServiceAccountToken": "automount_service_account_token", "roleRef": "role_ref"}
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def resource(obj: dict[str, Any], opts: pulumi.ResourceOptions) -> pulumi.Custom
     group, _, version = api_version.rpartition("/")
     if group in ADDON_GROUPS:
         return k8s.apiextensions.CustomResource(name, api_version, kind, metadata=meta, spec=obj.get("spec"), opts=opts)
-    module = {"": "core", "apps": "apps", "policy": "policy", "networking.k8s.io": "networking"}[group]
+    module = {"": "core", "apps": "apps", "policy": "policy", "networking.k8s.io": "networking", "rbac.authorization.k8s.io": "rbac"}[group]
     cls = getattr(importlib.import_module(f"pulumi_kubernetes.{module}.{version}"), kind)
     return cls(name, opts=opts, **{SNAKE.get(key, key): value for key, value in obj.items()})
 

@@ -125,6 +125,7 @@ class PlanMocks(pulumi.runtime.Mocks):
                 endpoint=endpoint,
                 certificateAuthority={"data": PLACEHOLDER_CA},
                 arn=f"arn:aws:eks::000000000000:cluster/{args.name}",
+                identities=[{"oidcs": [{"issuer": f"https://oidc.eks.{self.spec.region}.amazonaws.com/id/{short.upper()}"}]}],
             )
         elif args.typ == "gcp:serviceaccount/account:Account":
             state["email"] = f"{args.inputs['accountId']}@{project}.iam.gserviceaccount.com"

@@ -11,6 +11,7 @@ import typer
 from gpugate.catalog import MODELS
 from gpugate.cli.options import ExitCode, JsonOpt, StackOpt, bad_input, console, load_or_exit
 from gpugate.kubernetes import objects, pod_build
+from gpugate.kubernetes.access import private_api_note
 from gpugate.kubernetes.allocatable import node_fits
 from gpugate.kubernetes.vllm import hf_token_problem
 from gpugate.plan.capacity import capacity, scaling
@@ -49,6 +50,7 @@ def plan(stack: Stack, build: Any = None) -> PlanReport:
     errors: list[str] = []
     if kube is not None:
         errors += filter(None, [hf_token_problem(spec, stack.name, stack.secrets)])
+        warnings += filter(None, [private_api_note(spec, stack.name)])
     elif MODELS[spec.model.id].gated and spec.model.source == "huggingface":
         warnings.append(
             f"model.id: {spec.model.id} is gated on Hugging Face and a VM's vLLM gets no token yet "

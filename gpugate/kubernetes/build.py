@@ -31,15 +31,28 @@ class ClusterFacts:
     provider: str
     load_balancer_ip: Any = None
     service_annotations: Mapping[str, Any] = field(default_factory=dict)
+    cluster_name: str | None = None
+    # EKS: the IAM role the Cluster Autoscaler's service account assumes (IRSA).
+    autoscaler_role_arn: Any = None
 
 
-def placeholder_facts(kube: KubernetesSpec) -> ClusterFacts:
+def cluster_name(kube: KubernetesSpec, stack: str) -> str:
+    """The name of the cluster the program creates (or of the existing one)."""
+    return kube.cluster_name or f"gpugate-{stack}"
+
+
+def placeholder_facts(kube: KubernetesSpec, stack: str) -> ClusterFacts:
     """The facts as a render shows them: the address the program reserves is only known at `pulumi up`."""
     if kube.provider == "gke":
-        return ClusterFacts("gke", load_balancer_ip="0.0.0.0")  # replaced by the reserved regional address
+        return ClusterFacts("gke", load_balancer_ip="0.0.0.0", cluster_name=cluster_name(kube, stack))  # the reserved address
     if kube.provider == "eks":
-        return ClusterFacts("eks", service_annotations=eks_service_annotations("(elastic IP allocations)"))
-    return ClusterFacts("existing")
+        return ClusterFacts(
+            "eks",
+            service_annotations=eks_service_annotations("(elastic IP allocations)"),
+            cluster_name=cluster_name(kube, stack),
+            autoscaler_role_arn="(IAM role ARN, known at pulumi up)",
+        )
+    return ClusterFacts("existing", cluster_name=kube.cluster_name)
 
 
 def eks_service_annotations(eip_allocations: Any) -> dict[str, Any]:

@@ -350,6 +350,7 @@ def _kube_variant(tmp_path: Path, **kube_changes):
             kube[key] = value
         if kube["provider"] == "eks":
             kube["images"]["device_plugin"] = "nvcr.io/nvidia/k8s-device-plugin@sha256:" + "d" * 64
+            kube["images"]["cluster_autoscaler"] = "registry.k8s.io/autoscaling/cluster-autoscaler@sha256:" + "e" * 64
             config["gpugate:region"] = "us-east-1"
 
     return load_stack(edit_stack("prod", tmp_path / "Pulumi.variant.yaml", change))

@@ -38,6 +38,7 @@ def eks_variant(config: dict[str, Any]) -> None:
     kube = config["gpugate:kubernetes"]
     kube["provider"] = "eks"
     kube["images"]["device_plugin"] = "nvcr.io/nvidia/k8s-device-plugin@sha256:" + "d" * 64
+    kube["images"]["cluster_autoscaler"] = "registry.k8s.io/autoscaling/cluster-autoscaler@sha256:" + "e" * 64
     pin_images(config)  # every image, the device plugin's too, pinned: images-pinned refuses placeholders
     config["gpugate:region"] = "us-east-1"
     config["gpugate:dns_zone"] = "gpugate.example.com"
@@ -247,6 +248,7 @@ def test_an_eks_gpu_pool_whose_machine_holds_the_pod_passes_and_its_plan_prices_
     assert [(f.pod, f.machine_type, f.fits) for f in report.node_fits] == [
         ("gateway", "m6i.large", True),
         ("vllm", "g6.12xlarge", True),
+        ("cluster-autoscaler", "m6i.large", True),
     ]
     assert report.cost.monthly_usd < report.cost_at_max.monthly_usd
     assert any("g6.12xlarge x 8" in line.item for line in report.cost_at_max.lines)
