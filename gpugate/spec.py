@@ -373,14 +373,11 @@ class KubernetesSpec(Strict):
     images: KubeImages
     proxy_replicas: int = Field(2, ge=1, le=50, description="Caddy + authz + prober pods (the public entry)")
     autoscaling: KubeAutoscaling = KubeAutoscaling()
-    cert_storage_class: str | None = Field(
+    cert_issuer: str | None = Field(
         None,
-        pattern=r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$",
-        description="ReadWriteMany storage class the proxy replicas share Caddy's ACME certificates on; "
-        "default standard-rwx (Filestore) on GKE, efs-sc (EFS, created by the program) on EKS; required for existing",
-    )
-    cert_storage_gib: int = Field(
-        1024, ge=1, le=65536, description="size of the certificate volume (Filestore's smallest is 1024; EFS ignores it)"
+        pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$",
+        description="an existing cluster's cert-manager ClusterIssuer that issues the gateway's certificate (tls mode "
+        "acme; required for existing); on eks/gke the program renders its own (ACME DNS-01 in dns_zone)",
     )
     gpu_machine_type: str | None = Field(
         None,
@@ -389,7 +386,9 @@ class KubernetesSpec(Strict):
         "fits their allocatable (unchecked when unset)",
     )
     install_addons: bool = Field(
-        True, description="install KEDA and kube-prometheus-stack with Helm; false when the cluster already runs them"
+        True,
+        description="install KEDA, kube-prometheus-stack, cert-manager and Reloader with Helm; false when the cluster "
+        "already runs them",
     )
     prometheus_release: str = Field(
         "kube-prometheus-stack",
@@ -406,8 +405,8 @@ class KubernetesSpec(Strict):
                 "images.cluster_autoscaler: EKS needs the Cluster Autoscaler image (registry.k8s.io/autoscaling/"
                 f"cluster-autoscaler, a v{self.version}.x tag) pinned by digest"
             )
-        if self.provider == "existing" and self.cert_storage_class is None:
-            raise ValueError("cert_storage_class: an existing cluster needs a ReadWriteMany storage class for certificates")
+        if self.provider == "existing" and self.cert_issuer is None:
+            raise ValueError("cert_issuer: an existing cluster needs the cert-manager ClusterIssuer that issues the gateway's certificate")
         return self
 
 

@@ -36,7 +36,7 @@ from gpugate.kubernetes import objects, pod_build
 from gpugate.kubernetes.access import private_api_note
 from gpugate.kubernetes.allocatable import node_fits
 from gpugate.kubernetes.checks import check_manifest as check_kubernetes
-from gpugate.kubernetes.objects import CADDY_CONFIG, CADDYFILE_PATH
+from gpugate.kubernetes.objects import CADDY_CONFIG, CADDYFILE_PATH, TLS_FILES
 from gpugate.lockfiles import LockError, read_pins
 from gpugate.render.bundle import MANIFEST, Bundle, write_bundle
 from gpugate.render.dashboards import dashboard_exprs, dashboard_problems, recording_rules
@@ -159,9 +159,38 @@ def _object(path: Path) -> dict:
     return YAML(typ="safe", pure=True).load(path.read_text())
 
 
+def stand_in_certificate(root: Path) -> tuple[Path, Path]:
+    """A throwaway self-signed certificate and key, for Caddy to load where cert-manager's Secret will be mounted."""
+    from datetime import UTC, datetime, timedelta  # noqa: PLC0415
+
+    from cryptography import x509  # noqa: PLC0415 - validation only
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gpugate validate stand-in")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    paths = (root / "stand-in-tls.crt", root / "stand-in-tls.key")
+    paths[0].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths
+
+
 def check_pod_caddyfile(path: Path, root: Path) -> tuple[bool, str]:
-    """The proxy pods' Caddyfile (a ConfigMap's data), as Caddy itself reads it."""
+    """The proxy pods' Caddyfile (a ConfigMap's data), as Caddy itself reads it. The certificate files
+    cert-manager's Secret provides in the pod are a throwaway certificate here, so Caddy loads real files."""
     text = _object(path)["data"][CADDYFILE_PATH.name]
+    if f"tls {TLS_FILES[0]} {TLS_FILES[1]}" in text:
+        cert, key = stand_in_certificate(root)
+        text = text.replace(f"tls {TLS_FILES[0]} {TLS_FILES[1]}", f"tls {cert} {key}")
     pod = root / f"{path.stem}.Caddyfile"
     pod.write_text(text)
     return check_caddyfile(pod, root)

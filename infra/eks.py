@@ -1,5 +1,6 @@
 """EksCluster: an EKS cluster with a system node group and a GPU node group on the NVIDIA AMI that Cluster Autoscaler
-scales, in zones that offer the GPU machine, EFS for shared certificates, Elastic IPs for the gateway and its DNS record."""
+scales, in zones that offer the GPU machine, the IAM roles of Cluster Autoscaler and cert-manager, Elastic IPs for the
+gateway and its DNS record."""
 
 from __future__ import annotations
 
@@ -7,17 +8,15 @@ import json
 
 import pulumi
 import pulumi_aws as aws
-import pulumi_kubernetes as k8s
 
 from gpugate.kubernetes.allocatable import SYSTEM_MACHINES, gpu_machine
-from gpugate.kubernetes.autoscaler import AUTOSCALER, KUBE_SYSTEM, discovery_tags
+from gpugate.kubernetes.autoscaler import AUTOSCALER, IRSA_ANNOTATION, KUBE_SYSTEM, discovery_tags
 from gpugate.kubernetes.build import ClusterFacts, cluster_name as name_of_cluster, eks_service_annotations
-from gpugate.kubernetes.objects import GPU_POOL, GPU_TAINT, POOL_LABEL, SYSTEM_POOL
+from gpugate.kubernetes.objects import CERT_MANAGER_ACCOUNT, CERT_MANAGER_NAMESPACE, GPU_POOL, GPU_TAINT, POOL_LABEL, SYSTEM_POOL
 from gpugate.kubernetes.sizing import gpu_node_disk_gib, gpu_node_max
 from gpugate.spec import GatewaySpec
 from infra.cluster import ManagedCluster, kubeconfig
 from infra.awsvpc import PublicSubnet, public_network, zones_offering
-from infra.network import NETWORK_CIDR
 
 TYPE_TOKEN = "gpugate:eks:Cluster"
 SYSTEM_INSTANCE_TYPE = SYSTEM_MACHINES["eks"]
@@ -33,15 +32,12 @@ SUBNET_CIDRS = ("10.80.0.0/19", "10.80.32.0/19")
 # its network policy agent enabled; the others run pods (a Deployment waits for a node, and the add-on
 # reports DEGRADED until one exists), so they come after the node groups.
 ADDONS_BEFORE_NODES = (("vpc-cni", {"enableNetworkPolicy": "true"}),)
-ADDONS_AFTER_NODES = (("kube-proxy", None), ("coredns", None), ("aws-efs-csi-driver", None))
-NFS_PORT = 2049
-EFS_STORAGE_CLASS = "efs-sc"
+ADDONS_AFTER_NODES = (("kube-proxy", None), ("coredns", None))
 CLUSTER_POLICIES = ("arn:aws:iam::aws:policy/AmazonEKSClusterPolicy",)
 NODE_POLICIES = (
     "arn:aws:iam::aws:policy/AmazonEKSWorkerNodePolicy",
     "arn:aws:iam::aws:policy/AmazonEKS_CNI_Policy",
     "arn:aws:iam::aws:policy/AmazonEC2ContainerRegistryReadOnly",
-    "arn:aws:iam::aws:policy/service-role/AmazonEFSCSIDriverPolicy",
 )
 # The kubeconfig's user authenticates with the cloud's CLI.
 AWS_EXEC = """      command: aws
@@ -83,6 +79,25 @@ def autoscaler_policy(cluster: str) -> dict:
     }
 
 
+def dns01_policy(zone_id: str) -> str:
+    """cert-manager's Route53 policy (its DNS-01 docs): TXT records in the gateway's zone, and the changes' status."""
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Action": "route53:GetChange", "Resource": "arn:aws:route53:::change/*"},
+                {
+                    "Effect": "Allow",
+                    "Action": ["route53:ChangeResourceRecordSets", "route53:ListResourceRecordSets"],
+                    "Resource": f"arn:aws:route53:::hostedzone/{zone_id}",
+                    "Condition": {"ForAllValues:StringEquals": {"route53:ChangeResourceRecordSetsRecordTypes": ["TXT"]}},
+                },
+                {"Effect": "Allow", "Action": "route53:ListHostedZonesByName", "Resource": "*"},
+            ],
+        }
+    )
+
+
 def irsa_trust(provider_arn: str, issuer: str, namespace: str, account: str) -> str:
     """A role's trust policy for one Kubernetes service account (IRSA): its token, issued by the cluster's OIDC issuer."""
     host = issuer.removeprefix("https://")
@@ -117,7 +132,7 @@ def _trust(service: str) -> pulumi.Output[str]:
 
 class EksCluster(ManagedCluster):
     """An EKS cluster in two zones that offer the GPU machine: a system and a GPU node group that Cluster
-    Autoscaler resizes, EFS for the shared certificates, one Elastic IP per zone for the public NLB, and the DNS record."""
+    Autoscaler resizes, cert-manager's Route53 role, one Elastic IP per zone for the public NLB, and the DNS record."""
 
     def __init__(self, name: str, spec: GatewaySpec, stack: str, opts: pulumi.ResourceOptions | None = None):
         super().__init__(TYPE_TOKEN, name, None, opts)
@@ -220,7 +235,7 @@ class EksCluster(ManagedCluster):
             ],
         )
 
-        # kube-proxy, CoreDNS, and EFS's CSI driver, which mounts the certificate volume: after the nodes.
+        # kube-proxy and CoreDNS: after the nodes.
         after_nodes = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[system, gpu]))
         for addon, config in ADDONS_AFTER_NODES:
             self._addon(name, cluster, addon, config, after_nodes)
@@ -230,46 +245,26 @@ class EksCluster(ManagedCluster):
         oidc = aws.iam.OpenIdConnectProvider(
             f"{name}-oidc", url=issuer, client_id_lists=["sts.amazonaws.com"], tags=tags, opts=child
         )
-        autoscaler_role = aws.iam.Role(
-            f"{name}-autoscaler",
-            assume_role_policy=pulumi.Output.all(oidc.arn, issuer).apply(
-                lambda v: irsa_trust(v[0], v[1], KUBE_SYSTEM, AUTOSCALER)
-            ),
-            tags=tags,
-            opts=child,
-        )
-        aws.iam.RolePolicy(
-            f"{name}-autoscaler", role=autoscaler_role.id, policy=json.dumps(autoscaler_policy(cluster_name)), opts=child
-        )
 
-        nfs = aws.ec2.SecurityGroup(
-            f"{name}-efs",
-            vpc_id=vpc.id,
-            description=f"gpugate {stack}: NFS from the cluster's nodes to EFS",
-            tags=tags,
-            opts=child,
-        )
-        aws.vpc.SecurityGroupIngressRule(
-            f"{name}-efs-nfs",
-            security_group_id=nfs.id,
-            ip_protocol="tcp",
-            from_port=NFS_PORT,
-            to_port=NFS_PORT,
-            cidr_ipv4=NETWORK_CIDR,
-            description="NFS from inside the VPC",
-            opts=child,
-        )
-        filesystem = aws.efs.FileSystem(f"{name}-certs", encrypted=True, tags={**tags, "Name": f"{cluster_name}-certs"}, opts=child)
-        for where, subnet in zip(placed, subnets, strict=True):
-            aws.efs.MountTarget(
-                f"{name}-certs-{where.suffix}", file_system_id=filesystem.id, subnet_id=subnet.id, security_groups=[nfs.id], opts=child
+        def irsa_role(role: str, namespace: str, account: str, policy: pulumi.Input[str]) -> aws.iam.Role:
+            made = aws.iam.Role(
+                f"{name}-{role}",
+                assume_role_policy=pulumi.Output.all(oidc.arn, issuer).apply(lambda v: irsa_trust(v[0], v[1], namespace, account)),
+                tags=tags,
+                opts=child,
             )
+            aws.iam.RolePolicy(f"{name}-{role}", role=made.id, policy=policy, opts=child)
+            return made
+
+        autoscaler_role = irsa_role("autoscaler", KUBE_SYSTEM, AUTOSCALER, json.dumps(autoscaler_policy(cluster_name)))
+        # cert-manager answers the CA's DNS-01 challenge with TXT records in the zone the gateway's record is in.
+        dns_zone = aws.route53.get_zone(name=spec.dns_zone, private_zone=False, opts=invoke)
+        certs_role = irsa_role("cert-manager", CERT_MANAGER_NAMESPACE, CERT_MANAGER_ACCOUNT, dns01_policy(dns_zone.zone_id))
 
         eips = [
             aws.ec2.Eip(f"{name}-ip-{where.suffix}", domain="vpc", tags={**tags, "Name": f"{cluster_name}-{where.suffix}"}, opts=child)
             for where in placed
         ]
-        dns_zone = aws.route53.get_zone(name=spec.dns_zone, private_zone=False, opts=invoke)
         aws.route53.Record(
             f"{name}-dns",
             zone_id=dns_zone.zone_id,
@@ -292,15 +287,10 @@ class EksCluster(ManagedCluster):
                 service_annotations=eks_service_annotations(pulumi.Output.all(*[e.allocation_id for e in eips]).apply(",".join)),
                 cluster_name=cluster_name,
                 autoscaler_role_arn=autoscaler_role.arn,
+                dns_zone_id=dns_zone.zone_id,
+                cert_manager_annotations={IRSA_ANNOTATION: certs_role.arn},
             ),
             pools=[system, gpu],
-        )
-        k8s.storage.v1.StorageClass(
-            f"{name}-efs-sc",
-            metadata={"name": EFS_STORAGE_CLASS},
-            provisioner="efs.csi.aws.com",
-            parameters={"provisioningMode": "efs-ap", "fileSystemId": filesystem.id, "directoryPerms": "700"},
-            opts=pulumi.ResourceOptions(parent=self, provider=self.provider),
         )
 
     @staticmethod

@@ -1,4 +1,5 @@
-"""GkeCluster: a regional GKE cluster with a system pool and an autoscaled GPU node pool, a static IP for the gateway and its DNS record."""
+"""GkeCluster: a regional GKE cluster with a system pool and an autoscaled GPU node pool, cert-manager's DNS identity, a
+static IP for the gateway and its DNS record."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import pulumi_gcp as gcp
 
 from gpugate.catalog import GPUS
 from gpugate.kubernetes.allocatable import SYSTEM_MACHINES, gpu_machine
-from gpugate.kubernetes.build import ClusterFacts
-from gpugate.kubernetes.objects import GPU_POOL, GPU_TAINT, POOL_LABEL, SYSTEM_POOL
+from gpugate.kubernetes.build import ClusterFacts, cluster_name as name_of_cluster
+from gpugate.kubernetes.objects import CERT_MANAGER_ACCOUNT, CERT_MANAGER_NAMESPACE, GPU_POOL, GPU_TAINT, POOL_LABEL, SYSTEM_POOL
 from gpugate.kubernetes.sizing import gpu_node_disk_gib, gpu_node_max
 from gpugate.spec import GatewaySpec
 from infra.cluster import ManagedCluster, kubeconfig
@@ -31,6 +32,10 @@ NODE_ROLES = (
     "roles/monitoring.viewer",
     "roles/artifactregistry.reader",
 )
+# cert-manager answers the CA's DNS-01 challenges in Cloud DNS (its docs' role), as a Google service account its
+# Kubernetes service account impersonates through Workload Identity.
+CERT_MANAGER_ROLES = ("roles/dns.admin",)
+WORKLOAD_IDENTITY_ANNOTATION = "iam.gke.io/gcp-service-account"
 # GKE picks and upgrades the cluster's version on this channel; the program pins none, and refuses to
 # create or update a cluster whose channel runs a minor other than `kubernetes.version`, the one the
 # manifests are validated against.
@@ -78,7 +83,7 @@ class GkeCluster(ManagedCluster):
         child = pulumi.ResourceOptions(parent=self, provider=provider)
         invoke = pulumi.InvokeOptions(parent=self, provider=provider)
         labels = {"gpugate-stack": stack}
-        cluster_name = kube.cluster_name or f"gpugate-{stack}"
+        cluster_name = name_of_cluster(kube, stack)
 
         network = gcp.compute.Network(f"{name}-net", auto_create_subnetworks=False, opts=child)
         subnet = gcp.compute.Subnetwork(
@@ -135,12 +140,6 @@ class GkeCluster(ManagedCluster):
             ),
             workload_identity_config=gcp.container.ClusterWorkloadIdentityConfigArgs(
                 workload_pool=f"{spec.project}.svc.id.goog"
-            ),
-            addons_config=gcp.container.ClusterAddonsConfigArgs(
-                # Filestore backs the ReadWriteMany volume the proxy replicas share certificates on.
-                gcp_filestore_csi_driver_config=gcp.container.ClusterAddonsConfigGcpFilestoreCsiDriverConfigArgs(
-                    enabled=True
-                ),
             ),
             enable_shielded_nodes=True,
             resource_labels=labels,
@@ -208,6 +207,22 @@ class GkeCluster(ManagedCluster):
         )
 
         address = public_address(name, spec, labels, child, invoke)
+        certs, _ = service_account(
+            f"{name}-cert-manager",
+            account_id=f"gpugate-{stack}-certs",
+            display_name=f"gpugate {stack} cert-manager (DNS-01 in Cloud DNS)",
+            project=spec.project,
+            roles=CERT_MANAGER_ROLES,
+            opts=child,
+        )
+        # The workload pool exists once the cluster does.
+        gcp.serviceaccount.IAMMember(
+            f"{name}-cert-manager-workload-identity",
+            service_account_id=certs.name,
+            role="roles/iam.workloadIdentityUser",
+            member=f"serviceAccount:{spec.project}.svc.id.goog[{CERT_MANAGER_NAMESPACE}/{CERT_MANAGER_ACCOUNT}]",
+            opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[cluster])),
+        )
 
         self.publish(
             name,
@@ -216,6 +231,11 @@ class GkeCluster(ManagedCluster):
                 lambda v: kubeconfig(v[0], f"https://{v[1]}", v[2], GKE_EXEC)
             ),
             load_balancer_address=address.address,
-            facts=ClusterFacts("gke", load_balancer_ip=address.address),
+            facts=ClusterFacts(
+                "gke",
+                load_balancer_ip=address.address,
+                cluster_name=cluster_name,
+                cert_manager_annotations={WORKLOAD_IDENTITY_ANNOTATION: certs.email},
+            ),
             pools=[system_pool, gpu_pool],
         )

@@ -17,6 +17,7 @@ from gpugate.kubernetes import objects, pod_build
 from gpugate.kubernetes.build import Build, ClusterFacts
 from gpugate.kubernetes.objects import (
     ALERT_ITEM,
+    CERT_MANAGER_NAMESPACE,
     HF_TOKEN_ITEM,
     HF_TOKEN_SECRET,
     GATEWAY,
@@ -26,6 +27,7 @@ from gpugate.kubernetes.objects import (
     NODE_EXPORTER_RESOURCES,
     POOL_LABEL,
     PROBER_KEY_ITEM,
+    RELOADER_NAMESPACE,
     SECRET_ALERT,
     SECRET_HF,
     SECRET_INTERNAL,
@@ -48,8 +50,12 @@ PROBER_KEY_NAME = "prober"
 # version whose CRD models `gpugate validate` checks ServiceMonitors and PrometheusRules against.
 KEDA_CHART = ("keda", "2.16.1", "https://kedacore.github.io/charts")
 PROMETHEUS_CHART = ("kube-prometheus-stack", "69.8.0", "https://prometheus-community.github.io/helm-charts")
+# cert-manager 1.17, the version whose CRD models `gpugate validate` checks Certificates and ClusterIssuers against;
+# Reloader rolls the proxy pods when cert-manager renews their certificate's Secret.
+CERT_MANAGER_CHART = ("cert-manager", "v1.17.1", "https://charts.jetstack.io")
+RELOADER_CHART = ("reloader", "2.2.9", "https://stakater.github.io/stakater-charts")
 # Kinds served by the addons' CRDs: created after the addons.
-ADDON_GROUPS = ("keda.sh", "monitoring.coreos.com")
+ADDON_GROUPS = ("keda.sh", "monitoring.coreos.com", "cert-manager.io")
 # Top-level fields of an object, as the typed resources name them.
 SNAKE = {"stringData": "string_data", "automountServiceAccountToken": "automount_service_account_token", "roleRef": "role_ref"}
 
@@ -177,7 +183,7 @@ class KubernetesGateway(pulumi.ComponentResource):
         if hf_token is not None:  # gated models; vLLM reads HF_TOKEN
             secrets[SECRET_HF] = {HF_TOKEN_ITEM: pulumi.Output.secret(hf_token)}
 
-        addons = self._addons(name, kube.install_addons, kube.prometheus_release, on_cluster)
+        addons = self._addons(name, kube.install_addons, kube.prometheus_release, cluster.facts, on_cluster)
         build: Build = pod_build(stack, facts=cluster.facts, secrets=secrets)
         created: dict[tuple[str, str], pulumi.CustomResource] = {}
         namespaces: list[pulumi.Resource] = []
@@ -186,6 +192,9 @@ class KubernetesGateway(pulumi.ComponentResource):
             depends: list[pulumi.Resource] = list(namespaces)
             if obj["apiVersion"].split("/")[0] in ADDON_GROUPS or meta.get("namespace") == MONITORING_NAMESPACE:
                 depends += addons
+            if kind == "Deployment" and meta["name"] == GATEWAY:
+                # its pods mount the Secret cert-manager writes for the Certificate
+                depends += [res for (k, _), res in created.items() if k == "Certificate"]
             ignore: list[str] = []
             if kind == "Deployment" and meta["name"] == VLLM:
                 ignore.append("spec.replicas")  # KEDA's to decide after creation
@@ -214,9 +223,10 @@ class KubernetesGateway(pulumi.ComponentResource):
         self.register_outputs({name: getattr(self, name) for name in OUTPUTS})
 
     def _addons(
-        self, name: str, install: bool, release: str, opts: pulumi.ResourceOptions
+        self, name: str, install: bool, release: str, facts: ClusterFacts, opts: pulumi.ResourceOptions
     ) -> list[pulumi.Resource]:
-        """KEDA and kube-prometheus-stack, pinned, on the system pool; none when the cluster already runs them."""
+        """KEDA, kube-prometheus-stack, cert-manager and Reloader, pinned, on the system pool; none when the cluster
+        already runs them."""
         if not install:
             return []
         system = {POOL_LABEL: SYSTEM_POOL}
@@ -257,7 +267,37 @@ class KubernetesGateway(pulumi.ComponentResource):
             },
             opts=opts,
         )
-        return [keda, prometheus]
+        cert_manager = k8s.helm.v3.Release(
+            f"{name}-cert-manager",
+            name="cert-manager",
+            chart=CERT_MANAGER_CHART[0],
+            version=CERT_MANAGER_CHART[1],
+            repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=CERT_MANAGER_CHART[2]),
+            namespace=CERT_MANAGER_NAMESPACE,
+            create_namespace=True,
+            values={
+                "crds": {"enabled": True},
+                "nodeSelector": system,
+                "webhook": {"nodeSelector": system},
+                "cainjector": {"nodeSelector": system},
+                "startupapicheck": {"nodeSelector": system},
+                # The cloud identity DNS-01 is solved with (Workload Identity on GKE, IRSA on EKS).
+                "serviceAccount": {"annotations": dict(facts.cert_manager_annotations)},
+            },
+            opts=opts,
+        )
+        reloader = k8s.helm.v3.Release(
+            f"{name}-reloader",
+            name="reloader",
+            chart=RELOADER_CHART[0],
+            version=RELOADER_CHART[1],
+            repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=RELOADER_CHART[2]),
+            namespace=RELOADER_NAMESPACE,
+            create_namespace=True,
+            values={"reloader": {"deployment": {"nodeSelector": system}}},
+            opts=opts,
+        )
+        return [keda, prometheus, cert_manager, reloader]
 
 
 def _ingress_address(status: Any) -> str:

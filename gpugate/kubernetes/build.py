@@ -34,6 +34,10 @@ class ClusterFacts:
     cluster_name: str | None = None
     # EKS: the IAM role the Cluster Autoscaler's service account assumes (IRSA).
     autoscaler_role_arn: Any = None
+    # EKS: the Route53 hosted zone cert-manager answers DNS-01 challenges in.
+    dns_zone_id: Any = None
+    # Annotations of cert-manager's service account: the cloud identity it solves DNS-01 with.
+    cert_manager_annotations: Mapping[str, Any] = field(default_factory=dict)
 
 
 def cluster_name(kube: KubernetesSpec, stack: str) -> str:
@@ -51,6 +55,7 @@ def placeholder_facts(kube: KubernetesSpec, stack: str) -> ClusterFacts:
             service_annotations=eks_service_annotations("(elastic IP allocations)"),
             cluster_name=cluster_name(kube, stack),
             autoscaler_role_arn="(IAM role ARN, known at pulumi up)",
+            dns_zone_id="(Route53 hosted zone id, looked up at pulumi up)",
         )
     return ClusterFacts("existing", cluster_name=kube.cluster_name)
 

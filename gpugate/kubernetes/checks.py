@@ -1,4 +1,5 @@
-"""Checks of rendered Kubernetes objects: the API schemas of the cluster's version, CRD models, and Caddy for the proxy's Caddyfile."""
+"""Checks of rendered Kubernetes objects: the API schemas of the cluster's version, CRD models (KEDA, prometheus-operator,
+cert-manager), and Caddy for the proxy's Caddyfile."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ _VERSION_IN_HEADER = re.compile(r"\(Kubernetes (1\.[0-9]+)\)")
 
 
 def _custom_models() -> dict[tuple[str, str], Any]:
-    """Models generated from the CRDs of KEDA and prometheus-operator (cloudcoil), by (apiVersion, kind)."""
-    from cloudcoil.models.keda.v1alpha1 import ScaledObject  # noqa: PLC0415 - slow import, validation only
+    """Models generated from the CRDs of KEDA, prometheus-operator and cert-manager (cloudcoil), by (apiVersion, kind)."""
+    from cloudcoil.models.cert_manager.v1 import Certificate, ClusterIssuer  # noqa: PLC0415 - slow import, validation only
+    from cloudcoil.models.keda.v1alpha1 import ScaledObject  # noqa: PLC0415
     from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonitor  # noqa: PLC0415
     from cloudcoil.models.prometheus_operator.v1alpha1 import AlertmanagerConfig  # noqa: PLC0415
 
@@ -24,6 +26,8 @@ def _custom_models() -> dict[tuple[str, str], Any]:
         ("monitoring.coreos.com/v1", "PrometheusRule"): PrometheusRule,
         ("monitoring.coreos.com/v1", "ServiceMonitor"): ServiceMonitor,
         ("monitoring.coreos.com/v1alpha1", "AlertmanagerConfig"): AlertmanagerConfig,
+        ("cert-manager.io/v1", "Certificate"): Certificate,
+        ("cert-manager.io/v1", "ClusterIssuer"): ClusterIssuer,
     }
 
 
@@ -40,7 +44,7 @@ def _unknown_fields(given: Any, kept: Any, path: str = "") -> list[str]:
 
 def check_object(obj: Mapping[str, Any], version: str) -> list[str]:
     """Problems of one object against the API schemas of Kubernetes `version` (kubernetes-validate,
-    strict: unknown fields are errors), or for KEDA's and prometheus-operator's kinds their CRDs' models."""
+    strict: unknown fields are errors), or for KEDA's, prometheus-operator's and cert-manager's kinds their CRDs' models."""
     import kubernetes_validate  # noqa: PLC0415 - validation only
 
     key = (obj.get("apiVersion"), obj.get("kind"))

@@ -22,6 +22,11 @@ SYSTEM_POOL = "system"
 # kube-prometheus-stack, KEDA: where the addons run (installed there by the program, or already).
 MONITORING_NAMESPACE = "monitoring"
 KEDA_NAMESPACE = "keda"
+# cert-manager issues the public certificate into TLS_SECRET; Reloader rolls the proxy pods when it is renewed.
+CERT_MANAGER_NAMESPACE = "cert-manager"
+CERT_MANAGER_ACCOUNT = "cert-manager"  # the controller's service account, which solves DNS-01 with the cloud's DNS
+RELOADER_NAMESPACE = "reloader"
+RELOAD_ANNOTATION = "secret.reloader.stakater.com/reload"
 PROMETHEUS_URL = f"http://kube-prometheus-stack-prometheus.{MONITORING_NAMESPACE}.svc:9090"
 # The Prometheus pods, and only they, of the monitoring namespace: prometheus-operator gives every pod of a
 # Prometheus these selector labels (pkg/prometheus/statefulset.go); Alertmanager, Grafana, the operator and
@@ -45,7 +50,7 @@ DCGM = "dcgm-exporter"
 DEVICE_PLUGIN = "nvidia-device-plugin"
 CADDY_CONFIG = "gpugate-caddy"
 RUNTIME_ENV = "gpugate-runtime-env"
-CERTS_PVC = "gpugate-caddy-certs"
+TLS_SECRET = "gpugate-tls"  # written by cert-manager (kubernetes.io/tls: tls.crt, tls.key), never by the program
 SECRET_INTERNAL = "gpugate-internal"  # vLLM's internal key and the prober's client key
 SECRET_KEYS = "gpugate-keys"  # the client key store; operators own its contents after creation
 SECRET_ALERT = "gpugate-alert-credential"
@@ -61,9 +66,9 @@ HF_TOKEN_SECRET = "hf_token"  # the stack's Pulumi config secret (gpugate:hf_tok
 KEYS_DIR = Path("/etc/gpugate/keys")
 CADDYFILE_PATH = Path(str(LAYOUT.etc)) / "caddy" / "Caddyfile"
 ENV_FILE_PATH = Path(str(LAYOUT.runtime_env))
-# certmagic's file storage: these directories are shared by every proxy replica (issuance locks,
-# challenge tokens, certificates); the storage root itself stays per pod (Caddy's admin socket).
-SHARED_CERT_DIRS = ("acme", "certificates", "locks", "ocsp")
+# Where Caddy reads the certificate cert-manager issued (tls mode acme): `tls <cert> <key>`.
+TLS_DIR = Path("/etc/gpugate/tls")
+TLS_FILES = (TLS_DIR / "tls.crt", TLS_DIR / "tls.key")
 # Caddy's dynamic upstreams re-resolve vLLM's pods this often: a new replica takes traffic this soon.
 UPSTREAM_REFRESH = "5s"
 # After a pod is marked for deletion, Services and Caddy's DNS view drop it within this time.

@@ -26,7 +26,6 @@ from gpugate.kubernetes.build import Build
 from gpugate.kubernetes.objects import (
     CADDY_CONFIG,
     CADDYFILE_PATH,
-    CERTS_PVC,
     ENDPOINT_PROPAGATION_SECONDS,
     ENV_FILE_PATH,
     GATEWAY,
@@ -38,11 +37,14 @@ from gpugate.kubernetes.objects import (
     POOL_LABEL,
     PROBER_KEY_ITEM,
     PROMETHEUS_PEER,
+    RELOAD_ANNOTATION,
     RUNTIME_ENV,
     SECRET_INTERNAL,
     SECRET_KEYS,
-    SHARED_CERT_DIRS,
     SYSTEM_POOL,
+    TLS_DIR,
+    TLS_FILES,
+    TLS_SECRET,
     UPSTREAM_REFRESH,
     VLLM,
     VLLM_KEY_ITEM,
@@ -110,7 +112,11 @@ def pod_caddyfile(spec: GatewaySpec, header: str) -> str:
         (metrics_route(s), f"{LOOPBACK}:{s.port}") for s in table if s.name != "caddy" and s.metrics_path is not None
     )
     upstream = Upstream(vllm_host(spec.kubernetes), ports.vllm, dynamic=True, refresh=UPSTREAM_REFRESH)
-    return caddyfile(spec, ports, LAYOUT, header, upstream, metrics_site(by_name(table)["caddy"], routes)).decode()
+    # tls acme: the certificate cert-manager issued (gpugate/kubernetes/certificates.py), the same in every replica.
+    files = tuple(str(f) for f in TLS_FILES) if spec.tls.mode == "acme" else None
+    return caddyfile(
+        spec, ports, LAYOUT, header, upstream, metrics_site(by_name(table)["caddy"], routes), tls_files=files
+    ).decode()
 
 
 def pod_settings(spec: GatewaySpec) -> dict[str, str]:
@@ -155,29 +161,9 @@ def _config(b: Build) -> list[dict[str, Any]]:
     ]
 
 
-def cert_storage_class(kube: KubernetesSpec) -> str:
-    if kube.cert_storage_class:
-        return kube.cert_storage_class
-    return {"gke": "standard-rwx", "eks": "efs-sc"}[kube.provider]
-
-
-def _certs_pvc(b: Build) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": meta(CERTS_PVC, b.ns, labels(GATEWAY, b.stack)),
-        "spec": {
-            # Every proxy replica shares the ACME state, so whichever replica the CA reaches can answer
-            # its challenge, and one replica's certificate serves them all (Caddy's clustering model).
-            "accessModes": ["ReadWriteMany"],
-            "storageClassName": cert_storage_class(b.kube),
-            "resources": {"requests": {"storage": f"{b.kube.cert_storage_gib}Gi"}},
-        },
-    }
-
-
-def _mounts(service: Service) -> list[dict[str, Any]]:
-    """What a container mounts: the configuration it reads, the secrets it reads as files, where it writes."""
+def _mounts(service: Service, tls: bool) -> list[dict[str, Any]]:
+    """What a container mounts: the configuration it reads, the secrets it reads as files, where it writes
+    (`tls`: Caddy reads the issued certificate from TLS_SECRET)."""
     storage = str(LAYOUT.caddy_storage)
     mounts: list[dict[str, Any]] = []
     if "caddy/" in service.reads:
@@ -191,7 +177,8 @@ def _mounts(service: Service) -> list[dict[str, Any]]:
         mounts.append({"name": "keys", "mountPath": str(KEYS_DIR), "readOnly": True})
     if LAYOUT.caddy_storage in service.writes:
         mounts.append({"name": "caddy-state", "mountPath": storage})
-        mounts += [{"name": "certs", "mountPath": f"{storage}/{sub}", "subPath": sub} for sub in SHARED_CERT_DIRS]
+        if tls:
+            mounts.append({"name": "tls", "mountPath": str(TLS_DIR), "readOnly": True})
         mounts += [
             {"name": "caddy-home", "mountPath": "/config", "subPath": "config"},
             {"name": "caddy-home", "mountPath": "/data", "subPath": "data"},
@@ -241,7 +228,7 @@ def container(service: Service, b: Build) -> dict[str, Any]:
         out["lifecycle"] = {"preStop": {"exec": {"command": ["sleep", str(ENDPOINT_PROPAGATION_SECONDS)]}}}
     uid = UIDS[service.user]
     out["securityContext"] = {**restricted(), "runAsUser": uid, "runAsGroup": GID_GATEWAY}
-    out["volumeMounts"] = _mounts(service)
+    out["volumeMounts"] = _mounts(service, tls=b.spec.tls.mode == "acme")
     return out
 
 
@@ -249,10 +236,28 @@ def _gateway_deployment(b: Build) -> dict[str, Any]:
     spec, kube = b.spec, b.kube
     tags = labels(GATEWAY, b.stack)
     checksum = hashlib.sha256((pod_caddyfile(spec, b.header) + pod_env_file(spec, b.header)).encode()).hexdigest()
+    volumes: list[dict[str, Any]] = [
+        {"name": "caddyfile", "configMap": {"name": CADDY_CONFIG}},
+        {"name": "runtime-env", "configMap": {"name": RUNTIME_ENV}},
+        {"name": "keys", "secret": {"secretName": SECRET_KEYS, "defaultMode": 0o440}},
+        {
+            "name": "internal",
+            "secret": {"secretName": SECRET_INTERNAL, "items": [{"key": PROBER_KEY_ITEM, "path": PROBER_KEY_ITEM}], "defaultMode": 0o440},
+        },
+        {"name": "caddy-state", "emptyDir": {"sizeLimit": "64Mi"}},
+        {"name": "caddy-home", "emptyDir": {"sizeLimit": "64Mi"}},
+        # Caddy's access log rolls at 100 MiB and keeps 10; authz follows it.
+        {"name": "logs", "emptyDir": {"sizeLimit": "2Gi"}},
+    ]
+    extra: dict[str, Any] = {}
+    if spec.tls.mode == "acme":
+        # Until cert-manager has issued it the pods wait (ContainerCreating); a renewal rolls them (Reloader).
+        volumes.append({"name": "tls", "secret": {"secretName": TLS_SECRET, "defaultMode": 0o440}})
+        extra["annotations"] = {RELOAD_ANNOTATION: TLS_SECRET}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": meta(GATEWAY, b.ns, tags),
+        "metadata": meta(GATEWAY, b.ns, tags, **extra),
         "spec": {
             "replicas": kube.proxy_replicas,
             "selector": {"matchLabels": selector(GATEWAY)},
@@ -283,20 +288,7 @@ def _gateway_deployment(b: Build) -> dict[str, Any]:
                         "sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}],
                     },
                     "containers": [container(service, b) for service in pod_services(spec)],
-                    "volumes": [
-                        {"name": "caddyfile", "configMap": {"name": CADDY_CONFIG}},
-                        {"name": "runtime-env", "configMap": {"name": RUNTIME_ENV}},
-                        {"name": "keys", "secret": {"secretName": SECRET_KEYS, "defaultMode": 0o440}},
-                        {
-                            "name": "internal",
-                            "secret": {"secretName": SECRET_INTERNAL, "items": [{"key": PROBER_KEY_ITEM, "path": PROBER_KEY_ITEM}], "defaultMode": 0o440},
-                        },
-                        {"name": "certs", "persistentVolumeClaim": {"claimName": CERTS_PVC}},
-                        {"name": "caddy-state", "emptyDir": {"sizeLimit": "64Mi"}},
-                        {"name": "caddy-home", "emptyDir": {"sizeLimit": "64Mi"}},
-                        # Caddy's access log rolls at 100 MiB and keeps 10; authz follows it.
-                        {"name": "logs", "emptyDir": {"sizeLimit": "2Gi"}},
-                    ],
+                    "volumes": volumes,
                 },
             },
         },
@@ -341,7 +333,6 @@ def objects(b: Build) -> list[dict[str, Any]]:
     """Every object of the proxy component."""
     return [
         *_config(b),
-        _certs_pvc(b),
         _gateway_deployment(b),
         *_services(b),
         disruption_budget(GATEWAY, b.ns, b.stack),

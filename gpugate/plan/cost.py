@@ -202,7 +202,8 @@ def cost(spec: GatewaySpec, resources: list[Resource]) -> CostEstimate | None:
 
 def kubernetes_cost(spec: GatewaySpec, resources: list[Resource], gpu_nodes: int) -> CostEstimate | None:
     """A month of the cluster with `gpu_nodes` GPU nodes: GPU and system nodes with their disks, the
-    control plane, the certificate volume, the load balancer, its addresses and the DNS zone."""
+    control plane, the load balancer, its addresses and the DNS zone (certificates come from cert-manager into a
+    Secret: nothing to pay for)."""
     pools = [r for r in resources if r.type in (GKE_POOL, EKS_GROUP)]
     if not pools or spec.region is None:
         return None
@@ -253,14 +254,6 @@ def kubernetes_cost(spec: GatewaySpec, resources: list[Resource], gpu_nodes: int
 
     plane = _entry(table, cloud, "gke" if gke else "eks")
     add("control plane (1 cluster)", plane, "cluster_hour", 1, "hour", "control plane fee")
-    claims = [r for r in resources if r.type == "kubernetes:core/v1:PersistentVolumeClaim"]
-    for claim in claims:
-        claim_spec = claim.props.get("spec") or {}
-        size = float(str(((claim_spec.get("resources") or {}).get("requests") or {}).get("storage", "0")).removesuffix("Gi"))
-        entry = _entry(table, cloud, region, "filestore", "basic-hdd") if gke else _entry(table, cloud, region, "efs", "standard")
-        billed = max(size, float((entry or {}).get("min_gib", 0))) if gke else float((entry or {}).get("min_gib", 1))
-        kind = "Filestore basic HDD" if gke else "EFS standard (data stored)"
-        add(f"{kind} {billed:g} GiB (shared certificates)", entry, "gb_month", billed, "GB-month", f"{kind} in {region}")
     if gke:
         # One forwarding rule carries both ports of the LoadBalancer Service.
         add("load balancer forwarding rule (80, 443)", _entry(table, cloud, region, "forwarding_rule"), "hour", 1, "hour", "forwarding rule")
@@ -279,5 +272,5 @@ def kubernetes_cost(spec: GatewaySpec, resources: list[Resource], gpu_nodes: int
         lines=lines,
         missing=missing,
         monthly_usd=total,
-        excludes="egress, load-balancer data processing, Filestore/EFS operations, logging/monitoring beyond the free tier, taxes, discounts",
+        excludes="egress, load-balancer data processing, DNS queries, logging/monitoring beyond the free tier, taxes, discounts",
     )

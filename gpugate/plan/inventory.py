@@ -56,6 +56,9 @@ ROLES = {
     "gcp:compute/address:Address": "static-ip",
     "aws:iam/role:Role": "identity",
     "aws:iam/rolePolicyAttachment:RolePolicyAttachment": "identity",
+    "aws:iam/rolePolicy:RolePolicy": "identity",
+    "aws:iam/openIdConnectProvider:OpenIdConnectProvider": "identity",
+    "gcp:serviceaccount/iAMMember:IAMMember": "identity",
     "aws:iam/instanceProfile:InstanceProfile": "identity",
     "gcp:serviceaccount/account:Account": "identity",
     "gcp:projects/iAMMember:IAMMember": "identity",
@@ -71,8 +74,6 @@ ROLES.update(
         "gcp:container/nodePool:NodePool": "node-pool",
         "aws:eks/nodeGroup:NodeGroup": "node-pool",
         "kubernetes:helm.sh/v3:Release": "addon",
-        "aws:efs/fileSystem:FileSystem": "storage",
-        "aws:efs/mountTarget:MountTarget": "storage",
         "kubernetes:storage.k8s.io/v1:StorageClass": "storage",
     }
 )

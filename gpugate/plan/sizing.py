@@ -92,7 +92,7 @@ def sizing_markdown(stack_name: str, spec: GatewaySpec, report: PlanReport) -> s
         "",
         f"Fleet for `{stack_name}` ({spec.model.id} on {spec.gpu.count} x {spec.gpu.type}, {kube.provider.upper()} "
         f"{spec.region}): {replica_month:,.2f} USD a month per replica (GPU node and its disk), "
-        f"{cluster_month:,.2f} USD per cluster (control plane, system nodes, certificate volume, load balancer, "
+        f"{cluster_month:,.2f} USD per cluster (control plane, system nodes, load balancer, "
         f"address, DNS); at most {MAX_REPLICAS_PER_CLUSTER} replicas per cluster.",
         "",
         "| concurrent clients | replicas | clusters | requests/s | USD per month |",

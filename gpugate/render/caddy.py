@@ -90,8 +90,10 @@ def caddyfile(
     upstream: Upstream,
     metrics: MetricsSite,
     bind: str | None = None,
+    tls_files: tuple[str, str] | None = None,
 ) -> bytes:
-    """The Caddyfile; `bind`: the one address its public sites listen on (None: every interface)."""
+    """The Caddyfile; `bind`: the one address its public sites listen on (None: every interface); `tls_files`:
+    (certificate, key) files the public site serves, issued by someone else (cert-manager), instead of ACME in Caddy."""
     return render_template(
         "common/Caddyfile.j2",
         spec=spec,
@@ -100,6 +102,7 @@ def caddyfile(
         upstream=upstream,
         metrics=metrics,
         public_bind=bind,
+        tls_files=tls_files,
         authz_address=f"{LOOPBACK}:{ports.authz}",
         request_id_header=REQUEST_ID_HEADER,
         key_id_header=KEY_ID_HEADER,

@@ -242,9 +242,12 @@ def test_the_proxy_pod_caddyfile_balances_over_every_vllm_pod_and_exposes_metric
     assert text.count("dynamic a vllm.gpugate.svc.cluster.local 18000") == 3
     assert "lb_policy least_conn" in text and "127.0.0.1:18000" not in text
     assert "http://:18005 {" in text and "bind 127.0.0.1" not in text
-    # and Caddy itself accepts it
+    # and Caddy itself accepts it, loading a stand-in for the certificate cert-manager's Secret provides
+    from gpugate.validate import stand_in_certificate
+
+    cert, key = stand_in_certificate(tmp_path)
     path = tmp_path / "Caddyfile"
-    path.write_text(text)
+    path.write_text(text.replace("tls /etc/gpugate/tls/tls.crt /etc/gpugate/tls/tls.key", f"tls {cert} {key}"))
     proc = subprocess.run(
         ["caddy", "validate", "--config", str(path), "--adapter", "caddyfile"],
         capture_output=True,
@@ -422,10 +425,10 @@ def test_an_existing_cluster_is_sized_only_when_it_names_its_gpu_machine(tmp_pat
     from gpugate.kubernetes.allocatable import node_fits
 
     # without a machine type nothing can be said about the GPU nodes
-    unnamed = _kube_variant(tmp_path, provider="existing", cert_storage_class="nfs")
+    unnamed = _kube_variant(tmp_path, provider="existing", cert_issuer="letsencrypt")
     assert node_fits(unnamed.spec, objects(pod_build(unnamed))) == []
     # with one, the EKS formula of its cloud applies
-    named = _kube_variant(tmp_path, provider="existing", cert_storage_class="nfs", gpu_machine_type="g6.xlarge")
+    named = _kube_variant(tmp_path, provider="existing", cert_issuer="letsencrypt", gpu_machine_type="g6.xlarge")
     [fit] = node_fits(named.spec, objects(pod_build(named)))
     assert not fit.fits and "g6.xlarge node has 3.92 CPU / 14.68 GiB" not in fit.message
     assert "g6.xlarge node has 3.92 CPU / 15.03 GiB allocatable" in fit.message and "g6.2xlarge" in fit.fitting

@@ -142,7 +142,7 @@ def test_the_vpc_cni_comes_before_the_nodes_and_every_other_addon_after_both_nod
     order = [r.name for r in eks.resources]
     groups = of_type(eks, GROUP)
     addons = {r.props["addonName"]: r for r in of_type(eks, ADDON)}
-    assert set(addons) == {"vpc-cni", "kube-proxy", "coredns", "aws-efs-csi-driver"}
+    assert set(addons) == {"vpc-cni", "kube-proxy", "coredns"}
     cni = addons.pop("vpc-cni")
     assert json.loads(cni.props["configurationValues"]) == {"enableNetworkPolicy": "true"}
     for group in groups:

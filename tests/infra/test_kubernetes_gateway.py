@@ -147,7 +147,7 @@ def test_the_autoscaler_targets_vllm_queue_depth_and_waits_for_keda(prod):
     assert "vllm:num_requests_waiting" in trigger["metadata"]["query"]
     assert scaled.props["spec"]["maxReplicaCount"] == 8
     releases = {r.props["chart"] for r in of_type(prod, "kubernetes:helm.sh/v3:Release")}
-    assert releases == {"keda", "kube-prometheus-stack"}
+    assert releases == {"keda", "kube-prometheus-stack", "cert-manager", "reloader"}
 
 
 def test_the_alert_rules_are_the_stack_rules_as_a_prometheus_rule(prod):
@@ -210,8 +210,8 @@ def test_the_eks_variant_runs_gpu_nodes_on_the_nvidia_ami_with_the_device_plugin
     assert annotations["service.beta.kubernetes.io/aws-load-balancer-eip-allocations"].count("eipalloc-") == 2
     cluster = one(eks, "aws:eks/cluster:Cluster").props["vpcConfig"]
     assert cluster["publicAccessCidrs"] == ["203.0.113.0/24"]
-    assert one(eks, "aws:efs/fileSystem:FileSystem").props["encrypted"] is True
-    assert one(eks, "kubernetes:storage.k8s.io/v1:StorageClass").props["metadata"]["name"] == "efs-sc"
+    # certificates come from cert-manager: no shared file system
+    assert not [r for r in eks.resources if r.type.startswith("aws:efs/") or r.type.endswith(":StorageClass")]
 
 
 def test_on_eks_a_vllm_pod_larger_than_a_g6_xlarge_fails_the_plan_naming_its_request_the_allocatable_and_the_machines_that_fit(tmp_path):
@@ -283,7 +283,7 @@ def _under_mocks(stack: Stack, body: Callable[[], Any], config: dict[str, str] |
 def test_an_existing_cluster_is_reached_with_the_kubeconfig_secret_and_nothing_cloud_is_created(stack_copy):
     def existing(config: dict[str, Any]) -> None:
         config["gpugate:kubernetes"]["provider"] = "existing"
-        config["gpugate:kubernetes"]["cert_storage_class"] = "nfs-rwx"
+        config["gpugate:kubernetes"]["cert_issuer"] = "letsencrypt-prod"
 
     stack = load_stack(stack_copy("prod", existing, name="onprem"))
     kubeconfig = "apiVersion: v1\nkind: Config\n# planted-kubeconfig-canary\n"
@@ -296,14 +296,16 @@ def test_an_existing_cluster_is_reached_with_the_kubeconfig_secret_and_nothing_c
     assert not [r for r in run.resources if r.type.startswith(("gcp:", "aws:"))]
     provider = one(run, "pulumi:providers:kubernetes")
     assert is_secret(provider.wire["kubeconfig"])
-    claim = one(run, "kubernetes:core/v1:PersistentVolumeClaim").props["spec"]
-    assert claim["storageClassName"] == "nfs-rwx"
+    # the cluster's own ClusterIssuer issues the certificate; the program renders none
+    certificate = one(run, "kubernetes:cert-manager.io/v1:Certificate").props["spec"]
+    assert certificate["issuerRef"] == {"group": "cert-manager.io", "kind": "ClusterIssuer", "name": "letsencrypt-prod"}
+    assert not of_type(run, "kubernetes:cert-manager.io/v1:ClusterIssuer")
 
 
 def test_an_existing_cluster_without_a_kubeconfig_is_refused_with_the_command_to_set_it(stack_copy):
     def existing(config: dict[str, Any]) -> None:
         config["gpugate:kubernetes"]["provider"] = "existing"
-        config["gpugate:kubernetes"]["cert_storage_class"] = "nfs-rwx"
+        config["gpugate:kubernetes"]["cert_issuer"] = "letsencrypt-prod"
 
     stack = load_stack(stack_copy("prod", existing, name="onprem"))
     with pytest.raises(ValueError, match="pulumi config set --secret gpugate:kubeconfig"):
