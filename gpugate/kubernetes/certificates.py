@@ -32,7 +32,8 @@ def dns01_solver(b: Build) -> dict[str, Any]:
     """DNS-01 through the cloud's DNS, with the credentials cert-manager's pods get from the cluster's identity
     (Workload Identity on GKE, IRSA on EKS): ambient credentials, which cert-manager uses for ClusterIssuers only."""
     if b.kube.provider == "gke":
-        return {"cloudDNS": {"project": b.spec.project}}
+        # hostedZoneName: the managed zone by its name, as gpugate:dns_zone names it on GCP
+        return {"cloudDNS": {"project": b.spec.project, "hostedZoneName": b.spec.dns_zone}}
     return {"route53": {"region": b.spec.region, "hostedZoneID": b.facts.dns_zone_id}}
 
 

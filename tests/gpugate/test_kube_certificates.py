@@ -48,7 +48,7 @@ def test_prod_renders_a_dns01_cluster_issuer_in_cloud_dns_and_a_certificate_for_
     assert acme["server"] == "https://acme-v02.api.letsencrypt.org/directory"
     assert acme["email"] == "ops@gpugate.example.com"
     assert acme["solvers"] == [
-        {"selector": {"dnsNames": ["llm.gpugate.example.com"]}, "dns01": {"cloudDNS": {"project": "gpugate-prod-4711"}}}
+        {"selector": {"dnsNames": ["llm.gpugate.example.com"]}, "dns01": {"cloudDNS": {"project": "gpugate-prod-4711", "hostedZoneName": "gpugate-example-com"}}}
     ]
     [certificate] = find(prod_objects, "Certificate")
     assert certificate["metadata"]["namespace"] == "gpugate"
