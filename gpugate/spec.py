@@ -315,7 +315,10 @@ class ReplicaSpec(Strict):
 class KubeImages(Strict):
     """Container images of the Kubernetes target besides vLLM's, each pinned by digest."""
 
-    caddy: str = Field(pattern=DIGEST_PATTERN, description="Caddy 2.6+ (the public entry), e.g. caddy:2.6.2 pinned by digest")
+    caddy: str = Field(
+        pattern=DIGEST_PATTERN,
+        description="the proxy image (Caddy 2.6.2, the public entry) built from runtime/containers/proxy.Containerfile, pinned by digest",
+    )
     runtime: str = Field(
         pattern=DIGEST_PATTERN, description="image with gpugate-runtime installed (authz, prober), pinned by digest"
     )

@@ -1,10 +1,12 @@
 """Build times and sizes of gpugate's images with podman: cold (empty store: no base image, no layer
-cache), after a runtime change (layer cache warm), and cached (the harness finds the same inputs).
+cache), after a runtime change (layer cache warm), cached (the harness finds the same inputs in the
+store), and loaded into another empty store from the archives the first one left in the cache (what a
+new CI runner with ~/.cache/gpugate restored does).
 
     .venv/bin/python -m tests.kubernetes.build_times [--rounds N]
 
-Each round uses a podman store of its own under a scratch directory (CONTAINERS_STORAGE_CONF), so the
-cold figures are cold and the machine's own store is left alone. Prints one table; network downloads
+Each round uses podman stores and an image cache of its own under a scratch directory
+(CONTAINERS_STORAGE_CONF), so the cold figures are cold and the machine's own store and cache are left alone. Prints one table; network downloads
 (Debian mirror, PyPI) are part of every cold figure, as they are in CI.
 """
 
@@ -19,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.kubernetes.image_cache import ImageCache
 from tests.kubernetes.images import (
     WHEEL_EPOCH,
     PROXY_TAG,
@@ -47,12 +50,21 @@ def timed(step: Callable[[], BuildResult]) -> tuple[float, BuildResult]:
     return time.monotonic() - started, result
 
 
+def fresh_podman(scratch: Path, name: str, cache: ImageCache) -> Podman:
+    """A harness on an empty podman store of its own under scratch/name."""
+    root = scratch / name
+    root.mkdir(parents=True)
+    conf = root / "storage.conf"
+    conf.write_text(STORAGE_CONF.format(root=root))
+    return Podman(root / "work", storage_conf=conf, cache=cache)
+
+
 def one_round(scratch: Path) -> list[tuple[str, float, str]]:
-    """(what, seconds, note) for one round in a fresh store under `scratch`."""
-    conf = scratch / "storage.conf"
-    conf.write_text(STORAGE_CONF.format(root=scratch))
-    podman = Podman(scratch / "work", storage_conf=conf)
+    """(what, seconds, note) for one round in fresh stores and a fresh image cache under `scratch`."""
+    cache = ImageCache(scratch / "cache")
+    podman = fresh_podman(scratch, "store", cache)
     rows: list[tuple[str, float, str]] = []
+    stores = [podman]
     try:
         seconds, base = timed(podman.base_image)
         rows.append(("base image (debootstrap + import)", seconds, f"{podman.image_size(base.tag) / 1e6:.0f} MB"))
@@ -82,8 +94,23 @@ def one_round(scratch: Path) -> list[tuple[str, float, str]]:
         seconds, base_again = timed(podman.base_image)
         assert not base_again.built
         rows.append(("base image, same recipe (harness cache)", seconds, ""))
+
+        # A new runner: an empty store, the cache's archives (base, proxy, changed runtime).
+        archives = sum(path.stat().st_size for path in cache.directory.glob("*.tar"))
+        other = fresh_podman(scratch, "restored", cache)
+        stores.append(other)
+        seconds, base = timed(other.base_image)
+        assert base.loaded
+        rows.append(("base image, empty store, from the cache's archive", seconds, f"cache holds {archives / 1e6:.0f} MB"))
+        seconds, proxy = timed(lambda: build_proxy_image(other, scratch / "empty", base=base.tag))
+        assert proxy.loaded
+        rows.append(("proxy image, empty store, from the cache's archive", seconds, ""))
+        seconds, runtime = timed(lambda: build_runtime_image(other, changed, base=base.tag))
+        assert runtime.loaded
+        rows.append(("runtime image, empty store, from the cache's archive", seconds, ""))
     finally:
-        podman.run("rmi", "--all", "--force", check=False)
+        for store in stores:
+            store.run("rmi", "--all", "--force", check=False)
         mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines() if str(scratch) in line]
         for mount in sorted(mounts, reverse=True):
             subprocess.run(["umount", mount], check=False)

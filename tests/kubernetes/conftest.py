@@ -1,4 +1,5 @@
-"""Fixtures for the podman tests: the harness (installed, configured, torn down) and gpugate's two images."""
+"""Fixtures for the podman tests: the harness (installed, configured, torn down) and gpugate's two images,
+kept in podman's store and in ~/.cache/gpugate/podman (tests/kubernetes/image_cache.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.conftest import smollm_dir, vllm_python  # noqa: F401 - fixtures of tests/kubernetes/test_proxy_pod.py
+from tests.kubernetes.image_cache import ImageCache
 from tests.kubernetes.images import (
     build_proxy_image,
     build_runtime_image,
@@ -27,7 +30,7 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
         # on the host), and debootstrap needs root: skipped, visibly, rather than half run.
         pytest.skip("the podman tests run as root (rootful podman 4.3.1, debootstrap); deselect with -m 'not podman'")
     ensure_installed()
-    harness = Podman(tmp_path_factory.mktemp("podman"))
+    harness = Podman(tmp_path_factory.mktemp("podman"), cache=ImageCache.default())
     try:
         yield harness
     finally:
@@ -36,7 +39,7 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
 
 @pytest.fixture(scope="session")
 def base_image(podman: Podman) -> BuildResult:
-    """localhost/gpugate-debian:bookworm: about 2 min the first time on this machine, then cached."""
+    """localhost/gpugate-debian:bookworm: about 35 s the first time on this machine (debootstrap), then cached."""
     return podman.base_image()
 
 

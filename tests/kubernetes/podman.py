@@ -1,5 +1,9 @@
 """Podman for the Kubernetes tests: installs and configures it, builds images, runs pods from Kubernetes YAML.
 
+Images are kept in podman's store and, with an `ImageCache`, as archives under ~/.cache/gpugate/podman
+(tests/kubernetes/image_cache.py): a store that lacks an image of the same inputs loads it from there
+before it builds anything.
+
 Everything runs with CONTAINERS_CONF pointing at tests/kubernetes/containers.conf, in the harness's
 own environment only. What podman adds to the host while the harness runs (CNI networks and their
 bridges, CNI-* iptables chains, secrets, the named volumes `kube play` makes for ConfigMaps and
@@ -17,6 +21,9 @@ Podman 4.3.1 (Debian 12) differs from a kubelet in ways `kube_play` makes up for
     `kube down` would look for one pod per replica and stop at the first missing.
   - Pod `securityContext.sysctls` are ignored; the harness passes them to that one `kube play` as
     podman's default sysctls.
+  - A `subPath` mount of a claim's named volume mounts the whole volume. For the claims a test binds to
+    data of its own (`kube_play(claims=...)`), the harness mounts a copy of that data as hostPath
+    volumes, one per subPath (made when missing, as a kubelet makes it).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from tests.apt import ensure_packages
+from tests.kubernetes.image_cache import ImageCache
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +184,14 @@ class BaseRecipe:
 
 @dataclass(frozen=True)
 class BuildResult:
-    """An image in podman's store: its tag and id, whether this call built it, and how long that took."""
+    """An image in podman's store: its tag and id, whether this call built it or loaded it from the
+    cache, and how long that took."""
 
     tag: str
     image_id: str
     built: bool
     seconds: float
+    loaded: bool = False
 
 
 def context_digest(containerfile: Path, context: Path, build_args: Mapping[str, str], base_id: str) -> str:
@@ -255,10 +265,12 @@ class HostNetwork:
 
 class Podman:
     """Podman as the tests use it. `workdir` holds the harness's own files (played YAML, projected
-    Secret volumes, the debootstrap root); `teardown()` undoes what this instance added to the host."""
+    Secret volumes, the debootstrap root); `teardown()` undoes what this instance added to the host.
+    With `cache`, images missing from the store are loaded from it, and what is built is saved to it."""
 
-    def __init__(self, workdir: Path, *, storage_conf: Path | None = None) -> None:
+    def __init__(self, workdir: Path, *, storage_conf: Path | None = None, cache: ImageCache | None = None) -> None:
         self.workdir = workdir
+        self.cache = cache
         workdir.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
         if storage_conf is not None:  # a store of its own (build timings from an empty store)
@@ -302,7 +314,11 @@ class Podman:
         want = recipe.digest()
         labels = self.image_labels(BASE_IMAGE)
         if labels is not None and labels.get(LABEL_RECIPE) == want:
+            self._keep_cached(BASE_IMAGE, want)
             return BuildResult(BASE_IMAGE, self.image_id(BASE_IMAGE), built=False, seconds=0.0)
+        loaded = self._load_cached(BASE_IMAGE, LABEL_RECIPE, want)
+        if loaded is not None:
+            return loaded
         started = time.monotonic()
         rootfs = Path(tempfile.mkdtemp(prefix="debootstrap-", dir=self.workdir))
         try:
@@ -331,7 +347,32 @@ class Podman:
                 raise PodmanError(f"podman import of {rootfs} failed: {imported.stderr.decode(errors='replace')[-2000:]}")
         finally:
             shutil.rmtree(rootfs, ignore_errors=True)
+        if self.cache is not None:
+            self.cache.save(self, BASE_IMAGE, want)
         return BuildResult(BASE_IMAGE, self.image_id(BASE_IMAGE), built=True, seconds=time.monotonic() - started)
+
+    def _keep_cached(self, tag: str, want: str) -> None:
+        """An image the store holds is in the cache too (a store filled before the cache existed)."""
+        if self.cache is not None and not self.cache.archive(tag, want).is_file():
+            self.cache.save(self, tag, want)
+
+    def _load_cached(self, tag: str, label: str, want: str) -> BuildResult | None:
+        """`tag` loaded from the cache's archive for inputs `want`, if there is one and it is what it says."""
+        if self.cache is None:
+            return None
+        replaced = self.image_id(tag) if self.image_labels(tag) is not None else None
+        seconds = self.cache.load(self, tag, want)
+        if seconds is None:
+            return None
+        labels = self.image_labels(tag) or {}
+        if labels.get(label) != want:
+            log.warning("the cached archive of %s holds other inputs (%s): building instead", tag, labels.get(label))
+            return None
+        loaded = self.image_id(tag)
+        if replaced and replaced != loaded:
+            self.run("rmi", replaced, check=False)
+        log.info("%s loaded from %s in %.1f s", tag, self.cache.directory, seconds)
+        return BuildResult(tag, loaded, built=False, seconds=seconds, loaded=True)
 
     def build(self, containerfile: Path, context: Path, tag: str, *, build_args: Mapping[str, str] | None = None,
               secrets: Mapping[str, Path] | None = None, no_cache: bool = False) -> BuildResult:
@@ -347,7 +388,12 @@ class Podman:
         want = context_digest(containerfile, context, build_args, base_id)
         labels = self.image_labels(tag)
         if not no_cache and labels is not None and labels.get(LABEL_CONTEXT) == want:
+            self._keep_cached(tag, want)
             return BuildResult(tag, self.image_id(tag), built=False, seconds=0.0)
+        if not no_cache:
+            loaded = self._load_cached(tag, LABEL_CONTEXT, want)
+            if loaded is not None:
+                return loaded
         argv = ["build", "--network", "host", "--file", str(containerfile), "--tag", tag,
                 "--label", f"{LABEL_CONTEXT}={want}"]
         if no_cache:
@@ -369,15 +415,27 @@ class Podman:
             # The image the tag named before, now untagged: without this every change of a runtime
             # source would leave ~200 MB behind. Refused (and kept) while a container uses it.
             self.run("rmi", replaced, check=False)
+        if self.cache is not None:
+            self.cache.save(self, tag, want)
         return BuildResult(tag, built, built=True, seconds=seconds)
 
     # --- pods ---------------------------------------------------------------------------------------
 
-    def kube_play(self, yaml_text: str, *, network: str | None = None, name: str = "play") -> Played:
-        """`podman kube play` of Kubernetes YAML (after `_adapt_for_podman`); returns what it started."""
+    def kube_play(self, yaml_text: str, *, network: str | None = None, name: str = "play",
+                  claims: Mapping[str, Path] | None = None) -> Played:
+        """`podman kube play` of Kubernetes YAML (after `_adapt_for_podman`); returns what it started.
+
+        `claims` binds PersistentVolumeClaims to volumes that already hold data, as a cluster binds a
+        claim to an existing volume: claim name -> a directory (owners and modes as they should be in
+        the pod). A copy of it is mounted as a hostPath, each `subPath` mount as its subdirectory (see
+        `_bind_claims`). The YAML must then not hold the claim object itself."""
         docs = [doc for doc in YAML(typ="safe", pure=True).load_all(yaml_text) if doc]
         play_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.workdir))
-        adapted = _adapt_for_podman(docs, play_dir)
+        claims = dict(claims or {})
+        declared = {d["metadata"]["name"] for d in docs if d.get("kind") == "PersistentVolumeClaim"}
+        if set(claims) & declared:
+            raise PodmanError(f"claims {sorted(set(claims) & declared)} are both pre-filled and in the YAML")
+        adapted = _adapt_for_podman(docs, play_dir, claims)
         yaml_path = play_dir / "play.yaml"
         out = io.StringIO()
         YAML(typ="safe", pure=True).dump_all(adapted.docs, out)
@@ -536,10 +594,49 @@ class Adapted:
     docs: list[dict[str, Any]]  # without the Secrets
     secrets: dict[str, bytes]  # podman secret name -> content (JSON: key -> base64 value)
     sysctls: list[str]  # "name=value"
-    projected: list[Path]  # host directories standing in for Secret volumes
+    projected: list[Path]  # host directories standing in for Secret volumes and bound claims
 
 
-def _adapt_for_podman(docs: list[dict[str, Any]], play_dir: Path) -> Adapted:
+def _bind_claims(spec: dict[str, Any], claims: Mapping[str, Path], play_dir: Path) -> list[Path]:
+    """Each volume of `spec` that mounts one of `claims` -> hostPath volumes of a copy of its data: one for
+    the whole claim, one per subPath a container mounts (podman 4.3.1 ignores subPath on named volumes)."""
+    bound: list[Path] = []
+    volumes = spec.get("volumes") or []
+    for volume in list(volumes):
+        claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+        if claim not in claims:
+            continue
+        root = play_dir / "claims" / volume["name"]
+        if not root.exists():
+            root.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(claims[claim], root, symlinks=True)
+            for path in [root, *root.rglob("*")]:  # copytree keeps modes, not owners
+                source = claims[claim] / path.relative_to(root)
+                stat = source.lstat()
+                os.lchown(path, stat.st_uid, stat.st_gid)
+            bound.append(root)
+        volumes.remove(volume)
+        replacements: dict[str, str] = {}
+        for container in spec.get("containers", []) + spec.get("initContainers", []):
+            for mount in container.get("volumeMounts") or []:
+                if mount["name"] != volume["name"]:
+                    continue
+                sub = mount.pop("subPath", "")
+                name = f"{volume['name']}-{sub.replace('/', '-')}" if sub else volume["name"]
+                if name not in replacements:
+                    directory = root / sub
+                    if not directory.exists():
+                        directory.mkdir(parents=True)
+                        shutil.copystat(root, directory)
+                        stat = root.stat()
+                        os.chown(directory, stat.st_uid, stat.st_gid)
+                    replacements[name] = str(directory)
+                mount["name"] = name
+        volumes += [{"name": name, "hostPath": {"path": path, "type": "Directory"}} for name, path in sorted(replacements.items())]
+    return bound
+
+
+def _adapt_for_podman(docs: list[dict[str, Any]], play_dir: Path, claims: Mapping[str, Path] | None = None) -> Adapted:
     """Kubernetes YAML -> what podman 4.3.1's kube play runs the way a kubelet would (module docstring)."""
     docs = json.loads(json.dumps(docs))  # the caller's documents stay as they were
     secrets = {d["metadata"]["name"]: _secret_files(d) for d in docs if d.get("kind") == "Secret"}
@@ -553,6 +650,7 @@ def _adapt_for_podman(docs: list[dict[str, Any]], play_dir: Path) -> Adapted:
         context = spec.get("securityContext") or {}
         sysctls += [f"{s['name']}={s['value']}" for s in context.pop("sysctls", None) or []]
         fs_group = context.get("fsGroup")
+        projected += _bind_claims(spec, claims or {}, play_dir)
         for volume in spec.get("volumes") or []:
             source = volume.pop("secret", None)
             if source is None:

@@ -59,7 +59,7 @@ localhost {{
 
 
 def restricted(uid: int) -> dict[str, Any]:
-    """The container securityContext of the rendered proxy pod (gpugate/kube.py), with this uid."""
+    """The container securityContext of the rendered proxy pod (gpugate/kubernetes/proxy.py), with this uid."""
     return {
         "runAsUser": uid,
         "runAsGroup": POD_GROUP,

@@ -1,0 +1,432 @@
+"""The proxy pod as `gpugate render --stack prod` renders it (Caddy, authz, prober), run by `podman kube play`
+from gpugate's images in front of a real vLLM (CPU) on this machine.
+
+The pod is the rendered Deployment `gateway` with the ConfigMaps and Secrets it uses, as rendered. What
+differs from the rendered objects, and why (`prod_pod_docs`):
+  - images: the two images built here (tests/kubernetes/images.py) instead of the stack's pinned digests;
+  - hostPort: Caddy's `https` port published on 127.0.0.1 at a free port (a cluster has the LoadBalancer);
+  - the upstream: the pod resolves vLLM's headless Service name (`vllm.gpugate.svc.cluster.local`) to
+    10.0.2.2 through `hostAliases` (slirp4netns's address for this machine's loopback, where the test's vLLM
+    listens; there is no cluster DNS here), and vLLM's port in the Caddyfile and in the prober's health URL
+    becomes the test vLLM's free port: the rendered 18000 is also the local stack's vLLM port on this
+    machine, which another test session may hold. The public name resolves to the pod's own loopback (so the
+    prober probes its own Caddy, never the internet).
+What a cluster and `pulumi up` would provide is provided:
+  - the Secrets get values: a key store with a client key and the prober's key, vLLM's internal key;
+  - the certificate claim is bound to a volume that already holds a certificate for the domain, stored
+    where Caddy stores one it obtained from Let's Encrypt (issued here by a CA the test makes, as no ACME CA
+    is reachable): the shared volume as it is once the first replica got its certificate. The claim object
+    itself is not played (podman would make an empty volume of that name).
+The served model name is prod's: the test's vLLM serves SmolLM2 under it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+import ssl
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from ruamel.yaml import YAML
+
+from gpugate_runtime.contract.host import Ports
+from gpugate_runtime.contract.metrics import PROBE_SUCCESS
+from gpugate_runtime.contract.services import GID_GATEWAY
+from gpugate_runtime.prober import Check
+
+from gpugate.kubernetes.objects import (
+    CERTS_PVC,
+    GATEWAY,
+    KEY_STORE_FILE,
+    PROBER_KEY_ITEM,
+    SECRET_INTERNAL,
+    SECRET_KEYS,
+    VLLM_KEY_ITEM,
+)
+from gpugate.kubernetes.proxy import vllm_host
+from gpugate.spec import GatewaySpec
+from gpugate.stackfile import load_stack
+from gpugate.targets import render_bundle
+from tests.conftest import STACKS
+from tests.e2e.conftest import VllmServer, find_free_port, running_vllm
+from tests.kubernetes.podman import BuildResult, Played, Podman, Process
+from tests.kubernetes.test_images import create_key
+
+pytestmark = [pytest.mark.e2e, pytest.mark.podman]
+
+STACK = "prod"
+SLIRP_HOST_LOOPBACK = "10.0.2.2"  # slirp4netns with allow_host_loopback: this machine's 127.0.0.1
+POD_NETWORK = "slirp4netns:allow_host_loopback=true"
+# Where Caddy 2.6 (certmagic) keeps a certificate from its default ACME issuer, under its storage root.
+ACME_ISSUER_KEY = "acme-v02.api.letsencrypt.org-directory"
+CERT_DIRS = ("acme", "certificates", "locks", "ocsp")  # the claim's subPaths in the rendered pod
+READY_TIMEOUT_S = 120
+PROXY_CONTAINERS = {"caddy", "authz", "prober"}
+
+
+# --- the rendered objects, and what differs -----------------------------------------------------------
+
+
+def rendered_objects(stack_file: Path) -> list[dict[str, Any]]:
+    """Every object of the stack's bundle, as `gpugate render` writes them."""
+    yaml = YAML(typ="safe", pure=True)
+    bundle = render_bundle(load_stack(stack_file))
+    return [yaml.load(data) for path, data in sorted(bundle.files.items()) if path.startswith("kubernetes/")]
+
+
+def pod_spec(deployment: dict[str, Any]) -> dict[str, Any]:
+    return deployment["spec"]["template"]["spec"]
+
+
+def used_objects(objects: list[dict[str, Any]], deployment: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ConfigMaps and Secrets the Deployment's pod mounts or reads, as rendered."""
+    spec = pod_spec(deployment)
+    namespace = deployment["metadata"]["namespace"]
+    used = {("ConfigMap", v["configMap"]["name"]) for v in spec["volumes"] if "configMap" in v}
+    used |= {("Secret", v["secret"]["secretName"]) for v in spec["volumes"] if "secret" in v}
+    used |= {("Secret", e["valueFrom"]["secretKeyRef"]["name"]) for c in spec["containers"] for e in c.get("env", [])
+             if "secretKeyRef" in e.get("valueFrom", {})}
+    found = [o for o in objects if (o["kind"], o["metadata"]["name"]) in used and o["metadata"].get("namespace") == namespace]
+    assert {(o["kind"], o["metadata"]["name"]) for o in found} == used, "the pod uses objects the bundle lacks"
+    return found
+
+
+def swap_upstream_port(text: str, service: str, old: int, new: int) -> str:
+    """vLLM's port `old` -> `new` wherever a rendered file names vLLM's address: the Caddyfile's
+    `dynamic a <service> <port> {` upstreams and the prober's `http://<service>:<port>/health`."""
+    swapped = text.replace(f" {service} {old} ", f" {service} {new} ").replace(f"//{service}:{old}/", f"//{service}:{new}/")
+    assert swapped.count(service) == swapped.count(f"{service} {new} ") + swapped.count(f"{service}:{new}/"), (
+        f"the rendered file names {service} in a form this test does not swap: update swap_upstream_port"
+    )
+    return swapped
+
+
+@dataclass(frozen=True)
+class PodInputs:
+    """What the test hands the rendered objects: images, the published port, vLLM's address, secret values."""
+
+    proxy_image: str
+    runtime_image: str
+    host_port: int
+    vllm_port: int
+    secrets: dict[str, dict[str, str]]
+
+
+def prod_pod_docs(spec: GatewaySpec, objects: list[dict[str, Any]], inputs: PodInputs) -> list[dict[str, Any]]:
+    """The proxy pod's ConfigMaps, Secrets and Deployment, changed only as the module docstring says."""
+    assert spec.kubernetes is not None
+    deployment = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == GATEWAY)
+    docs = [*used_objects(objects, deployment), deployment]
+    service = vllm_host(spec.kubernetes)
+    rendered_port = Ports(spec.ports.internal_base).vllm
+    for doc in docs:
+        if doc["kind"] == "Secret":
+            doc.pop("data", None)
+            doc["stringData"] = inputs.secrets[doc["metadata"]["name"]]
+        elif doc["kind"] == "ConfigMap":
+            doc["data"] = {name: swap_upstream_port(text, service, rendered_port, inputs.vllm_port)
+                           for name, text in doc["data"].items()}
+    spec_ = pod_spec(deployment)
+    spec_["hostAliases"] = [
+        {"ip": SLIRP_HOST_LOOPBACK, "hostnames": [service]},
+        {"ip": "127.0.0.1", "hostnames": [spec.domain]},
+    ]
+    for container in spec_["containers"]:
+        container["image"] = inputs.proxy_image if container["name"] == "caddy" else inputs.runtime_image
+    caddy = next(c for c in spec_["containers"] if c["name"] == "caddy")
+    https = next(p for p in caddy["ports"] if p["name"] == "https")
+    https.update({"hostPort": inputs.host_port, "hostIP": "127.0.0.1"})
+    return docs
+
+
+# --- the certificate the shared volume holds ------------------------------------------------------------
+
+
+def issue_certificate(domain: str) -> tuple[bytes, bytes, bytes]:
+    """(CA certificate, leaf certificate, leaf key) as PEM: a CA of the test's own, a 90-day leaf for `domain`."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gpugate test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=90))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(ca_name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=90))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return ca.public_bytes(pem), leaf.public_bytes(pem) + ca.public_bytes(pem), key_pem
+
+
+def certificate_volume(root: Path, domain: str, chain: bytes, key: bytes) -> Path:
+    """The claim's tree as Caddy leaves it after obtaining `domain`'s certificate: certificates/<issuer>/<domain>/
+    {crt,key,json}, and the other shared directories. Group-owned by the pod's fsGroup, group-writable, as a
+    kubelet hands over a volume to a pod with fsGroup."""
+    site = root / "certificates" / ACME_ISSUER_KEY / domain
+    site.mkdir(parents=True)
+    (site / f"{domain}.crt").write_bytes(chain)
+    (site / f"{domain}.key").write_bytes(key)
+    (site / f"{domain}.json").write_text(json.dumps({"sans": [domain]}))
+    for sub in CERT_DIRS:
+        (root / sub).mkdir(exist_ok=True)
+    for path in [root, *root.rglob("*")]:
+        os.chown(path, 0, GID_GATEWAY)
+        path.chmod(0o2770 if path.is_dir() else 0o660)
+    return root
+
+
+# --- the running pod ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProdPod:
+    podman: Podman
+    played: Played
+    url: str
+    domain: str
+    ca: ssl.SSLContext
+    client_key: str
+    uids: dict[str, int]  # container -> runAsUser, from the rendered YAML
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """To 127.0.0.1 with the public name as SNI and Host: the certificate is checked for that name."""
+        headers = {"Host": self.domain, **kwargs.pop("headers", {})}
+        with httpx.Client(verify=self.ca, timeout=120) as client:
+            return client.request(method, f"{self.url}{path}", headers=headers,
+                                  extensions={"sni_hostname": self.domain}, **kwargs)
+
+    def logs(self) -> str:
+        return self.podman.pod_logs(self.played)
+
+
+def prod_pod_manifests(pod: ProdPod) -> list[dict[str, Any]]:
+    """The documents podman played (after the harness's adaptations)."""
+    return [doc for doc in YAML(typ="safe", pure=True).load_all(pod.played.yaml_path.read_text()) if doc]
+
+
+@pytest.fixture(scope="module")
+def prod_spec() -> GatewaySpec:
+    return load_stack(STACKS / f"Pulumi.{STACK}.yaml").spec
+
+
+@pytest.fixture(scope="module")
+def prod_vllm(vllm_python: Path, smollm_dir: Path, prod_spec: GatewaySpec,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    """A real vLLM serving SmolLM2 under prod's served model name, on a free loopback port."""
+    with running_vllm(vllm_python, smollm_dir, tmp_path_factory.mktemp("vllm"),
+                      served_model_name=prod_spec.model.served_name) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def prod_pod(podman: Podman, proxy_image: BuildResult, runtime_image: BuildResult, prod_vllm: VllmServer,
+             prod_spec: GatewaySpec, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProdPod]:
+    work = tmp_path_factory.mktemp("prod-pod")
+    store = work / KEY_STORE_FILE
+    client_key = create_key(store, "team-prod-pod")
+    prober_key = create_key(store, "prober")
+    inputs = PodInputs(
+        proxy_image=proxy_image.tag,
+        runtime_image=runtime_image.tag,
+        host_port=find_free_port(),
+        vllm_port=prod_vllm.spec.port,
+        secrets={
+            SECRET_KEYS: {KEY_STORE_FILE: store.read_text()},
+            SECRET_INTERNAL: {VLLM_KEY_ITEM: prod_vllm.api_key, PROBER_KEY_ITEM: prober_key},
+        },
+    )
+    docs = prod_pod_docs(prod_spec, rendered_objects(STACKS / f"Pulumi.{STACK}.yaml"), inputs)
+    containers = pod_spec(docs[-1])["containers"]
+    uids = {c["name"]: c["securityContext"]["runAsUser"] for c in containers}
+    ca_pem, chain, key = issue_certificate(prod_spec.domain)
+    certs = certificate_volume(work / "certs", prod_spec.domain, chain, key)
+    out = io.StringIO()
+    YAML(typ="safe", pure=True).dump_all(docs, out)
+    played = podman.kube_play(out.getvalue(), network=POD_NETWORK, name="prod-pod", claims={CERTS_PVC: certs})
+    try:
+        podman.wait_running(played, timeout=READY_TIMEOUT_S)
+        ca = ssl.create_default_context(cadata=ca_pem.decode())
+        pod = ProdPod(podman, played, f"https://127.0.0.1:{inputs.host_port}", prod_spec.domain, ca, client_key, uids)
+        wait_for_status(pod, "/healthz", 200)  # Caddy serves the domain's certificate and reaches vLLM
+        wait_for_status(pod, "/v1/models", 401)  # authz answers behind Caddy (no key: its 401, not a 503)
+        yield pod
+    finally:
+        podman.kube_down(played)
+
+
+def wait_for_status(pod: ProdPod, path: str, status: int) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    last: object = None
+    tries = 0
+    while time.monotonic() < deadline:
+        tries += 1
+        try:
+            last = pod.request("GET", path).status_code
+            if last == status:
+                return
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(1)
+    raise AssertionError(f"{path}: not {status} after {tries} tries in {READY_TIMEOUT_S} s; last: {last!r}\n{pod.logs()}")
+
+
+# --- the behaviours -------------------------------------------------------------------------------------------
+
+
+def test_the_played_pod_differs_from_the_rendered_one_only_in_images_host_port_and_upstream(prod_spec: GatewaySpec):
+    # given the rendered objects and what the test hands them
+    objects = rendered_objects(STACKS / f"Pulumi.{STACK}.yaml")
+    inputs = PodInputs("localhost/proxy:t", "localhost/runtime:t", 40443, 40000,
+                       {SECRET_KEYS: {KEY_STORE_FILE: "{}"}, SECRET_INTERNAL: {VLLM_KEY_ITEM: "v", PROBER_KEY_ITEM: "p"}})
+    rendered = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    # when the pod's documents are made
+    docs = prod_pod_docs(prod_spec, json.loads(json.dumps(objects)), inputs)
+    # then each is its rendered object but for the named changes
+    assert [d["kind"] for d in docs].count("Deployment") == 1
+    for doc in docs:
+        original = rendered[(doc["kind"], doc["metadata"]["name"])]
+        if doc["kind"] == "Secret":
+            assert set(doc["stringData"]) == set(original["stringData"])
+            assert {k: v for k, v in doc.items() if k != "stringData"} == {k: v for k, v in original.items() if k != "stringData"}
+        elif doc["kind"] == "ConfigMap":
+            service = vllm_host(prod_spec.kubernetes)
+            for name, text in doc["data"].items():
+                back = swap_upstream_port(text, service, 40000, Ports(prod_spec.ports.internal_base).vllm)
+                assert back == original["data"][name]
+                assert (text != back) == (service in text)
+        else:
+            spec, was = pod_spec(doc), pod_spec(original)
+            assert spec.pop("hostAliases")[0]["hostnames"] == [vllm_host(prod_spec.kubernetes)]
+            caddy = next(c for c in spec["containers"] if c["name"] == "caddy")
+            https = next(p for p in caddy["ports"] if p["name"] == "https")
+            assert (https.pop("hostPort"), https.pop("hostIP")) == (40443, "127.0.0.1")
+            assert {c["name"]: c.pop("image") for c in spec["containers"]} == {
+                "caddy": "localhost/proxy:t", "authz": "localhost/runtime:t", "prober": "localhost/runtime:t"}
+            for c in was["containers"]:
+                c.pop("image")
+            assert doc == original
+
+
+def test_a_chat_completion_with_a_client_key_goes_through_the_pod_over_tls(prod_pod: ProdPod, prod_vllm: VllmServer):
+    # given the rendered prod proxy pod in front of a real vLLM
+    body = {"model": prod_vllm.served_model_name, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
+    # when a client posts a chat completion with its key, over TLS to the public name
+    response = prod_pod.request("POST", "/v1/chat/completions", json=body,
+                                headers={"Authorization": f"Bearer {prod_pod.client_key}"})
+    # then vLLM answered through Caddy, with the gateway's headers
+    assert response.status_code == 200, f"{response.text}\n{prod_pod.logs()}"
+    answer = response.json()
+    assert answer["model"] == prod_vllm.served_model_name
+    assert answer["choices"][0]["message"]["content"]
+    assert answer["usage"]["completion_tokens"] >= 1
+    assert response.headers["strict-transport-security"].startswith("max-age=")
+    assert response.headers["x-request-id"]
+
+
+def test_the_pod_serves_the_certificate_of_the_public_name(prod_pod: ProdPod):
+    response = prod_pod.request("GET", "/healthz")
+    assert response.status_code == 200
+    with httpx.Client(verify=prod_pod.ca, timeout=30) as client:
+        # the same certificate checked against another name fails: the name really is checked
+        with pytest.raises(httpx.ConnectError):
+            client.get(f"{prod_pod.url}/healthz", extensions={"sni_hostname": "other.example.com"})
+
+
+def test_a_wrong_key_gets_401_and_never_reaches_vllm(prod_pod: ProdPod, prod_vllm: VllmServer):
+    wrong = prod_pod.client_key[:-4] + ("0000" if not prod_pod.client_key.endswith("0000") else "1111")
+    body = {"model": prod_vllm.served_model_name, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
+    response = prod_pod.request("POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {wrong}"})
+    anonymous = prod_pod.request("GET", "/v1/models")
+    assert response.status_code == 401, response.text
+    assert "choices" not in response.text
+    assert anonymous.status_code == 401
+
+
+def app_processes(podman: Podman, played: Played) -> dict[str, list[Process]]:
+    """Container name in the YAML -> its processes, read from the kernel (the infra container left out)."""
+    seen: dict[str, list[Process]] = {}
+    for pod in played.pods:
+        for container in podman.containers(pod):
+            if not container.is_infra:
+                seen[container.name.rsplit("-", 1)[1]] = podman.top(container.name)
+    return seen
+
+
+def test_every_process_of_the_pod_runs_as_the_non_root_uid_its_manifest_names(podman: Podman, prod_pod: ProdPod):
+    # given the running pod, read from the kernel rather than from the YAML
+    seen = app_processes(podman, prod_pod.played)
+    # then every container of the rendered Deployment runs, each with at least one process ...
+    assert set(seen) == set(prod_pod.uids) == PROXY_CONTAINERS
+    assert all(seen.values())
+    # ... each as its runAsUser (real, effective, saved, file-system), in the gateway group, with no capability
+    for name, processes in seen.items():
+        assert prod_pod.uids[name] != 0
+        for proc in processes:
+            assert proc.uids == (prod_pod.uids[name],) * 4, f"{name}: {proc.argv} runs as {proc.uids}"
+            assert proc.gids[1] == GID_GATEWAY
+            assert proc.cap_effective == 0, f"{name}: {proc.argv} has capabilities {proc.cap_effective:#x}"
+            assert proc.no_new_privs, f"{name}: {proc.argv} may gain privileges"
+
+
+def root_mount_options(host_pid: int) -> list[str]:
+    """The mount options of `/` as the process sees it (its mount namespace, from /proc/<pid>/mountinfo)."""
+    for line in Path(f"/proc/{host_pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == "/":
+            return fields[5].split(",")
+    raise AssertionError(f"pid {host_pid}: no / in its mountinfo")
+
+
+def test_every_container_of_the_pod_runs_on_a_read_only_root(podman: Podman, prod_pod: ProdPod):
+    # given what the manifest says of each container's root file system
+    deployment = next(d for d in prod_pod_manifests(prod_pod) if d["kind"] == "Deployment")
+    read_only = {c["name"]: c["securityContext"]["readOnlyRootFilesystem"] for c in pod_spec(deployment)["containers"]}
+    assert set(read_only) == PROXY_CONTAINERS and all(read_only.values())
+    # then every process of every container sees `/` mounted read-only
+    seen = app_processes(podman, prod_pod.played)
+    assert set(seen) == PROXY_CONTAINERS
+    for name, processes in seen.items():
+        for proc in processes:
+            assert root_mount_options(proc.host_pid)[0] == "ro", f"{name}: {proc.argv} has a writable root"
+
+
+def test_the_prober_in_the_pod_reaches_vllm_through_the_service_name(podman: Podman, prod_pod: ProdPod,
+                                                                      prod_spec: GatewaySpec):
+    prober = next(c.name for pod in prod_pod.played.pods for c in podman.containers(pod) if c.name.endswith("-prober"))
+    url = f"http://127.0.0.1:{Ports(prod_spec.ports.internal_base).prober}/metrics"
+    healthy = f'{PROBE_SUCCESS}{{check="{Check.VLLM_HEALTH}"}} 1.0'
+    fetch = f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=5).read().decode())"
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    text, tries = "", 0
+    while time.monotonic() < deadline:
+        tries += 1
+        text = podman.exec(prober, ["/opt/gpugate/venv/bin/python", "-c", fetch], check=False).stdout.decode()
+        if healthy in text:
+            return
+        time.sleep(2)
+    raise AssertionError(f"no `{healthy}` from the prober after {tries} tries; its metrics:\n{text[-3000:]}")
