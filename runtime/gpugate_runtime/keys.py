@@ -381,12 +381,18 @@ def create_key(
 
 
 def rotate_key(
-    path: Path, name: str, *, overlap: timedelta, expires: timedelta, scope: Scope | None = None, now: datetime | None = None
+    path: Path,
+    name: str,
+    *,
+    overlap: timedelta,
+    expires: timedelta,
+    rescope: Callable[[Scope | None], Scope | None] | None = None,
+    now: datetime | None = None,
 ) -> Rotation:
     """Issue a new key for name now; the name's active keys stay valid until now + overlap.
 
     The new key joins the newest key's family (so the family's spend and budgets carry over) and keeps its
-    limits and scope, or takes `scope` in place of the scope when given.
+    limits and scope; `rescope`, when given, turns the old scope into the new one (e.g. a raised budget).
     """
     now = now or utcnow()
     with locked(path):
@@ -396,8 +402,9 @@ def rotate_key(
             raise KeyInputError(f"name {name!r} has no active key to rotate; create one with `keys create {name}`")
         newest = active[-1]
         issued = _issue(
-            store, name, expires, newest.rpm, newest.max_concurrent, now, family=newest.lineage, scope=scope or newest.scope
-        )
+            store, name, expires, newest.rpm, newest.max_concurrent, now,
+            family=newest.lineage, scope=rescope(newest.scope) if rescope else newest.scope,
+        )  # fmt: skip
         cutoff = now + overlap
         retiring = tuple(k.model_copy(update={"expires_at": min(k.expires_at, cutoff)}) for k in active)
         changed = {k.id: k for k in retiring}
