@@ -53,6 +53,11 @@ def period_end(period: str, ts: float) -> datetime:
     raise ValueError(f"unknown budget period {period!r}; allowed: {', '.join(PERIODS)}")
 
 
+def period_start(period: str, ts: float) -> float:
+    moment = datetime.fromtimestamp(ts, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return (moment if period == "day" else moment.replace(day=1)).timestamp()
+
+
 def minute_of(ts: float) -> int:
     return int(ts // 60)
 
@@ -89,6 +94,7 @@ class RouteLogTail:
         self._fd: int | None = None
         self._rest = b""
         self._base = 0  # offset of the start of _rest in the file
+        self._open()  # now: a record written before the first read counts
 
     def close(self) -> None:
         if self._fd is not None:
@@ -213,7 +219,7 @@ class Ledger:
         keep = set()
         for period in PERIODS:
             keep.add(period_id(period, now))
-            keep.add(period_id(period, now - (86400 if period == "day" else 32 * 86400)))
+            keep.add(period_id(period, period_start(period, now) - 1))
         for family in list(self.periods):
             for pid in [p for p in self.periods[family] if p not in keep]:
                 del self.periods[family][pid]

@@ -278,7 +278,7 @@ def run_list(path: Path, json_out: bool) -> None:
         )  # fmt: skip
     console = Console()
     # A pipe gets rich's 80 columns, which would cut ids; a terminal keeps its own width.
-    (console if console.is_terminal else Console(width=160)).print(table)
+    (console if console.is_terminal else Console(width=240)).print(table)
 
 
 def run_rotate(
