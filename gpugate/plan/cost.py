@@ -257,6 +257,10 @@ def kubernetes_cost(spec: GatewaySpec, resources: list[Resource], gpu_nodes: int
     for claim in claims:
         claim_spec = claim.props.get("spec") or {}
         size = float(str(((claim_spec.get("resources") or {}).get("requests") or {}).get("storage", "0")).removesuffix("Gi"))
+        if "ReadWriteOnce" in (claim_spec.get("accessModes") or []):
+            # One pod's volume (the shared limits store): a block disk of the cluster's default class.
+            add(f"{disk_type} {size:g} GiB (limits store volume)", disk, "gb_month", size, "GB-month", f"{disk_type} in {region}")
+            continue
         entry = _entry(table, cloud, region, "filestore", "basic-hdd") if gke else _entry(table, cloud, region, "efs", "standard")
         billed = max(size, float((entry or {}).get("min_gib", 0))) if gke else float((entry or {}).get("min_gib", 1))
         kind = "Filestore basic HDD" if gke else "EFS standard (data stored)"
