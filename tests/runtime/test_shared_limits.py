@@ -193,3 +193,49 @@ def test_with_redis_down_limits_fail_closed_with_503_and_a_bad_key_still_gets_40
     # and once Redis is back, the key is served again
     wait_for(lambda: a.ask(key.token).status_code == 200, 5, "Redis to be used again")
 
+
+
+def test_the_kubernetes_stores_rendered_command_runs_on_debians_redis_server_and_holds_authzs_limits(tmp_path: Path) -> None:
+    # given the prod stack's rendered store container: its argv as the pod runs it, with only the config
+    # file, the data directory and the port moved here (the config file holds what the Secret does)
+    from ruamel.yaml import YAML  # noqa: PLC0415
+
+    from gpugate.kubernetes.objects import LIMITS, LIMITS_PORT  # noqa: PLC0415
+    from gpugate.stackfile import load_stack  # noqa: PLC0415
+    from gpugate.targets import render_bundle  # noqa: PLC0415
+
+    ensure_packages({"redis-server": REDIS_SERVER, "redis-tools": "/usr/bin/redis-cli"})
+    files = render_bundle(load_stack("prod")).files
+    deployment = next(
+        doc for path, data in files.items() if path.endswith(f"deployment-{LIMITS}.yaml") for doc in [YAML(typ="safe", pure=True).load(data)]
+    )
+    argv = list(deployment["spec"]["template"]["spec"]["containers"][0]["command"])
+    password = secrets.token_hex(16)
+    (tmp_path / "redis.conf").write_text(f"requirepass {password}\n")
+    (tmp_path / "password").write_text(password + "\n")
+    (tmp_path / "data").mkdir()
+    port = free_port()
+    argv[1] = str(tmp_path / "redis.conf")
+    argv[argv.index("--dir") + 1] = str(tmp_path / "data")
+    argv[argv.index("--port") + 1] = str(port)
+    argv[argv.index("--bind") + 1] = "127.0.0.1"
+    assert argv[0] == "redis-server" and str(LIMITS_PORT) not in argv
+    server = subprocess.Popen([REDIS_SERVER, *argv[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    authz = None
+    try:
+        cli = ["redis-cli", "-p", str(port), "--no-auth-warning"]
+        wait_for(lambda: b"NOAUTH" in subprocess.run([*cli, "ping"], capture_output=True, timeout=5).stdout, 10, "redis to ask for its password")
+        # when an authz uses it with the password file
+        authz = start_authz(tmp_path / "authz", redis_url=f"redis://127.0.0.1:{port}/0", redis_password_file=str(tmp_path / "password"))
+        key = create_key(authz.key_store, "k8s", expires=DAY, rpm=2)
+        statuses = [authz.ask(key.token).status_code for _ in range(3)]
+        # then the limits hold through it, and it writes its append-only file for spend to survive a restart
+        assert statuses == [200, 200, 429]
+        held = subprocess.run([*cli, "-a", password, "--scan", "--pattern", "gpugate:*"], capture_output=True, text=True, timeout=5).stdout
+        assert f"gpugate:rpm:{key.record.id}" in held.split()
+        assert any((tmp_path / "data").rglob("*.aof")) or any((tmp_path / "data").rglob("appendonly*"))
+    finally:
+        if authz is not None:
+            stop(authz)
+        server.terminate()
+        server.wait(timeout=10)
