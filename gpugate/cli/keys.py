@@ -62,7 +62,9 @@ def create(
 
     Scope options limit its models, route policies, tokens per minute and a token or USD budget per UTC day or month.
     """
-    scope = runtime_keys.scope_options(models, policies, default_policy, latency_objective_ms, tpm, budget_tokens, budget_usd, budget_period)
+    scope = runtime_keys.scope_options(
+        models, policies, default_policy, latency_objective_ms, tpm, budget_tokens, budget_usd, budget_period
+    )
     runtime_keys.run_create(_settings(stack), name, rpm, max_concurrent, expires, json_out, scope)
 
 
@@ -92,7 +94,9 @@ def rotate(
 
     The new key keeps the old one's family (so its spend and budgets carry over) and scope; scope options change what they name.
     """
-    scope = runtime_keys.scope_options(models, policies, default_policy, latency_objective_ms, tpm, budget_tokens, budget_usd, budget_period)
+    scope = runtime_keys.scope_options(
+        models, policies, default_policy, latency_objective_ms, tpm, budget_tokens, budget_usd, budget_period
+    )
     runtime_keys.run_rotate(_settings(stack), name, overlap, expires, json_out, scope)
 
 

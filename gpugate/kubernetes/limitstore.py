@@ -83,12 +83,20 @@ def _deployment(b: Build) -> dict[str, Any]:
                 "spec": {
                     "automountServiceAccountToken": False,
                     "nodeSelector": {POOL_LABEL: SYSTEM_POOL},
-                    "securityContext": {"runAsNonRoot": True, "fsGroup": GID_GATEWAY, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "fsGroup": GID_GATEWAY,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
                     "containers": [container],
                     "volumes": [
                         {
                             "name": "auth",
-                            "secret": {"secretName": SECRET_LIMITS, "items": [{"key": LIMITS_CONF_ITEM, "path": LIMITS_CONF_ITEM}], "defaultMode": 0o440},
+                            "secret": {
+                                "secretName": SECRET_LIMITS,
+                                "items": [{"key": LIMITS_CONF_ITEM, "path": LIMITS_CONF_ITEM}],
+                                "defaultMode": 0o440,
+                            },
                         },
                         {"name": "data", "persistentVolumeClaim": {"claimName": DATA_PVC}},
                     ],

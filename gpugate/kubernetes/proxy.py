@@ -298,7 +298,11 @@ def _gateway_deployment(b: Build) -> dict[str, Any]:
                         {"name": "keys", "secret": {"secretName": SECRET_KEYS, "defaultMode": 0o440}},
                         {
                             "name": "limits-auth",
-                            "secret": {"secretName": SECRET_LIMITS, "items": [{"key": LIMITS_PASSWORD_ITEM, "path": LIMITS_PASSWORD_ITEM}], "defaultMode": 0o440},
+                            "secret": {
+                                "secretName": SECRET_LIMITS,
+                                "items": [{"key": LIMITS_PASSWORD_ITEM, "path": LIMITS_PASSWORD_ITEM}],
+                                "defaultMode": 0o440,
+                            },
                         },
                         {
                             "name": "internal",

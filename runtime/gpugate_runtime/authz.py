@@ -129,7 +129,9 @@ class KeyCollector:
         for key_id, stamp in self._authz.last_used.items():
             used.add_metric([key_id], stamp)
         ratio = GaugeMetricFamily(
-            KEY_BUDGET_USED_RATIO, "Share of each key family's budget spent in its current period.", labels=["family", "budget", "period"]
+            KEY_BUDGET_USED_RATIO,
+            "Share of each key family's budget spent in its current period.",
+            labels=["family", "budget", "period"],
         )
         seen: set[tuple[str, str]] = set()
         for key in self._authz.watcher.keys.values():
@@ -158,7 +160,9 @@ class Authz:
             buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
             registry=self.registry,
         )
-        self._spend_records = Counter(SPEND_RECORDS, "Route-log records accounted into key families' spend.", registry=self.registry)
+        self._spend_records = Counter(
+            SPEND_RECORDS, "Route-log records accounted into key families' spend.", registry=self.registry
+        )
         reloads = Counter(KEYSTORE_RELOADS, "Key store loads that succeeded.", registry=self.registry)
         failures = Counter(KEYSTORE_RELOAD_FAILURES, "Key store loads that were refused.", registry=self.registry)
         self.registry.register(KeyCollector(self))
@@ -354,8 +358,8 @@ class Authz:
             kind = "token" if detail == "tokens" else "cost"
             reset = period_end(key.budget_period, time.time())
             body = _error(
-                f"The {kind} budget '{key.budget_period}' ({limit} per UTC {key.budget_period}) of key family {key.family} is spent; "
-                f"it resets at {reset:%Y-%m-%dT%H:%M:%SZ}.",
+                f"The {kind} budget '{key.budget_period}' ({limit} per UTC {key.budget_period}) of key family "
+                f"{key.family} is spent; it resets at {reset:%Y-%m-%dT%H:%M:%SZ}.",
                 "insufficient_quota",
                 "budget_exceeded",
             )
@@ -369,7 +373,9 @@ class Authz:
             )
             status, headers_out = 429, [_JSON, (b"retry-after", str(max(1, math.ceil(60 - time.time() % 60))).encode())]
         elif outcome is Outcome.LIMITS_UNAVAILABLE:
-            body = _error("The gateway's shared limits store is unreachable; retry after Retry-After.", "server_error", "service_unavailable")
+            body = _error(
+                "The gateway's shared limits store is unreachable; retry after Retry-After.", "server_error", "service_unavailable"
+            )
             status, headers_out = 503, [_JSON, (b"retry-after", b"1")]
         elif outcome is Outcome.BODY_TOO_LARGE:
             body = _error(

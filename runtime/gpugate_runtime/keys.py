@@ -72,7 +72,9 @@ class Scope(BaseModel):
     def _consistent(self) -> Self:
         for model in self.models or ():
             if not re.fullmatch(MODEL_PATTERN, model):
-                raise ValueError(f"{model!r} is not a model id; allowed: 1-128 of A-Z a-z 0-9 . _ : / - starting with a letter or digit")
+                raise ValueError(
+                    f"{model!r} is not a model id; allowed: 1-128 of A-Z a-z 0-9 . _ : / - starting with a letter or digit"
+                )
         if self.models is not None and len(set(self.models)) != len(self.models):
             raise ValueError("a model is listed twice")
         if self.policies is not None and self.default_policy is not None and self.default_policy not in self.policies:
@@ -82,7 +84,9 @@ class Scope(BaseModel):
 
     def route_scope(self, family: str, stack_default: RoutePolicy) -> KeyScope:
         """What authz hands the router (contract.routing.KeyScope)."""
-        default = self.default_policy or (self.policies[0] if self.policies and stack_default not in self.policies else stack_default)
+        default = self.default_policy or stack_default
+        if self.policies and default not in self.policies:
+            default = self.policies[0]  # the stack's default is not allowed to this key
         return KeyScope(
             family=family,
             default_policy=default,

@@ -58,7 +58,10 @@ class AuthzSettings(BaseSettings):
     redis_url: str | None = Field(
         None,
         pattern=r"^rediss?://[^@/:]+(:[0-9]+)?(/[0-9]+)?$",
-        description="Redis shared by every authz replica for limits and spend (redis://host:port/db, no credentials); None: this process alone",
+        description=(
+            "Redis shared by every authz replica for limits and spend (redis://host:port/db, no credentials); "
+            "None: this process alone"
+        ),
     )
     redis_password_file: Path | None = Field(None, description="file holding the Redis password (AUTH), when it has one")
 

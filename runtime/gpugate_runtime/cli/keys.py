@@ -110,7 +110,8 @@ def _models(value: str | None) -> str | None:
         try:
             Scope(models=tuple(m.strip() for m in value.split(",")))
         except ValidationError as exc:
-            raise typer.BadParameter(f"{value!r}: {exc.errors()[0]['msg'].removeprefix('Value error, ')} (comma-separated)") from None
+            problem = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise typer.BadParameter(f"{value!r}: {problem} (comma-separated)") from None
     return value
 
 
@@ -121,33 +122,38 @@ def _period(value: str | None) -> str | None:
 
 
 ModelsOption = Annotated[
-    str | None, typer.Option("--models", callback=_models, help="public model ids or tiers the key may use, comma-separated (default: all)")
+    str | None,
+    typer.Option("--models", callback=_models, help="public model ids or tiers the key may use, comma-separated (default: all)"),
 ]
 PoliciesOption = Annotated[
     str | None,
-    typer.Option("--policies", callback=_policies, help=f"route policies the key may ask for, comma-separated: {POLICY_NAMES} (default: all)"),
+    typer.Option(
+        "--policies", callback=_policies, help=f"route policies the key may ask for, comma-separated: {POLICY_NAMES} (default: all)"
+    ),
 ]
 DefaultPolicyOption = Annotated[
-    str | None, typer.Option("--default-policy", callback=_default_policy, help="route policy without a request header (default: the stack's)")
+    str | None,
+    typer.Option("--default-policy", callback=_default_policy, help="route policy without a request header (default: the stack's)"),
 ]
 LatencyObjectiveOption = Annotated[
     int | None,
     typer.Option("--latency-objective-ms", min=1, max=MAX_LATENCY_MS, help="cost-optimized: the slowest route (ms) the key accepts"),
 ]
 TpmOption = Annotated[
-    int | None, typer.Option("--tpm", min=1, max=MAX_TOKENS, help="tokens per UTC minute for the key's family (default: no limit)")
+    int | None,
+    typer.Option("--tpm", min=1, max=MAX_TOKENS, help="tokens per UTC minute for the key's family (default: no limit)"),
 ]
 BudgetTokensOption = Annotated[
     int | None, typer.Option("--budget-tokens", min=1, max=MAX_TOKENS, help="tokens per budget period for the key's family")
 ]
 BudgetUsdOption = Annotated[
-    float | None, typer.Option("--budget-usd", min=0.000001, max=MAX_USD, help="cost in USD per budget period for the key's family")
+    float | None,
+    typer.Option("--budget-usd", min=0.000001, max=MAX_USD, help="cost in USD per budget period for the key's family"),
 ]
 BudgetPeriodOption = Annotated[
     str | None,
     typer.Option("--budget-period", callback=_period, help="the budgets' period: day or month, UTC calendar (default: month)"),
 ]
-
 
 def scope_of(
     base: Scope | None,
@@ -282,7 +288,12 @@ def run_list(path: Path, json_out: bool) -> None:
 
 
 def run_rotate(
-    settings: KeysSettings, name: str, overlap: str | None, expires: str | None, json_out: bool, scope: dict[str, Any] | None = None
+    settings: KeysSettings,
+    name: str,
+    overlap: str | None,
+    expires: str | None,
+    json_out: bool,
+    scope: dict[str, Any] | None = None,
 ) -> None:
     window = parse_duration(overlap, allow_zero=True) if overlap else timedelta(hours=settings.rotation_overlap_hours)
     validity = parse_duration(expires) if expires else timedelta(days=settings.expires_days)
