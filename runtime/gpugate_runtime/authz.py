@@ -332,7 +332,6 @@ class Authz:
 
     def _answer(self, outcome: Outcome, key: LiveKey | None, wait: float, detail: str, rid: str, started: float) -> Decision:
         key_id = key.id if key else NO_KEY
-        retry = (b"retry-after", str(max(1, math.ceil(wait))).encode())
         if outcome is Outcome.ALLOWED:
             assert key is not None
             headers_out = [(_KEY_ID, key_id.encode()), (_KEY_SCOPE, key.scope_header), (b"content-length", b"0")]
@@ -343,7 +342,7 @@ class Authz:
         elif outcome is Outcome.RATE_LIMITED:
             assert key is not None
             body = _error(f"Rate limit reached for this key: {key.rpm} requests per minute.", "requests", "rate_limit_exceeded")
-            status, headers_out = 429, [_JSON, retry]
+            status, headers_out = 429, [_JSON, (b"retry-after", str(max(1, math.ceil(wait))).encode())]
         elif outcome is Outcome.CONCURRENCY_LIMITED:
             assert key is not None
             body = _error(
