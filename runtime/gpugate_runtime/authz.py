@@ -271,10 +271,13 @@ class Authz:
         families = {k.family: k.budget_period for k in self.watcher.keys.values() if k.has_budget}
         view = Ledger()
         now = time.time()
-        for period in {*families.values()}:
-            names = [f for f, p in families.items() if p == period]
-            for family, spent in (await self.spend.spent(names, period, now)).items():
-                view.periods.setdefault(family, {})[period_id(period, now)] = spent
+        try:
+            for period in {*families.values()}:
+                names = [f for f, p in families.items() if p == period]
+                for family, spent in (await self.spend.spent(names, period, now)).items():
+                    view.periods.setdefault(family, {})[period_id(period, now)] = spent
+        except unreachable_errors():
+            return  # the metrics keep the last view; decisions answer 503 on their own
         self.budget_view = view
 
     async def _release_shared(self, finished: list[tuple[str, str]]) -> None:
