@@ -19,6 +19,8 @@ from gpugate.kubernetes.objects import (
     ALERT_ITEM,
     CERT_MANAGER_NAMESPACE,
     HF_TOKEN_ITEM,
+    LIMITS_CONF_ITEM,
+    LIMITS_PASSWORD_ITEM,
     HF_TOKEN_SECRET,
     GATEWAY,
     KEDA_NAMESPACE,
@@ -32,6 +34,7 @@ from gpugate.kubernetes.objects import (
     SECRET_HF,
     SECRET_INTERNAL,
     SECRET_KEYS,
+    SECRET_LIMITS,
     SYSTEM_POOL,
     VLLM,
     VLLM_KEY_ITEM,
@@ -173,9 +176,17 @@ class KubernetesGateway(pulumi.ComponentResource):
         now = datetime.now(UTC).replace(microsecond=0)
         pair = password.apply(lambda p: prober_store(p, spec.limits.expires_days, now))
         self.prober_api_key = pulumi.Output.secret(pair.apply(lambda p: p[0]))
+        # The shared limits store's password: authz reads it as a file, Redis as `requirepass` in its config.
+        limits_password = random.RandomPassword(
+            f"{name}-limits-password", length=VLLM_KEY_LENGTH, special=False, opts=pulumi.ResourceOptions(parent=self)
+        ).result
         secrets: dict[str, dict[str, Any]] = {
             SECRET_INTERNAL: {VLLM_KEY_ITEM: self.vllm_api_key, PROBER_KEY_ITEM: self.prober_api_key},
             SECRET_KEYS: {KEY_STORE_FILE: pulumi.Output.secret(pair.apply(lambda p: p[1]))},
+            SECRET_LIMITS: {
+                LIMITS_PASSWORD_ITEM: pulumi.Output.secret(limits_password),
+                LIMITS_CONF_ITEM: pulumi.Output.secret(limits_password.apply(lambda p: f"requirepass {p}\n")),
+            },
         }
         if "alert_credential" in host:
             secrets[SECRET_ALERT] = {ALERT_ITEM: host["alert_credential"]}

@@ -47,16 +47,30 @@ def create(
     rpm: runtime_keys.RpmOption = None,
     max_concurrent: runtime_keys.MaxConcurrentOption = None,
     expires: runtime_keys.ExpiresOption = None,
+    models: runtime_keys.ModelsOption = None,
+    policies: runtime_keys.PoliciesOption = None,
+    default_policy: runtime_keys.DefaultPolicyOption = None,
+    latency_objective_ms: runtime_keys.LatencyObjectiveOption = None,
+    tpm: runtime_keys.TpmOption = None,
+    budget_tokens: runtime_keys.BudgetTokensOption = None,
+    budget_usd: runtime_keys.BudgetUsdOption = None,
+    budget_period: runtime_keys.BudgetPeriodOption = None,
     json_out: JsonOption = False,
     stack: LocalStackOpt = "local",
 ) -> None:
-    """Issue a key for NAME and print it once: only its hash is stored. Authz accepts it within a second."""
-    runtime_keys.run_create(_settings(stack), name, rpm, max_concurrent, expires, json_out)
+    """Issue a key for NAME and print it once: only its hash is stored. Authz accepts it within a second.
+
+    Scope options limit its models, route policies, tokens per minute and a token or USD budget per UTC day or month.
+    """
+    scope = runtime_keys.scope_options(
+        models, policies, default_policy, latency_objective_ms, tpm, budget_tokens, budget_usd, budget_period
+    )
+    runtime_keys.run_create(_settings(stack), name, rpm, max_concurrent, expires, json_out, scope)
 
 
 @app.command("list")
 def list_(json_out: JsonOption = False, stack: LocalStackOpt = "local") -> None:
-    """Show the stack's keys: id, name, status, dates, limits (never a key or its hash)."""
+    """Show the stack's keys: id, name, status, dates, limits, family, scope and spend (never a key or its hash)."""
     runtime_keys.run_list(_settings(stack).store, json_out)
 
 
@@ -65,11 +79,25 @@ def rotate(
     name: runtime_keys.RotateNameArgument,
     overlap: runtime_keys.OverlapOption = None,
     expires: runtime_keys.NewExpiresOption = None,
+    models: runtime_keys.ModelsOption = None,
+    policies: runtime_keys.PoliciesOption = None,
+    default_policy: runtime_keys.DefaultPolicyOption = None,
+    latency_objective_ms: runtime_keys.LatencyObjectiveOption = None,
+    tpm: runtime_keys.TpmOption = None,
+    budget_tokens: runtime_keys.BudgetTokensOption = None,
+    budget_usd: runtime_keys.BudgetUsdOption = None,
+    budget_period: runtime_keys.BudgetPeriodOption = None,
     json_out: JsonOption = False,
     stack: LocalStackOpt = "local",
 ) -> None:
-    """Issue a new key for NAME and print it once; NAME's old keys expire at the end of the overlap."""
-    runtime_keys.run_rotate(_settings(stack), name, overlap, expires, json_out)
+    """Issue a new key for NAME and print it once; NAME's old keys expire at the end of the overlap.
+
+    The new key keeps the old one's family (so its spend and budgets carry over) and scope; scope options change what they name.
+    """
+    scope = runtime_keys.scope_options(
+        models, policies, default_policy, latency_objective_ms, tpm, budget_tokens, budget_usd, budget_period
+    )
+    runtime_keys.run_rotate(_settings(stack), name, overlap, expires, json_out, scope)
 
 
 @app.command()

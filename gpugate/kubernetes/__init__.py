@@ -1,14 +1,14 @@
 """Every Kubernetes object of a stack's gateway, built as data from the spec: Pulumi creates them,
 `gpugate render` writes them, one file per object. One module per component, each emitting all of
-its objects: cluster (namespaces, Secrets, default-deny), the certificate (cert-manager), proxy, vLLM,
-GPU daemons, monitoring, the node autoscaler (EKS)."""
+its objects: cluster (namespaces, Secrets, default-deny), the certificate (cert-manager), proxy, the shared limits
+store, vLLM, GPU daemons, monitoring, the node autoscaler (EKS)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from gpugate.kubernetes import autoscaler, certificates, cluster, gpu, monitoring, proxy, vllm
+from gpugate.kubernetes import autoscaler, certificates, cluster, gpu, limitstore, monitoring, proxy, vllm
 from gpugate.kubernetes.build import (
     Build,
     ClusterFacts,
@@ -20,7 +20,7 @@ from gpugate.render.bundle import Bundle, dump_yaml, header, seal
 from gpugate.spec import Target
 from gpugate.stackfile import Stack
 
-COMPONENTS = (cluster, certificates, proxy, vllm, gpu, monitoring, autoscaler)
+COMPONENTS = (cluster, certificates, proxy, limitstore, vllm, gpu, monitoring, autoscaler)
 
 
 def objects(build: Build) -> list[dict[str, Any]]:

@@ -12,12 +12,15 @@ from gpugate.kubernetes.objects import (
     ALERT_ITEM,
     HF_TOKEN_ITEM,
     KEY_STORE_FILE,
+    LIMITS_CONF_ITEM,
+    LIMITS_PASSWORD_ITEM,
     PLACEHOLDER,
     PROBER_KEY_ITEM,
     SECRET_ALERT,
     SECRET_HF,
     SECRET_INTERNAL,
     SECRET_KEYS,
+    SECRET_LIMITS,
     VLLM_KEY_ITEM,
 )
 from gpugate.spec import GatewaySpec, KubernetesSpec
@@ -99,7 +102,11 @@ class Build:
 
 def secret_names(spec: GatewaySpec, hf_token: bool = False) -> dict[str, tuple[str, ...]]:
     """Secret name -> its items, for this stack (`hf_token`: the stack holds a Hugging Face token)."""
-    names = {SECRET_INTERNAL: (VLLM_KEY_ITEM, PROBER_KEY_ITEM), SECRET_KEYS: (KEY_STORE_FILE,)}
+    names = {
+        SECRET_INTERNAL: (VLLM_KEY_ITEM, PROBER_KEY_ITEM),
+        SECRET_KEYS: (KEY_STORE_FILE,),
+        SECRET_LIMITS: (LIMITS_PASSWORD_ITEM, LIMITS_CONF_ITEM),
+    }
     if spec.alerts.needs_credential:
         names[SECRET_ALERT] = (ALERT_ITEM,)
     if hf_token:

@@ -23,6 +23,7 @@ from gpugate_runtime.contract.services import (
 from gpugate_runtime.settings import ENV_FILE_VAR
 
 from gpugate.kubernetes.build import Build
+from gpugate.kubernetes.limitstore import limits_url
 from gpugate.kubernetes.objects import (
     CADDY_CONFIG,
     CADDYFILE_PATH,
@@ -34,6 +35,8 @@ from gpugate.kubernetes.objects import (
     KEY_STORE_FILE,
     KEYS_DIR,
     LAYOUT,
+    LIMITS_AUTH_DIR,
+    LIMITS_PASSWORD_ITEM,
     POOL_LABEL,
     PROBER_KEY_ITEM,
     PROMETHEUS_PEER,
@@ -41,6 +44,7 @@ from gpugate.kubernetes.objects import (
     RUNTIME_ENV,
     SECRET_INTERNAL,
     SECRET_KEYS,
+    SECRET_LIMITS,
     SYSTEM_POOL,
     TLS_DIR,
     TLS_FILES,
@@ -136,6 +140,10 @@ def pod_settings(spec: GatewaySpec) -> dict[str, str]:
             ca_file=None,
             expect_gpu=False,  # the prober runs beside the proxy; GPU metrics come from the DCGM exporter
             alert_log=LAYOUT.alert_log,
+            # The router's log is a file in the pod's log volume (authz's own goes to stdout).
+            route_log=LAYOUT.route_log,
+            # Every replica holds each key's limits and its family's spend in the one shared store.
+            shared_limits=(limits_url(spec.kubernetes), LIMITS_AUTH_DIR / LIMITS_PASSWORD_ITEM),
         )
     )
 
@@ -175,6 +183,7 @@ def _mounts(service: Service, tls: bool) -> list[dict[str, Any]]:
     if service.name == "authz":
         # A projected Secret updates by swapping a symlink: authz's reload sees a new inode.
         mounts.append({"name": "keys", "mountPath": str(KEYS_DIR), "readOnly": True})
+        mounts.append({"name": "limits-auth", "mountPath": str(LIMITS_AUTH_DIR), "readOnly": True})
     if LAYOUT.caddy_storage in service.writes:
         mounts.append({"name": "caddy-state", "mountPath": storage})
         if tls:
@@ -241,6 +250,14 @@ def _gateway_deployment(b: Build) -> dict[str, Any]:
         {"name": "runtime-env", "configMap": {"name": RUNTIME_ENV}},
         {"name": "keys", "secret": {"secretName": SECRET_KEYS, "defaultMode": 0o440}},
         {
+            "name": "limits-auth",
+            "secret": {
+                "secretName": SECRET_LIMITS,
+                "items": [{"key": LIMITS_PASSWORD_ITEM, "path": LIMITS_PASSWORD_ITEM}],
+                "defaultMode": 0o440,
+            },
+        },
+        {
             "name": "internal",
             "secret": {"secretName": SECRET_INTERNAL, "items": [{"key": PROBER_KEY_ITEM, "path": PROBER_KEY_ITEM}], "defaultMode": 0o440},
         },
@@ -301,7 +318,8 @@ def _services(b: Build) -> list[dict[str, Any]]:
         "type": "LoadBalancer",
         # Client addresses reach Caddy's logs and the per-key limits; only nodes with a proxy pod serve.
         "externalTrafficPolicy": "Local",
-        # One client address keeps to one proxy replica, so its per-key limits hold as on a VM.
+        # One client address keeps to one proxy replica (per-key limits are shared by every replica through
+        # the limits store, limitstore.py; affinity keeps a client's connections warm on one Caddy).
         "sessionAffinity": "ClientIP",
         "selector": selector(GATEWAY),
         "ports": [

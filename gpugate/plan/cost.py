@@ -254,6 +254,12 @@ def kubernetes_cost(spec: GatewaySpec, resources: list[Resource], gpu_nodes: int
 
     plane = _entry(table, cloud, "gke" if gke else "eks")
     add("control plane (1 cluster)", plane, "cluster_hour", 1, "hour", "control plane fee")
+    claims = [r for r in resources if r.type == "kubernetes:core/v1:PersistentVolumeClaim"]
+    for claim in claims:
+        claim_spec = claim.props.get("spec") or {}
+        size = float(str(((claim_spec.get("resources") or {}).get("requests") or {}).get("storage", "0")).removesuffix("Gi"))
+        # One pod's volume (the shared limits store): a block disk of the cluster's default class.
+        add(f"{disk_type} {size:g} GiB (limits store volume)", disk, "gb_month", size, "GB-month", f"{disk_type} in {region}")
     if gke:
         # One forwarding rule carries both ports of the LoadBalancer Service.
         add("load balancer forwarding rule (80, 443)", _entry(table, cloud, region, "forwarding_rule"), "hour", 1, "hour", "forwarding rule")

@@ -26,6 +26,10 @@ TICKET_BURNS = ((3.0, "1d", "2h"),)
 # counted: crawlers and health checkers send those, and they say nothing about our keys.
 REJECTED_KEY_OUTCOMES = (Outcome.MALFORMED_KEY, Outcome.UNKNOWN_KEY, Outcome.EXPIRED_KEY, Outcome.REVOKED_KEY)
 
+# A key family has spent this share of a budget of its period (docs/keys.md): time to raise the
+# budget or warn its owner before its requests get 429 until the period resets.
+BUDGET_NEARLY_SPENT_RATIO = 0.9
+
 # vLLM preempts a running request when the KV cache runs out and recomputes it later; a few are
 # normal under bursts, a steady stream means the cache is too small for the load.
 PREEMPTIONS_PER_MINUTE = 1
@@ -238,6 +242,17 @@ def alerts(spec: GatewaySpec) -> list[Alert]:
             "The newest key named {{ $labels.name }} is {{ $value | humanize }} days old: "
             f"rotate it (policy: every {spec.limits.rotation_days} days).",
             "{{ $value | humanize }} days old",
+        ),
+        Alert(
+            "KeyBudgetNearlySpent",
+            # max: with replicas sharing Redis every authz reports the same family's ratio.
+            f"max by (family, budget, period) ({m.KEY_BUDGET_USED_RATIO}) > {BUDGET_NEARLY_SPENT_RATIO:g}",
+            "5m",
+            "ticket",
+            f"A key family has spent more than {_percent(BUDGET_NEARLY_SPENT_RATIO)} of a budget",
+            "Key family {{ $labels.family }} has spent {{ $value | humanizePercentage }} of its {{ $labels.budget }} "
+            "budget this {{ $labels.period }} (UTC); at 100% its requests get 429 until the period resets.",
+            "{{ $value | humanizePercentage }} of the {{ $labels.budget }} budget",
         ),
         Alert(
             "RejectedKeySpike",

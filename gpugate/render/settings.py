@@ -41,10 +41,13 @@ def runtime_settings(
     ca_file: Path | None,
     expect_gpu: bool,
     alert_log: Path,
+    route_log: Path | None = None,
+    shared_limits: tuple[str, Path] | None = None,
 ) -> list[BaseSettings]:
     """The runtime services' settings from the spec, built with their own settings models so that a
     name or a value the runtime would refuse cannot be rendered; where files live is the target's.
-    No secrets: those are files."""
+    No secrets: those are files. `shared_limits` is (redis_url, password file) where replicas share a store;
+    `route_log` where it is not next to authz's own log."""
     return [
         AuthzSettings(
             port=ports.authz,
@@ -57,6 +60,9 @@ def runtime_settings(
             # Caddy ends every response by max_stream_seconds, so a slot outlives its stream: a running
             # stream never loses its slot to the TTL, which only frees slots whose log line was lost.
             inflight_ttl_seconds=spec.timeouts.max_stream_seconds + INFLIGHT_TTL_MARGIN_SECONDS,
+            route_log=route_log,
+            redis_url=shared_limits[0] if shared_limits else None,
+            redis_password_file=shared_limits[1] if shared_limits else None,
         ),
         keys_settings(spec, key_store),
         ProberSettings(

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import (
     AwareDatetime,
@@ -27,6 +27,8 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+
+from gpugate_runtime.contract.routing import KeyScope, RoutePolicy
 
 # A key reads `ggk_<id>_<secret>`: the prefix makes a leaked key recognisable to secret scanners, the
 # id lets authz find the record in O(1) and names the key in logs and metrics without revealing it.
@@ -40,7 +42,80 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 NAME_RULE = "1-64 of a-z 0-9 . _ - starting with a letter or digit"
 MAX_LIMIT = 1_000_000
 STORE_MODE = 0o600
+MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"  # a public model id or tier label, as the router matches it
+MAX_TOKENS = 10**15
+MAX_USD = 10**9
+MAX_LATENCY_MS = 600_000
+BudgetPeriod = Literal["day", "month"]  # UTC calendar periods (gpugate_runtime.spend)
+BUDGET_PERIODS: tuple[str, ...] = ("day", "month")
 
+
+class Scope(BaseModel):
+    """What a key may do beyond being valid: models, route policies, tokens per minute, a budget per period.
+
+    Every field left out is unrestricted (policies: the stack's default policy). A rotated key inherits its
+    predecessor's scope; its family (on `KeyRecord`) carries the spend over.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: tuple[str, ...] | None = Field(None, min_length=1, description="public model ids or tier labels allowed; None: all")
+    policies: tuple[RoutePolicy, ...] | None = Field(None, min_length=1, description="route policies allowed; None: all")
+    default_policy: RoutePolicy | None = Field(None, description="policy without a request header; None: the stack's")
+    latency_objective_ms: int | None = Field(None, ge=1, le=MAX_LATENCY_MS, description="cost-optimized: slowest route accepted")
+    tpm: int | None = Field(None, ge=1, le=MAX_TOKENS, description="tokens (input + output) per UTC minute, for the key's family")
+    budget_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="tokens per budget period, for the family")
+    budget_usd: float | None = Field(None, gt=0, le=MAX_USD, description="cost in USD per budget period, for the family")
+    budget_period: BudgetPeriod = Field("month", description="the budgets' UTC calendar period")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        for model in self.models or ():
+            if not re.fullmatch(MODEL_PATTERN, model):
+                raise ValueError(
+                    f"{model!r} is not a model id; allowed: 1-128 of A-Z a-z 0-9 . _ : / - starting with a letter or digit"
+                )
+        if self.models is not None and len(set(self.models)) != len(self.models):
+            raise ValueError("a model is listed twice")
+        if self.policies is not None and self.default_policy is not None and self.default_policy not in self.policies:
+            allowed = ", ".join(self.policies)
+            raise ValueError(f"default policy {self.default_policy} is not among the allowed policies ({allowed})")
+        return self
+
+    def route_scope(self, family: str, stack_default: RoutePolicy) -> KeyScope:
+        """What authz hands the router (contract.routing.KeyScope)."""
+        default = self.default_policy or stack_default
+        if self.policies and default not in self.policies:
+            default = self.policies[0]  # the stack's default is not allowed to this key
+        return KeyScope(
+            family=family,
+            default_policy=default,
+            policies=self.policies,
+            models=self.models,
+            latency_objective_ms=self.latency_objective_ms,
+        )
+
+    def summary(self) -> str:
+        """One line for `keys list`: what is restricted, `-` when nothing is."""
+        parts = []
+        if self.models is not None:
+            parts.append("models " + ",".join(self.models))
+        if self.policies is not None:
+            parts.append("policies " + ",".join(self.policies))
+        if self.default_policy is not None:
+            parts.append(f"default {self.default_policy}")
+        if self.latency_objective_ms is not None:
+            parts.append(f"objective {self.latency_objective_ms}ms")
+        if self.tpm is not None:
+            parts.append(f"tpm {self.tpm}")
+        if self.budget_tokens is not None:
+            parts.append(f"{self.budget_tokens} tokens/{self.budget_period}")
+        if self.budget_usd is not None:
+            parts.append(f"{self.budget_usd:g} USD/{self.budget_period}")
+        return "; ".join(parts) or "-"
+
+
+UNSCOPED = Scope()
 
 
 class KeyRecord(BaseModel):
@@ -56,6 +131,20 @@ class KeyRecord(BaseModel):
     revoked_at: AwareDatetime | None = None
     rpm: int | None = Field(None, ge=1, le=MAX_LIMIT, description="requests per minute; None: the stack default")
     max_concurrent: int | None = Field(None, ge=1, le=MAX_LIMIT, description="in flight; None: the stack default")
+    # Written only when set, so a store without scopes reads (and is written) exactly as before.
+    family: str | None = Field(
+        None, pattern=rf"^[0-9a-f]{{{ID_HEX}}}$", description="rotation lineage (the first key's id); None: the key's own id"
+    )
+    scope: Scope | None = Field(None, description="models, policies, tpm and budgets; None: unrestricted")
+
+    @property
+    def lineage(self) -> str:
+        """The family whose spend this key draws on: kept by every rotation."""
+        return self.family or self.id
+
+    @property
+    def effective_scope(self) -> Scope:
+        return self.scope or UNSCOPED
 
     def status(self, now: datetime) -> Literal["active", "expired", "revoked"]:
         if self.revoked_at is not None and self.revoked_at <= now:
@@ -66,8 +155,17 @@ class KeyRecord(BaseModel):
 
     def public(self, now: datetime) -> dict[str, object]:
         """The record as `list --json` shows it: everything but the hash."""
-        data = self.model_dump(mode="json", exclude={"sha256"})
+        data = self.model_dump(mode="json", exclude={"sha256", "family", "scope"})
         data["status"] = self.status(now)
+        data["family"] = self.lineage
+        data["scope"] = self.effective_scope.model_dump(mode="json")
+        return data
+
+    def stored(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        for optional in ("family", "scope"):
+            if data[optional] is None:
+                del data[optional]
         return data
 
 
@@ -204,7 +302,8 @@ def write_store(path: Path, store: KeyStore) -> None:
     Call it with the lock held (see `locked`); authz reads without the lock, which the rename makes safe.
     """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    data = json.dumps(store.model_dump(mode="json"), indent=2, sort_keys=True).encode() + b"\n"
+    document = {"version": store.version, "keys": [k.stored() for k in store.keys]}
+    data = json.dumps(document, indent=2, sort_keys=True).encode() + b"\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -235,7 +334,17 @@ def locked(path: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def _issue(store: KeyStore, name: str, expires: timedelta, rpm: int | None, max_concurrent: int | None, now: datetime) -> IssuedKey:
+def _issue(
+    store: KeyStore,
+    name: str,
+    expires: timedelta,
+    rpm: int | None,
+    max_concurrent: int | None,
+    now: datetime,
+    *,
+    family: str | None = None,
+    scope: Scope | None = None,
+) -> IssuedKey:
     key_id, token = _new_token({k.id for k in store.keys})
     record = KeyRecord(
         id=key_id,
@@ -245,6 +354,8 @@ def _issue(store: KeyStore, name: str, expires: timedelta, rpm: int | None, max_
         expires_at=now + expires,
         rpm=rpm,
         max_concurrent=max_concurrent,
+        family=family,
+        scope=None if scope == UNSCOPED else scope,
     )
     return IssuedKey(token=token, record=record)
 
@@ -256,9 +367,10 @@ def create_key(
     expires: timedelta,
     rpm: int | None = None,
     max_concurrent: int | None = None,
+    scope: Scope | None = None,
     now: datetime | None = None,
 ) -> IssuedKey:
-    """Issue a key for a name that has no active key (a second one is a rotation)."""
+    """Issue a key for a name that has no active key (a second one is a rotation); it starts a family of its own."""
     now = now or utcnow()
     if not re.fullmatch(NAME_PATTERN, name):
         raise KeyInputError(f"{name!r} is not a key name; allowed: {NAME_RULE}")
@@ -267,13 +379,25 @@ def create_key(
         active = [k for k in store.keys if k.name == name and k.status(now) == "active"]
         if active:
             raise KeyInputError(f"name {name!r} already has an active key ({active[0].id}); rotate it with `keys rotate {name}`")
-        issued = _issue(store, name, expires, rpm, max_concurrent, now)
+        issued = _issue(store, name, expires, rpm, max_concurrent, now, scope=scope)
         write_store(path, store.model_copy(update={"keys": (*store.keys, issued.record)}))
     return issued
 
 
-def rotate_key(path: Path, name: str, *, overlap: timedelta, expires: timedelta, now: datetime | None = None) -> Rotation:
-    """Issue a new key for name now; the name's active keys stay valid until now + overlap."""
+def rotate_key(
+    path: Path,
+    name: str,
+    *,
+    overlap: timedelta,
+    expires: timedelta,
+    rescope: Callable[[Scope | None], Scope | None] | None = None,
+    now: datetime | None = None,
+) -> Rotation:
+    """Issue a new key for name now; the name's active keys stay valid until now + overlap.
+
+    The new key joins the newest key's family (so the family's spend and budgets carry over) and keeps its
+    limits and scope; `rescope`, when given, turns the old scope into the new one (e.g. a raised budget).
+    """
     now = now or utcnow()
     with locked(path):
         store = read_store(path)
@@ -281,7 +405,10 @@ def rotate_key(path: Path, name: str, *, overlap: timedelta, expires: timedelta,
         if not active:
             raise KeyInputError(f"name {name!r} has no active key to rotate; create one with `keys create {name}`")
         newest = active[-1]
-        issued = _issue(store, name, expires, newest.rpm, newest.max_concurrent, now)
+        issued = _issue(
+            store, name, expires, newest.rpm, newest.max_concurrent, now,
+            family=newest.lineage, scope=rescope(newest.scope) if rescope else newest.scope,
+        )  # fmt: skip
         cutoff = now + overlap
         retiring = tuple(k.model_copy(update={"expires_at": min(k.expires_at, cutoff)}) for k in active)
         changed = {k.id: k for k in retiring}

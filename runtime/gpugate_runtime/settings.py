@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gpugate_runtime.contract import defaults
 from gpugate_runtime.contract.host import VM_LAYOUT, Ports
+from gpugate_runtime.contract.routing import RoutePolicy
 
 # Names the rendered env file (layout.runtime_env); supervisord and the CLI pass it to every service.
 ENV_FILE_VAR = "GPUGATE_ENV_FILE"
@@ -46,6 +47,23 @@ class AuthzSettings(BaseSettings):
         description="how often new access-log lines are read while a request holds a slot, and the longest a decision line waits to be written",
     )  # fmt: skip
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Key scopes and spend (docs/keys.md). Left unset (None), the rendered env file stays as it was.
+    route_log: Path | None = Field(
+        None, description="the router's route log, followed to account spend; None: route.log next to log_file"
+    )
+    spend_store: Path | None = Field(None, description="single-host spend store; None: spend.json next to key_store")
+    default_route_policy: RoutePolicy | None = Field(
+        None, description="route policy of a key without its own default; None: local-first"
+    )
+    redis_url: str | None = Field(
+        None,
+        pattern=r"^rediss?://[^@/:]+(:[0-9]+)?(/[0-9]+)?$",
+        description=(
+            "Redis shared by every authz replica for limits and spend (redis://host:port/db, no credentials); "
+            "None: this process alone"
+        ),
+    )
+    redis_password_file: Path | None = Field(None, description="file holding the Redis password (AUTH), when it has one")
 
     @model_validator(mode="before")
     @classmethod
@@ -54,6 +72,14 @@ class AuthzSettings(BaseSettings):
         if isinstance(data, dict) and "access_log" not in data and "log_file" in data:
             data = {**data, "access_log": Path(data["log_file"]).parent / VM_LAYOUT.access_log.name}
         return data
+
+    @property
+    def route_log_path(self) -> Path:
+        return self.route_log or self.log_file.parent / VM_LAYOUT.route_log.name
+
+    @property
+    def spend_store_path(self) -> Path:
+        return self.spend_store or self.key_store.parent / VM_LAYOUT.spend_store.name
 
 
 class KeysSettings(BaseSettings):

@@ -330,8 +330,8 @@ def test_authz_reads_the_access_log_caddy_writes_and_nothing_else_of_caddy(prod_
     assert authz["securityContext"]["runAsGroup"] == caddy["securityContext"]["runAsGroup"] == group
     logs = {m["mountPath"] for m in caddy["volumeMounts"] if m["name"] == "logs"}
     assert logs == {m["mountPath"] for m in authz["volumeMounts"] if m["name"] == "logs"} == {"/var/log/gpugate"}
-    # but not the certificates or the Caddyfile
-    assert {m["name"] for m in authz["volumeMounts"]} == {"runtime-env", "keys", "logs"}
+    # but not the certificates or the Caddyfile (limits-auth: the shared limits store's password, its own)
+    assert {m["name"] for m in authz["volumeMounts"]} == {"runtime-env", "keys", "logs", "limits-auth"}
 
 
 def test_prometheus_scrapes_only_ready_vllm_pods_so_a_replica_still_loading_never_pages(prod_objects):
@@ -401,9 +401,10 @@ def test_validate_accepts_prod_whose_pods_fit_the_gke_machines(tmp_path):
     from gpugate.validate import node_fit_verdicts
 
     verdicts = node_fit_verdicts(load_stack("prod"))
-    assert [v.file.rsplit("/", 1)[1] for v in verdicts] == ["deployment-gateway.yaml", "deployment-vllm.yaml"]
+    files = [v.file.rsplit("/", 1)[1] for v in verdicts]
+    assert files == ["deployment-gateway.yaml", "deployment-gpugate-limits.yaml", "deployment-vllm.yaml"]
     assert all(v.ok for v in verdicts), [v.detail for v in verdicts]
-    assert "g2-standard-8 node has 7.91 CPU / 28.34 GiB allocatable: fits" in verdicts[1].detail
+    assert "g2-standard-8 node has 7.91 CPU / 28.34 GiB allocatable: fits" in verdicts[files.index("deployment-vllm.yaml")].detail
 
 
 def test_the_node_exporter_the_program_installs_is_counted_on_every_pool_and_not_when_the_cluster_brings_its_own(tmp_path):
@@ -416,6 +417,7 @@ def test_the_node_exporter_the_program_installs_is_counted_on_every_pool_and_not
     bare = {f.pod: f.daemons for f in node_fits(without.spec, objects(pod_build(without)))}
     assert {pod: (with_exporter[pod].cpu_m - bare[pod].cpu_m, with_exporter[pod].memory_mib - bare[pod].memory_mib) for pod in bare} == {
         "gateway": (50, 64),
+        "gpugate-limits": (50, 64),
         "vllm": (50, 64),
     }
 

@@ -136,7 +136,7 @@ def test_the_only_public_service_opens_80_and_443_on_the_reserved_address_that_d
 
 def test_network_policies_and_disruption_budgets_are_applied(prod):
     policies = {r.props["metadata"]["name"] for r in of_type(prod, "kubernetes:networking.k8s.io/v1:NetworkPolicy")}
-    assert policies == {"default-deny-ingress", "gateway-public", "vllm-from-gateway"}
+    assert policies == {"default-deny-ingress", "gateway-public", "vllm-from-gateway", "gpugate-limits"}
     budgets = {r.props["metadata"]["name"] for r in of_type(prod, "kubernetes:policy/v1:PodDisruptionBudget")}
     assert budgets == {"vllm", "gateway"}
 
@@ -247,6 +247,7 @@ def test_an_eks_gpu_pool_whose_machine_holds_the_pod_passes_and_its_plan_prices_
     assert report.violations == [] and report.ok
     assert [(f.pod, f.machine_type, f.fits) for f in report.node_fits] == [
         ("gateway", "m6i.large", True),
+        ("gpugate-limits", "m6i.large", True),
         ("vllm", "g6.12xlarge", True),
         ("cluster-autoscaler", "m6i.large", True),
     ]
@@ -300,6 +301,9 @@ def test_an_existing_cluster_is_reached_with_the_kubeconfig_secret_and_nothing_c
     certificate = one(run, "kubernetes:cert-manager.io/v1:Certificate").props["spec"]
     assert certificate["issuerRef"] == {"group": "cert-manager.io", "kind": "ClusterIssuer", "name": "letsencrypt-prod"}
     assert not of_type(run, "kubernetes:cert-manager.io/v1:ClusterIssuer")
+    claims = {r.props["metadata"]["name"]: r.props["spec"] for r in of_type(run, "kubernetes:core/v1:PersistentVolumeClaim")}
+    assert list(claims) == ["gpugate-limits-data"]  # no certificate volume any more
+    assert "storageClassName" not in claims["gpugate-limits-data"]  # the cluster's default class
 
 
 def test_an_existing_cluster_without_a_kubeconfig_is_refused_with_the_command_to_set_it(stack_copy):

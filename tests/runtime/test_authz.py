@@ -110,7 +110,8 @@ def start_authz(root: Path, create_access_log: bool = True, **settings: str) -> 
         access_log.touch()
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "runtime")]),
+        # (and what the caller's PYTHONPATH adds, e.g. a package the venv does not have yet)
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "runtime"), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "GPUGATE_AUTHZ_PORT": str(port),
         "GPUGATE_AUTHZ_KEY_STORE": str(root / "keys.json"),
         "GPUGATE_AUTHZ_LOG_FILE": str(root / "authz.log"),

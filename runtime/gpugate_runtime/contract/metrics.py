@@ -11,6 +11,8 @@ KEY_AGE_SECONDS = "gpugate_key_age_seconds"  # labels: key_id, name
 KEY_LAST_USED = "gpugate_key_last_used_timestamp_seconds"  # labels: key_id
 KEYSTORE_RELOADS = "gpugate_keystore_reloads_total"
 KEYSTORE_RELOAD_FAILURES = "gpugate_keystore_reload_failures_total"
+KEY_BUDGET_USED_RATIO = "gpugate_key_budget_used_ratio"  # labels: family, budget (tokens | usd), period (day | month)
+SPEND_RECORDS = "gpugate_spend_records_total"  # route-log records accounted into spend
 
 # prober
 PROBE_SUCCESS = "gpugate_probe_success"  # labels: check
