@@ -21,7 +21,9 @@ from gpugate_runtime.launchspec import LaunchSpec
 from gpugate.local.model import ensure_model
 from gpugate.local.vllm_env import ensure_vllm_venv
 
-VLLM_HEALTH_TIMEOUT_S = 180
+# /health comes after about 40 s on a quiet 2-core machine; the margin is for one shared with other test
+# sessions' vLLMs and image builds. A vLLM that exits fails at once (wait_for_health), not after this.
+VLLM_HEALTH_TIMEOUT_S = 240
 VLLM_STOP_TIMEOUT_S = 30
 VLLM_SERVED_NAME = "smollm2"
 

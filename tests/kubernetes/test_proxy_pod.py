@@ -1,8 +1,9 @@
 """The proxy pod as `gpugate render --stack prod` renders it (Caddy, authz, prober), run by `podman kube play`
 from gpugate's images in front of a real vLLM (CPU) on this machine.
 
-The pod is the rendered Deployment `gateway` with the ConfigMaps and Secrets it uses, as rendered. What
-differs from the rendered objects, and why (`prod_pod_docs`):
+The pod is the rendered Deployment `gateway` with the ConfigMaps and Secrets it uses, as rendered, and the
+one Secret it mounts that the bundle does not hold: `gpugate-tls`, which cert-manager writes for the rendered
+Certificate (never the program). What differs from the rendered objects, and why (`prod_pod_docs`):
   - images: the two images built here (tests/kubernetes/images.py) instead of the stack's pinned digests;
   - hostPort: Caddy's `https` port published on 127.0.0.1 at a free port (a cluster has the LoadBalancer);
   - the upstream: the pod resolves vLLM's headless Service name (`vllm.gpugate.svc.cluster.local`) to
@@ -13,19 +14,19 @@ differs from the rendered objects, and why (`prod_pod_docs`):
     prober probes its own Caddy, never the internet).
 What a cluster and `pulumi up` would provide is provided:
   - the Secrets get values: a key store with a client key and the prober's key, vLLM's internal key;
-  - the certificate claim is bound to a volume that already holds a certificate for the domain, stored
-    where Caddy stores one it obtained from Let's Encrypt (issued here by a CA the test makes, as no ACME CA
-    is reachable): the shared volume as it is once the first replica got its certificate. The claim object
-    itself is not played (podman would make an empty volume of that name).
+  - cert-manager's Secret for the rendered Certificate, as it is once the certificate is issued: named by
+    the Certificate's secretName, labelled by its secretTemplate, type kubernetes.io/tls with `tls.crt` (the
+    leaf and its CA) and `tls.key` (cert-manager's own annotations left out: nothing in the pod reads them).
+    The certificate comes from a CA the test makes, as no ACME CA is reachable; the client trusts that CA.
 The served model name is prod's: the test's vLLM serves SmolLM2 under it.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime
 import io
 import json
-import os
 import ssl
 import time
 from collections.abc import Iterator
@@ -47,12 +48,12 @@ from gpugate_runtime.contract.services import GID_GATEWAY
 from gpugate_runtime.prober import Check
 
 from gpugate.kubernetes.objects import (
-    CERTS_PVC,
     GATEWAY,
     KEY_STORE_FILE,
     PROBER_KEY_ITEM,
     SECRET_INTERNAL,
     SECRET_KEYS,
+    TLS_SECRET,
     VLLM_KEY_ITEM,
 )
 from gpugate.kubernetes.proxy import vllm_host
@@ -69,9 +70,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.podman]
 STACK = "prod"
 SLIRP_HOST_LOOPBACK = "10.0.2.2"  # slirp4netns with allow_host_loopback: this machine's 127.0.0.1
 POD_NETWORK = "slirp4netns:allow_host_loopback=true"
-# Where Caddy 2.6 (certmagic) keeps a certificate from its default ACME issuer, under its storage root.
-ACME_ISSUER_KEY = "acme-v02.api.letsencrypt.org-directory"
-CERT_DIRS = ("acme", "certificates", "locks", "ocsp")  # the claim's subPaths in the rendered pod
 READY_TIMEOUT_S = 120
 PROXY_CONTAINERS = {"caddy", "authz", "prober"}
 
@@ -113,25 +111,45 @@ def swap_upstream_port(text: str, service: str, old: int, new: int) -> str:
     return swapped
 
 
+def issued_tls_secret(certificate: dict[str, Any], chain: bytes, key: bytes) -> dict[str, Any]:
+    """The Secret cert-manager writes for `certificate` once it is issued (module docstring)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": certificate["spec"]["secretName"], "namespace": certificate["metadata"]["namespace"],
+                     "labels": certificate["spec"]["secretTemplate"]["labels"]},
+        "type": "kubernetes.io/tls",
+        "data": {"tls.crt": base64.b64encode(chain).decode(), "tls.key": base64.b64encode(key).decode()},
+    }
+
+
 @dataclass(frozen=True)
 class PodInputs:
-    """What the test hands the rendered objects: images, the published port, vLLM's address, secret values."""
+    """What the test hands the rendered objects: images, the published port, vLLM's address, secret values,
+    and the certificate (PEM chain and key) cert-manager would have put in the TLS Secret."""
 
     proxy_image: str
     runtime_image: str
     host_port: int
     vllm_port: int
     secrets: dict[str, dict[str, str]]
+    tls_chain: bytes
+    tls_key: bytes
 
 
 def prod_pod_docs(spec: GatewaySpec, objects: list[dict[str, Any]], inputs: PodInputs) -> list[dict[str, Any]]:
-    """The proxy pod's ConfigMaps, Secrets and Deployment, changed only as the module docstring says."""
+    """The proxy pod's ConfigMaps, Secrets and Deployment, changed only as the module docstring says, and the
+    TLS Secret cert-manager would write for the rendered Certificate."""
     assert spec.kubernetes is not None
     deployment = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == GATEWAY)
-    docs = [*used_objects(objects, deployment), deployment]
+    certificate = next(o for o in objects if o["kind"] == "Certificate")
+    issued = issued_tls_secret(certificate, inputs.tls_chain, inputs.tls_key)
+    docs = [*used_objects([*objects, issued], deployment), deployment]
     service = vllm_host(spec.kubernetes)
     rendered_port = Ports(spec.ports.internal_base).vllm
     for doc in docs:
+        if doc is issued:  # already holds what cert-manager would
+            continue
         if doc["kind"] == "Secret":
             doc.pop("data", None)
             doc["stringData"] = inputs.secrets[doc["metadata"]["name"]]
@@ -151,7 +169,7 @@ def prod_pod_docs(spec: GatewaySpec, objects: list[dict[str, Any]], inputs: PodI
     return docs
 
 
-# --- the certificate the shared volume holds ------------------------------------------------------------
+# --- the certificate cert-manager would issue -----------------------------------------------------------
 
 
 def issue_certificate(domain: str) -> tuple[bytes, bytes, bytes]:
@@ -181,23 +199,6 @@ def issue_certificate(domain: str) -> tuple[bytes, bytes, bytes]:
     pem = serialization.Encoding.PEM
     key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     return ca.public_bytes(pem), leaf.public_bytes(pem) + ca.public_bytes(pem), key_pem
-
-
-def certificate_volume(root: Path, domain: str, chain: bytes, key: bytes) -> Path:
-    """The claim's tree as Caddy leaves it after obtaining `domain`'s certificate: certificates/<issuer>/<domain>/
-    {crt,key,json}, and the other shared directories. Group-owned by the pod's fsGroup, group-writable, as a
-    kubelet hands over a volume to a pod with fsGroup."""
-    site = root / "certificates" / ACME_ISSUER_KEY / domain
-    site.mkdir(parents=True)
-    (site / f"{domain}.crt").write_bytes(chain)
-    (site / f"{domain}.key").write_bytes(key)
-    (site / f"{domain}.json").write_text(json.dumps({"sans": [domain]}))
-    for sub in CERT_DIRS:
-        (root / sub).mkdir(exist_ok=True)
-    for path in [root, *root.rglob("*")]:
-        os.chown(path, 0, GID_GATEWAY)
-        path.chmod(0o2770 if path.is_dir() else 0o660)
-    return root
 
 
 # --- the running pod ----------------------------------------------------------------------------------------
@@ -250,6 +251,7 @@ def prod_pod(podman: Podman, proxy_image: BuildResult, runtime_image: BuildResul
     store = work / KEY_STORE_FILE
     client_key = create_key(store, "team-prod-pod")
     prober_key = create_key(store, "prober")
+    ca_pem, chain, key = issue_certificate(prod_spec.domain)
     inputs = PodInputs(
         proxy_image=proxy_image.tag,
         runtime_image=runtime_image.tag,
@@ -259,15 +261,15 @@ def prod_pod(podman: Podman, proxy_image: BuildResult, runtime_image: BuildResul
             SECRET_KEYS: {KEY_STORE_FILE: store.read_text()},
             SECRET_INTERNAL: {VLLM_KEY_ITEM: prod_vllm.api_key, PROBER_KEY_ITEM: prober_key},
         },
+        tls_chain=chain,
+        tls_key=key,
     )
     docs = prod_pod_docs(prod_spec, rendered_objects(STACKS / f"Pulumi.{STACK}.yaml"), inputs)
     containers = pod_spec(docs[-1])["containers"]
     uids = {c["name"]: c["securityContext"]["runAsUser"] for c in containers}
-    ca_pem, chain, key = issue_certificate(prod_spec.domain)
-    certs = certificate_volume(work / "certs", prod_spec.domain, chain, key)
     out = io.StringIO()
     YAML(typ="safe", pure=True).dump_all(docs, out)
-    played = podman.kube_play(out.getvalue(), network=POD_NETWORK, name="prod-pod", claims={CERTS_PVC: certs})
+    played = podman.kube_play(out.getvalue(), network=POD_NETWORK, name="prod-pod")
     try:
         podman.wait_running(played, timeout=READY_TIMEOUT_S)
         ca = ssl.create_default_context(cadata=ca_pem.decode())
@@ -302,13 +304,28 @@ def test_the_played_pod_differs_from_the_rendered_one_only_in_images_host_port_a
     # given the rendered objects and what the test hands them
     objects = rendered_objects(STACKS / f"Pulumi.{STACK}.yaml")
     inputs = PodInputs("localhost/proxy:t", "localhost/runtime:t", 40443, 40000,
-                       {SECRET_KEYS: {KEY_STORE_FILE: "{}"}, SECRET_INTERNAL: {VLLM_KEY_ITEM: "v", PROBER_KEY_ITEM: "p"}})
+                       {SECRET_KEYS: {KEY_STORE_FILE: "{}"}, SECRET_INTERNAL: {VLLM_KEY_ITEM: "v", PROBER_KEY_ITEM: "p"}},
+                       b"chain PEM", b"key PEM")
     rendered = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    certificate = rendered[("Certificate", "gpugate")]
     # when the pod's documents are made
     docs = prod_pod_docs(prod_spec, json.loads(json.dumps(objects)), inputs)
-    # then each is its rendered object but for the named changes
+    # then the one Secret the bundle lacks is cert-manager's for the rendered Certificate, holding the given certificate
+    assert ("Secret", TLS_SECRET) not in rendered
+    issued = [d for d in docs if (d["kind"], d["metadata"]["name"]) == ("Secret", TLS_SECRET)]
+    assert issued == [{
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": certificate["spec"]["secretName"], "namespace": certificate["metadata"]["namespace"],
+                     "labels": certificate["spec"]["secretTemplate"]["labels"]},
+        "type": "kubernetes.io/tls",
+        "data": {"tls.crt": base64.b64encode(b"chain PEM").decode(), "tls.key": base64.b64encode(b"key PEM").decode()},
+    }]
+    # ... and every other document is its rendered object but for the named changes
     assert [d["kind"] for d in docs].count("Deployment") == 1
     for doc in docs:
+        if doc is issued[0]:
+            continue
         original = rendered[(doc["kind"], doc["metadata"]["name"])]
         if doc["kind"] == "Secret":
             assert set(doc["stringData"]) == set(original["stringData"])
