@@ -32,6 +32,8 @@ PROMETHEUS_CONFIG = "prometheus/prometheus.yml"
 ALERT_RULES = "prometheus/rules/gpugate.rules.yml"
 ALERTMANAGER_CONFIG = "alertmanager/alertmanager.yml"
 RUNTIME_ENV = "runtime/gpugate.env"
+# The router's table (stacks that route: several tiers or external providers).
+ROUTE_TABLE = "router/routes.json"
 
 # Environment variable names shared by the Caddyfile, the launcher and the service definitions.
 ENV_VLLM_KEY = "GPUGATE_VLLM_API_KEY"
@@ -116,6 +118,10 @@ class HostLayout:
     @property
     def prober_key_file(self) -> Path:
         return self.secrets / "prober_api_key"
+
+    def provider_key_file(self, provider: str) -> Path:
+        """An external provider's API key (`gpugate:providers.<name>.api_key`), read by the router only."""
+        return self.secrets / f"provider_{provider}_api_key"
 
     @property
     def alert_secret_file(self) -> Path:
