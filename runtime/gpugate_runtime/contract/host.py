@@ -23,11 +23,22 @@ PORT_OFFSETS: dict[str, int] = {
     "router": 7,
 }
 
+# A stack's local tiers beyond its first model: tier i's vLLM listens on base + TIER_PORT_OFFSET + i.
+TIER_PORT_OFFSET = 10
+MAX_TIERS = 8
+
 SERVICES = ("vllm", "authz", "caddy", "prober", "prometheus", "alertmanager")
 
 # Files of a bundle (paths under the host's etc/gpugate): the renderer writes them, the services read them.
 CADDYFILE = "caddy/Caddyfile"
 LAUNCH_SPEC = "vllm/launch.json"
+
+
+def tier_launch_spec(tier: str) -> str:
+    """The launch spec of an extra tier's vLLM, next to the first model's."""
+    return f"vllm/launch-{tier}.json"
+
+
 PROMETHEUS_CONFIG = "prometheus/prometheus.yml"
 ALERT_RULES = "prometheus/rules/gpugate.rules.yml"
 ALERTMANAGER_CONFIG = "alertmanager/alertmanager.yml"
@@ -54,6 +65,12 @@ class Ports:
     """Loopback ports of the internal services, derived from one base."""
 
     base: int
+
+    def tier(self, index: int) -> int:
+        """The loopback port of the vLLM serving a stack's extra tier number `index` (0-based, tiers sorted by name)."""
+        if not 0 <= index < MAX_TIERS:
+            raise ValueError(f"tier index {index}: allowed 0..{MAX_TIERS - 1}")
+        return self.base + TIER_PORT_OFFSET + index
 
     def __getattr__(self, name: str) -> int:
         try:
