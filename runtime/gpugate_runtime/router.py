@@ -304,7 +304,13 @@ class Router:
                 self.metrics.fallbacks.labels(plan[index - 1].label, route.label, str(policy)).inc()
             sent = time.perf_counter()
             try:
-                response = await self.client.send(self._request(route, path, headers, payload, exchange), stream=True)
+                request = self._request(route, path, headers, payload, exchange)
+            except OSError:
+                log.error("cannot read the key of %s: the route is skipped", route.label)
+                self._failed(route, "no_key")
+                continue
+            try:
+                response = await self.client.send(request, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout):
                 self._failed(route, "connect", hold=True)
                 continue

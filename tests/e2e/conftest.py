@@ -99,10 +99,16 @@ def wait_for_health(proc: subprocess.Popen[bytes], url: str, log_path: Path, tim
 
 @contextlib.contextmanager
 def running_vllm(
-    vllm_python: Path, model: Path, workdir: Path, *, served_model_name: str = VLLM_SERVED_NAME, key: str | None = None
+    vllm_python: Path,
+    model: Path,
+    workdir: Path,
+    *,
+    served_model_name: str = VLLM_SERVED_NAME,
+    key: str | None = None,
+    port: int | None = None,
 ) -> Iterator[VllmServer]:
-    """A real vLLM (CPU, 1 GiB KV, max_model_len 2048) started by `launcher run` on a free loopback port,
-    stopped (process group SIGTERM, then SIGKILL) on exit. Start-up takes about 40 s."""
+    """A real vLLM (CPU, 1 GiB KV, max_model_len 2048) started by `launcher run` on a loopback port (`port`, or a
+    free one), stopped (process group SIGTERM, then SIGKILL) on exit. Start-up takes about 40 s."""
     key = key or "sk-vllm-internal-" + os.urandom(8).hex()
     key_file = workdir / "vllm_api_key"
     key_file.write_text(key + "\n")
@@ -115,7 +121,7 @@ def running_vllm(
         enforce_eager=True,
         cpu_kv_cache_gib=1,
         max_num_seqs=8,
-        port=find_free_port(),
+        port=port or find_free_port(),
         api_key_file=key_file,
     )
     spec_path = workdir / "launch.json"

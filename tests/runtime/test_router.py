@@ -350,3 +350,12 @@ def test_cost_optimized_prefers_the_provider_only_when_the_tier_misses_the_laten
     assert routes.plan("general", RoutePolicy.COST_OPTIMIZED, 500) == [remote, local]
     assert routes.plan("general", RoutePolicy.COST_OPTIMIZED, 5000) == [local, remote]
     assert routes.plan("general", RoutePolicy.LOCAL_ONLY, 500) == [local]
+
+
+def test_a_provider_without_its_key_file_is_skipped_not_crashed_on(gateway: RunningRouter, upstreams: dict[str, OpenAIUpstream]) -> None:
+    gateway.router.routes.table.providers["cloud"].key_file.unlink()
+    upstreams["general"].stop()
+    answer = gateway.chat("general")
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "route_unavailable"
+    assert 'gpugate_route_errors_total{reason="no_key",route="provider:cloud"} 1.0' in gateway.metrics()
+    assert upstreams["cloud"].requests == []
