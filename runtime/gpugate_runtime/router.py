@@ -53,6 +53,11 @@ _DROP_RESPONSE = {b"connection", b"keep-alive", b"transfer-encoding", b"server",
 _PASS_REQUEST = {"content-type", "accept", "accept-encoding", REQUEST_ID_HEADER.lower(), "user-agent"}
 
 
+# Caddy 2.6's forward_auth `copy_headers` sets a header authz did not send to its own unresolved
+# placeholder (a client's copy is dropped before forward_auth, so only Caddy can send this).
+_UNSET_COPY = "{http.reverse_proxy.header."
+
+
 def error_body(message: str, kind: str, code: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
 
@@ -237,9 +242,12 @@ class Router:
     def admit(self, headers: dict[str, str], body: bytes, exchange: Exchange) -> tuple[KeyScope, RoutePolicy, dict[str, Any]]:
         """The key's scope, the policy it may use and the parsed body, or a Refusal saying why not."""
         raw_scope = headers.get(KEY_SCOPE_HEADER.lower())
+        if raw_scope is not None and raw_scope.startswith(_UNSET_COPY):
+            raw_scope = None  # authz sent no scope (a key without one): Caddy 2.6 copied its placeholder
         try:
             key_scope = KeyScope.from_header(raw_scope) if raw_scope else KeyScope(family=exchange.key_id, default_policy=self.table.default_policy)
         except ValueError:
+            log.error("%s from authz is not a key scope: %r", KEY_SCOPE_HEADER, raw_scope[:80])
             raise Refusal(500, "The gateway could not read this key's scope.", "internal_error") from None
         exchange.family = key_scope.family
         policy = key_scope.default_policy

@@ -359,3 +359,12 @@ def test_a_provider_without_its_key_file_is_skipped_not_crashed_on(gateway: Runn
     assert answer.status_code == 503 and answer.json()["error"]["code"] == "route_unavailable"
     assert 'gpugate_route_errors_total{reason="no_key",route="provider:cloud"} 1.0' in gateway.metrics()
     assert upstreams["cloud"].requests == []
+
+
+def test_caddys_placeholder_for_a_scope_authz_did_not_send_means_no_scope(gateway: RunningRouter) -> None:
+    # Caddy 2.6 copies `{http.reverse_proxy.header.X-Gpugate-Key-Scope}` literally when authz sends no scope
+    headers = {KEY_SCOPE_HEADER: "{http.reverse_proxy.header.X-Gpugate-Key-Scope}", KEY_ID_HEADER: "key-9"}
+    answer = gateway.http.post("/v1/chat/completions", json={"model": "general", "messages": []}, headers=headers)
+    assert answer.status_code == 200 and answer.headers[ROUTE_HEADER] == "tier:general"
+    (record,) = gateway.records()
+    assert (record.family, record.policy) == ("key-9", "local-first")
