@@ -35,6 +35,7 @@ from gpugate_runtime.contract.metrics import (
 )
 from gpugate_runtime.contract.routing import KEY_SCOPE_HEADER, ROUTE_HEADER, ROUTE_POLICY_HEADER, KeyScope, RoutePolicy, RouteRecord
 from gpugate_runtime.routetable import Route, Routes, RouteTable
+from gpugate_runtime.upstream import ConnectFailed, FirstByteTimeout, Origin, Response, UpstreamBroken
 
 log = logging.getLogger("gpugate_runtime.router")
 
@@ -49,8 +50,9 @@ TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 # Hop-by-hop and framing headers the router sets itself; the rest of an upstream's headers pass through.
 _DROP_RESPONSE = {b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date"}
-# Request headers an upstream gets from the client (the key, identity and routing headers stay here).
-_PASS_REQUEST = {"content-type", "accept", "accept-encoding", REQUEST_ID_HEADER.lower(), "user-agent"}
+# Request headers an upstream gets from the client (the key, identity and routing headers stay here; no
+# accept-encoding: the router reads each answer's usage, so it asks for it uncompressed).
+_PASS_REQUEST = {"content-type", "accept", REQUEST_ID_HEADER.lower(), "user-agent"}
 
 
 # Caddy 2.6's forward_auth `copy_headers` sets a header authz did not send to its own unresolved
@@ -165,28 +167,26 @@ class Router:
         self.metrics = Metrics(self.registry)
         for tier in table.tiers:
             self.metrics.tier_up.labels(tier).set(1)
-        self._keys: dict[str, str] = {}
+        self._keys: dict[str, bytes] = {}
         self._probes: dict[str, asyncio.Task[None]] = {}
-        timeout = httpx.Timeout(
-            connect=table.connect_timeout_seconds, read=table.first_byte_timeout_seconds, write=30, pool=table.connect_timeout_seconds
-        )
-        self.client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None, max_keepalive_connections=200))
+        connect = table.connect_timeout_seconds
+        self.origins = {f"tier:{name}": Origin(tier.url, connect) for name, tier in table.tiers.items()}
+        self.origins |= {f"provider:{name}": Origin(p.base_url, connect) for name, p in table.providers.items()}
+        # Only for the health probes of held-down tiers (rare); requests go through `origins`.
+        self.client = httpx.AsyncClient(timeout=connect)
 
-    def _key(self, route: Route) -> str:
+    def _key(self, route: Route) -> bytes:
         """The Authorization a route takes: the internal vLLM key, or the provider's own (read once, never logged)."""
         if route.label not in self._keys:
             path = self.vllm_key_file if route.local else self.routes.provider(route).key_file
-            self._keys[route.label] = path.read_text().strip()
+            self._keys[route.label] = b"Bearer " + path.read_text().strip().encode()
         return self._keys[route.label]
-
-    def _url(self, route: Route, path: str) -> str:
-        if route.local:
-            return self.table.tiers[route.name].url.rstrip("/") + path
-        return self.routes.provider(route).base_url.rstrip("/") + path.removeprefix("/v1")
 
     async def aclose(self) -> None:
         for task in self._probes.values():
             task.cancel()
+        for origin in self.origins.values():
+            origin.close()
         await self.client.aclose()
         self.route_log.close()
 
@@ -286,12 +286,12 @@ class Router:
                 why = "no route for this model can serve now"
         return Refusal(503, f"Cannot serve `{model}`: {why}. Retry after Retry-After seconds.", "route_unavailable", self.table.retry_after_seconds)
 
-    def _request(self, route: Route, path: str, headers: dict[str, str], payload: dict[str, Any], exchange: Exchange) -> httpx.Request:
+    def _request(self, route: Route, headers: dict[str, str], payload: dict[str, Any]) -> tuple[list[tuple[bytes, bytes]], bytes]:
         body = dict(payload)
         body["model"] = route.upstream_model
-        out = {name: value for name, value in headers.items() if name in _PASS_REQUEST}
-        out["authorization"] = f"Bearer {self._key(route)}"
-        return self.client.build_request("POST", self._url(route, path), headers=out, content=json.dumps(body).encode())
+        out = [(name.encode(), value.encode("latin-1")) for name, value in headers.items() if name in _PASS_REQUEST]
+        out.append((b"authorization", self._key(route)))
+        return out, json.dumps(body, separators=(",", ":")).encode()
 
     async def forward(
         self, path: str, headers: dict[str, str], payload: dict[str, Any], plan: list[Route], policy: RoutePolicy, exchange: Exchange, send: Send
@@ -304,7 +304,7 @@ class Router:
                 # Ask for the final usage chunk to count tokens, and take it out of what the client gets.
                 payload = {**payload, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
                 strip_usage = True
-        response: httpx.Response | None = None
+        response: Response | None = None
         for index, route in enumerate(plan):
             last = index == len(plan) - 1
             if index:
@@ -312,20 +312,21 @@ class Router:
                 self.metrics.fallbacks.labels(plan[index - 1].label, route.label, str(policy)).inc()
             sent = time.perf_counter()
             try:
-                request = self._request(route, path, headers, payload, exchange)
+                request_headers, body = self._request(route, headers, payload)
             except OSError:
                 log.error("cannot read the key of %s: the route is skipped", route.label)
                 self._failed(route, "no_key")
                 continue
+            upstream_path = path if route.local else path.removeprefix("/v1")
             try:
-                response = await self.client.send(request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout):
+                response = await self.origins[route.label].post(upstream_path, request_headers, body, self.table.first_byte_timeout_seconds)
+            except ConnectFailed:
                 self._failed(route, "connect", hold=True)
                 continue
-            except httpx.TimeoutException:
+            except FirstByteTimeout:
                 self._failed(route, "timeout")
                 continue
-            except httpx.HTTPError:
+            except (UpstreamBroken, OSError):
                 self._failed(route, "transport")
                 continue
             if (response.status_code >= 500 or response.status_code == 429) and not last:
@@ -363,13 +364,13 @@ class Router:
             self.routes.hold_down(tier)
 
     async def relay(
-        self, route: Route, response: httpx.Response, stream: bool, strip_usage: bool, sent: float, exchange: Exchange, send: Send, policy: RoutePolicy
+        self, route: Route, response: Response, stream: bool, strip_usage: bool, sent: float, exchange: Exchange, send: Send, policy: RoutePolicy
     ) -> bytes:
         """Pass the chosen route's answer to the client as it arrives; count its tokens on the way. Returns
         the last bytes of an answer with a Content-Length, which the caller sends after the record."""
         exchange.status = response.status_code
-        out = [(k, v) for k, v in response.headers.raw if k.lower() not in _DROP_RESPONSE]
-        sse = stream and response.headers.get("content-type", "").startswith("text/event-stream")
+        out = [(k, v) for k, v in response.headers if k.lower() not in _DROP_RESPONSE]
+        sse = stream and (response.header(b"content-type") or b"").startswith(b"text/event-stream")
         if sse and strip_usage:
             out = [(k, v) for k, v in out if k.lower() != b"content-length"]
         out.append((ROUTE_HEADER.lower().encode(), route.label.encode()))
@@ -378,7 +379,7 @@ class Router:
         scanned = bytearray()
         tail = b""
         try:
-            chunks = _events(response.aiter_raw()) if sse else response.aiter_raw()
+            chunks = _events(response.chunks()) if sse else response.chunks()
             async for chunk in chunks:
                 if exchange.ttft_s is None:
                     exchange.ttft_s = time.perf_counter() - sent
