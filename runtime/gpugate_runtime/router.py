@@ -224,10 +224,11 @@ class Router:
         try:
             body = await _read_body(receive)
             key_scope, policy, payload = self.admit(headers, body, exchange)
-            plan = self.routes.plan(exchange.model, policy, key_scope.latency_objective_ms)
+            order = self.routes.order(exchange.model, policy, key_scope.latency_objective_ms)
+            plan = [r for r in order if not (r.local and not self.routes.tier_up(r.name))]
             if not plan:
                 raise self.unavailable(exchange.model, policy)
-            tail = await self.forward(scope["path"], headers, payload, plan, policy, exchange, send)
+            tail = await self.forward(scope["path"], headers, payload, plan, order[0], policy, exchange, send)
         except Refusal as refusal:
             exchange.status = refusal.status
             self.route_log.append(exchange.record())
@@ -294,8 +295,19 @@ class Router:
         return out, json.dumps(body, separators=(",", ":")).encode()
 
     async def forward(
-        self, path: str, headers: dict[str, str], payload: dict[str, Any], plan: list[Route], policy: RoutePolicy, exchange: Exchange, send: Send
+        self,
+        path: str,
+        headers: dict[str, str],
+        payload: dict[str, Any],
+        plan: list[Route],
+        first: Route,
+        policy: RoutePolicy,
+        exchange: Exchange,
+        send: Send,
     ) -> bytes:
+        """Try the plan's routes in order until one answers (a 5xx or 429 counts as no answer while another
+        route is left); `first` is the policy's first choice, held down or not: any other route that
+        answers is a fallback."""
         stream = payload.get("stream") is True
         strip_usage = False
         if stream:
@@ -307,9 +319,6 @@ class Router:
         response: Response | None = None
         for index, route in enumerate(plan):
             last = index == len(plan) - 1
-            if index:
-                exchange.fallback = True
-                self.metrics.fallbacks.labels(plan[index - 1].label, route.label, str(policy)).inc()
             sent = time.perf_counter()
             try:
                 request_headers, body = self._request(route, headers, payload)
@@ -335,6 +344,9 @@ class Router:
                 response = None
                 continue
             exchange.route = route.label
+            if route != first:
+                exchange.fallback = True
+                self.metrics.fallbacks.labels(first.label, route.label, str(policy)).inc()
             return await self.relay(route, response, stream, strip_usage, sent, exchange, send, policy)
         exchange.fallback = False  # nothing answered
         raise self.unavailable(exchange.model, policy, None if policy is RoutePolicy.LOCAL_ONLY else "every route for this model failed")

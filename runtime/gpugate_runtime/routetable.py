@@ -119,9 +119,11 @@ class Routes:
     def plan(self, model: str, policy: RoutePolicy, latency_objective_ms: int | None = None) -> list[Route]:
         """The routes to try in order. A held-down tier is left out (its provider goes first); an empty
         plan means nothing the policy allows can serve now."""
+        return [r for r in self.order(model, policy, latency_objective_ms) if not (r.local and not self.tier_up(r.name))]
+
+    def order(self, model: str, policy: RoutePolicy, latency_objective_ms: int | None = None) -> list[Route]:
+        """The policy's order of the model's routes, held-down tiers included: its first is the first choice."""
         local, remote = self.candidates(model)
-        if local is not None and not self.tier_up(local.name):
-            local = None
         if policy is RoutePolicy.LOCAL_ONLY:
             order = [local]
         elif policy is RoutePolicy.CLOUD_FIRST:

@@ -368,3 +368,12 @@ def test_caddys_placeholder_for_a_scope_authz_did_not_send_means_no_scope(gatewa
     assert answer.status_code == 200 and answer.headers[ROUTE_HEADER] == "tier:general"
     (record,) = gateway.records()
     assert (record.family, record.policy) == ("key-9", "local-first")
+
+
+def test_requests_sent_past_a_held_down_tier_count_as_fallbacks(gateway: RunningRouter, upstreams: dict[str, OpenAIUpstream]) -> None:
+    upstreams["general"].stop()
+    gateway.chat("general")  # refused: the tier is held down
+    second = gateway.chat("general")  # not even tried
+    assert second.headers[ROUTE_HEADER] == "provider:cloud"
+    assert [r.fallback for r in gateway.records()] == [True, True]
+    assert 'gpugate_route_fallbacks_total{from_route="tier:general",policy="local-first",to_route="provider:cloud"} 2.0' in gateway.metrics()
