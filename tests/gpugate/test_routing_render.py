@@ -144,3 +144,16 @@ def test_the_plan_checks_every_tier_and_prices_every_provider(stack_copy) -> Non
     assert price.provider == "cloud"
     assert price.usd_per_request == pytest.approx((1000 * 0.15 + 250 * 0.6) / 1e6)
     assert report.ok
+
+
+def test_a_routed_stack_gets_a_routing_row_per_route_and_others_do_not(stack_copy) -> None:
+    from gpugate.render.dashboards import dashboard_problems, panel_queries
+
+    stack = load_stack(stack_copy("local", routed, name="routed"))
+    data = json.loads(render_bundle(stack).files["grafana/gpugate-routed.json"])
+    titles = [p["title"] for p in data["panels"]]
+    assert "Routing" in titles and "Tiers" in titles and "Time to first token by route (p95)" in titles
+    assert dashboard_problems(data) == []
+    assert any("gpugate_route_tier_up" in expr for _, expr in panel_queries(stack.spec))
+    local = json.loads(render_bundle(load_stack("local")).files["grafana/gpugate-local.json"])
+    assert "Routing" not in [p["title"] for p in local["panels"]]
