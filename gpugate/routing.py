@@ -27,7 +27,9 @@ class ProviderSpec(_Strict):
     """An external OpenAI-compatible API the router may send requests to. Its key is the stack secret
     `gpugate:providers.<name>.api_key` (`pulumi config set --secret --path`), never a plain value."""
 
-    base_url: AnyHttpUrl = Field(description="the API's base URL including /v1, e.g. https://api.openai.com/v1 (https, or http on loopback)")
+    base_url: AnyHttpUrl = Field(
+        description="the API's base URL including /v1, e.g. https://api.openai.com/v1 (https, or http on loopback)"
+    )
     models: dict[str, str] = Field(min_length=1, description="public model id -> the provider's model name")
     input_usd_per_mtok: float = Field(ge=0, le=10_000, description="price per million input (prompt) tokens, USD")
     output_usd_per_mtok: float = Field(ge=0, le=10_000, description="price per million output (completion) tokens, USD")
@@ -36,7 +38,9 @@ class ProviderSpec(_Strict):
     def _https_or_loopback(self) -> Self:
         host = urlsplit(str(self.base_url)).hostname or ""
         if self.base_url.scheme != "https" and not _loopback(host):
-            raise ValueError("base_url: a provider outside this host is reached over https only; allowed: https://..., or http:// on 127.0.0.1")
+            raise ValueError(
+                "base_url: a provider outside this host is reached over https only; allowed: https://..., or http:// on 127.0.0.1"
+            )
         return self
 
 
@@ -56,7 +60,8 @@ class ModelRouteSpec(_Strict):
 
 class RoutingSpec(_Strict):
     default_policy: RoutePolicy = Field(
-        RoutePolicy.LOCAL_FIRST, description="route policy of a key without its own: local-first, cloud-first, cost-optimized, local-only"
+        RoutePolicy.LOCAL_FIRST,
+        description="route policy of a key without its own: local-first, cloud-first, cost-optimized, local-only",
     )
     primary_tier: str = Field(PRIMARY_TIER, pattern=NAME_PATTERN, description="tier label of gpugate:model")
     models: dict[str, ModelRouteSpec] = Field(
@@ -65,10 +70,17 @@ class RoutingSpec(_Strict):
         "provider that maps the same name",
     )
     first_byte_timeout_seconds: int = Field(
-        30, ge=1, le=600, description="a route that sends no response headers by then is given up for the next (before the first byte only)"
+        30,
+        ge=1,
+        le=600,
+        description="a route that sends no response headers by then is given up for the next (before the first byte only)",
     )
-    hold_down_seconds: float = Field(5, gt=0, le=300, description="how long a tier that refused a connection is skipped (its /health is probed)")
-    retry_after_seconds: int = Field(5, ge=1, le=300, description="Retry-After of the 503 when no route the policy allows can serve")
+    hold_down_seconds: float = Field(
+        5, gt=0, le=300, description="how long a tier that refused a connection is skipped (its /health is probed)"
+    )
+    retry_after_seconds: int = Field(
+        5, ge=1, le=300, description="Retry-After of the 503 when no route the policy allows can serve"
+    )
 
 
 class TierShare(_Strict):
@@ -106,11 +118,12 @@ def check_routes(tiers: dict[str, str], providers: dict[str, ProviderSpec], rout
             raise ValueError(f"routing.models.{model}.tier: tier {route.tier} serves {tiers[route.tier]}, not {model}")
         if route.provider is not None:
             if route.provider not in providers:
-                raise ValueError(
-                    f"routing.models.{model}.provider: {route.provider} is not a provider; allowed: {', '.join(sorted(providers)) or 'none'}"
-                )
+                allowed = ", ".join(sorted(providers)) or "none"
+                raise ValueError(f"routing.models.{model}.provider: {route.provider} is not a provider; allowed: {allowed}")
             if model not in providers[route.provider].models:
-                raise ValueError(f"providers.{route.provider}.models: has no mapping for {model}, which routing.models routes to it")
+                raise ValueError(
+                    f"providers.{route.provider}.models: has no mapping for {model}, which routing.models routes to it"
+                )
 
 
 def gpu_memory_shares(spec: Any) -> dict[int, float]:
@@ -131,15 +144,24 @@ def check_stack_routes(spec: Any) -> None:
     if spec.routing.primary_tier in spec.tiers:
         raise ValueError(f"tiers.{spec.routing.primary_tier}: is the tier label of gpugate:model (routing.primary_tier)")
     for name, tier in spec.tiers.items():
-        if spec.target == "local" and (tier.model.source, tier.model.wheel, tier.model.id) != (spec.model.source, spec.model.wheel, spec.model.id):
-            raise ValueError(f"tiers.{name}.model: a local stack's tiers serve gpugate:model's weights under their own served_name")
+        if spec.target == "local" and (tier.model.source, tier.model.wheel, tier.model.id) != (
+            spec.model.source,
+            spec.model.wheel,
+            spec.model.id,
+        ):
+            raise ValueError(
+                f"tiers.{name}.model: a local stack's tiers serve gpugate:model's weights under their own served_name"
+            )
         if spec.gpu.type == "cpu" and (tier.gpu_memory_utilization is not None or tier.gpu_index is not None):
             raise ValueError(f"tiers.{name}.gpu_memory_utilization: a cpu stack has no GPU to share; remove it")
         if tier.gpu_index is not None and tier.gpu_index >= spec.gpu.count:
-            raise ValueError(f"tiers.{name}.gpu_index: {tier.gpu_index} is not a GPU of this host; allowed: 0..{spec.gpu.count - 1}")
+            raise ValueError(
+                f"tiers.{name}.gpu_index: {tier.gpu_index} is not a GPU of this host; allowed: 0..{spec.gpu.count - 1}"
+            )
     for gpu, share in gpu_memory_shares(spec).items():
         if share > 1:
             raise ValueError(
-                f"tiers: GPU {gpu}'s memory shares add up to {share:.2f} (vllm.gpu_memory_utilization and each tier's); allowed: at most 1"
+                f"tiers: GPU {gpu}'s memory shares add up to {share:.2f} (vllm.gpu_memory_utilization and each tier's); "
+                "allowed: at most 1"
             )
     check_routes(spec.tier_models, spec.providers, spec.routing)

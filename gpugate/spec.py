@@ -530,7 +530,8 @@ class GatewaySpec(Strict):
     @property
     def tier_models(self) -> dict[str, str]:
         """Tier label -> public model id, gpugate:model's tier first."""
-        return {self.routing.primary_tier: self.model.served_name, **{n: t.model.served_name for n, t in sorted(self.tiers.items())}}
+        extra = {name: tier.model.served_name for name, tier in sorted(self.tiers.items())}
+        return {self.routing.primary_tier: self.model.served_name, **extra}
 
     def _gpu_machine_fits_the_gpus(self, kube: KubernetesSpec) -> None:
         chosen = kube.gpu_machine_type

@@ -126,7 +126,8 @@ _DIGEST_OPTIONAL = ("tiers", "providers", "routing")
 
 
 def spec_digest(spec: GatewaySpec) -> str:
-    unused = {name for name in _DIGEST_OPTIONAL if getattr(spec, name) == GatewaySpec.model_fields[name].get_default(call_default_factory=True)}
+    fields = GatewaySpec.model_fields
+    unused = {name for name in _DIGEST_OPTIONAL if getattr(spec, name) == fields[name].get_default(call_default_factory=True)}
     canonical = json.dumps(spec.model_dump(mode="json", exclude=unused), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -36,7 +36,13 @@ def plan(stack: Stack, build: Any = None) -> PlanReport:
     if spec.target not in (Target.AWS, Target.GCP, Target.KUBERNETES):
         note = "local target: runs on this machine with `gpugate up`; Pulumi provisions nothing"
         return PlanReport(
-            stack=stack.name, target=str(spec.target), planned=False, note=note, capacity=fit, tiers=tier_capacity(spec), providers=provider_prices(spec)
+            stack=stack.name,
+            target=str(spec.target),
+            planned=False,
+            note=note,
+            capacity=fit,
+            tiers=tier_capacity(spec),
+            providers=provider_prices(spec),
         )
 
     run = record(stack, build)

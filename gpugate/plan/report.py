@@ -114,8 +114,9 @@ class PlanReport(BaseModel):
             w = price.workload
             parts.append(
                 Text(
-                    f"provider {price.provider}: {price.input_usd_per_mtok:g} / {price.output_usd_per_mtok:g} USD per million input / "
-                    f"output tokens; {price.usd_per_request:g} USD per {w.prompt_tokens:,}+{w.completion_tokens:,}-token request, "
+                    f"provider {price.provider}: {price.input_usd_per_mtok:g} / {price.output_usd_per_mtok:g} USD "
+                    f"per million input / output tokens; {price.usd_per_request:g} USD per "
+                    f"{w.prompt_tokens:,}+{w.completion_tokens:,}-token request, "
                     f"{price.usd_per_1000_requests:g} per 1,000 (billed per use, not in the monthly total)"
                 )
             )

@@ -26,7 +26,10 @@ def tier_capacity(spec: GatewaySpec) -> dict[str, CapacityReport]:
     out = {}
     for name, tier in sorted(spec.tiers.items()):
         vllm = spec.vllm.model_copy(
-            update={"gpu_memory_utilization": tier.gpu_memory_utilization or spec.vllm.gpu_memory_utilization, "tensor_parallel_size": 1}
+            update={
+                "gpu_memory_utilization": tier.gpu_memory_utilization or spec.vllm.gpu_memory_utilization,
+                "tensor_parallel_size": 1,
+            }
         )
         gpu = spec.gpu.model_copy(update={"count": min(spec.gpu.count, 1)})
         out[name] = capacity(spec.model_copy(update={"model": tier.model, "vllm": vllm, "gpu": gpu}))
@@ -36,7 +39,9 @@ def tier_capacity(spec: GatewaySpec) -> dict[str, CapacityReport]:
 def provider_prices(spec: GatewaySpec, workload: Workload = PLANNING_WORKLOAD) -> list[ProviderPrice]:
     prices = []
     for name, provider in sorted(spec.providers.items()):
-        per_request = (workload.prompt_tokens * provider.input_usd_per_mtok + workload.completion_tokens * provider.output_usd_per_mtok) / 1e6
+        per_request = (
+            workload.prompt_tokens * provider.input_usd_per_mtok + workload.completion_tokens * provider.output_usd_per_mtok
+        ) / 1e6
         prices.append(
             ProviderPrice(
                 provider=name,

@@ -96,7 +96,8 @@ def routing_panels(spec: GatewaySpec) -> list[PanelDef]:
     return [
         PanelDef(
             "Routing", "Requests by route",
-            "Requests per second each tier (`tier:<name>`) or provider (`provider:<name>`) answered, and the router's own refusals (`none`).",
+            "Requests per second each tier (`tier:<name>`) or provider (`provider:<name>`) answered, "
+            "and the router's own refusals (`none`).",
             (Query(f"sum by (route) ({_rate(m.ROUTE_REQUESTS)})", "{{route}}"),), "reqps",
         ),
         PanelDef(
@@ -113,7 +114,9 @@ def routing_panels(spec: GatewaySpec) -> list[PanelDef]:
         PanelDef(
             "Routing", "Tokens by route",
             "Input and output tokens per second through each route (gen_ai.client.token.usage).",
-            (Query(f"sum by (route, gen_ai_token_type) ({_rate(m.GENAI_TOKEN_USAGE + '_sum')})", "{{route}} {{gen_ai_token_type}}"),),
+            (Query(
+                f"sum by (route, gen_ai_token_type) ({_rate(m.GENAI_TOKEN_USAGE + '_sum')})", "{{route}} {{gen_ai_token_type}}"
+            ),),
             "short",
         ),
         PanelDef(

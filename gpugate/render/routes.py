@@ -67,7 +67,10 @@ def route_table(spec: GatewaySpec, facts: HostFacts, table: tuple[Service, ...])
     ports = {spec.routing.primary_tier: facts.ports.vllm} | {t: facts.ports.tier(i) for i, t in enumerate(facts.tiers)}
     return RouteTable(
         default_policy=spec.routing.default_policy,
-        tiers={name: TierRoute(url=f"http://{LOOPBACK}:{ports[name]}", served_name=served) for name, served in spec.tier_models.items()},
+        tiers={
+            name: TierRoute(url=f"http://{LOOPBACK}:{ports[name]}", served_name=served)
+            for name, served in spec.tier_models.items()
+        },
         providers={
             name: ProviderRoute(
                 base_url=str(p.base_url).rstrip("/"),
@@ -78,7 +81,10 @@ def route_table(spec: GatewaySpec, facts: HostFacts, table: tuple[Service, ...])
             )
             for name, p in sorted(spec.providers.items())
         },
-        models={model: ModelRoute(tier=r.tier, provider=r.provider) for model, r in public_models(spec.tier_models, spec.providers, spec.routing).items()},
+        models={
+            model: ModelRoute(tier=r.tier, provider=r.provider)
+            for model, r in public_models(spec.tier_models, spec.providers, spec.routing).items()
+        },
         first_byte_timeout_seconds=spec.routing.first_byte_timeout_seconds,
         connect_timeout_seconds=spec.timeouts.upstream_dial_seconds,
         hold_down_seconds=spec.routing.hold_down_seconds,
@@ -86,7 +92,9 @@ def route_table(spec: GatewaySpec, facts: HostFacts, table: tuple[Service, ...])
     )
 
 
-def router_files(spec: GatewaySpec, facts: HostFacts, table: tuple[Service, ...], primary: LaunchSpec) -> tuple[dict[str, bytes], RouterSettings, Upstream]:
+def router_files(
+    spec: GatewaySpec, facts: HostFacts, table: tuple[Service, ...], primary: LaunchSpec
+) -> tuple[dict[str, bytes], RouterSettings, Upstream]:
     """The files a routing stack adds, the router's settings for the env file, and the router as Caddy's upstream."""
     router = by_name(table)[ROUTER]
     vllm_key = next(c for c in router.credentials if c.name == "vllm_api_key")
@@ -96,5 +104,8 @@ def router_files(spec: GatewaySpec, facts: HostFacts, table: tuple[Service, ...]
         log_file=facts.layout.route_log,
         vllm_key_file=credential_path(router, vllm_key, facts),
     )
-    files = {ROUTE_TABLE: dump_json(route_table(spec, facts, table).model_dump(mode="json")), **tier_launch_specs(spec, facts, primary)}
+    files = {
+        ROUTE_TABLE: dump_json(route_table(spec, facts, table).model_dump(mode="json")),
+        **tier_launch_specs(spec, facts, primary),
+    }
     return files, settings, Upstream(LOOPBACK, facts.ports.router)

@@ -33,7 +33,14 @@ from gpugate_runtime.contract.metrics import (
     ROUTE_REQUESTS,
     ROUTE_TIER_UP,
 )
-from gpugate_runtime.contract.routing import KEY_SCOPE_HEADER, ROUTE_HEADER, ROUTE_POLICY_HEADER, KeyScope, RoutePolicy, RouteRecord
+from gpugate_runtime.contract.routing import (
+    KEY_SCOPE_HEADER,
+    ROUTE_HEADER,
+    ROUTE_POLICY_HEADER,
+    KeyScope,
+    RoutePolicy,
+    RouteRecord,
+)
 from gpugate_runtime.routetable import Route, Routes, RouteTable
 from gpugate_runtime.upstream import ConnectFailed, FirstByteTimeout, Origin, Response, UpstreamBroken
 
@@ -135,7 +142,9 @@ class Metrics:
         self.requests = Counter(
             ROUTE_REQUESTS, "Routed requests", ["route", "tier", "provider", "policy", "outcome"], registry=registry
         )
-        self.fallbacks = Counter(ROUTE_FALLBACKS, "Requests sent on to another route", ["from_route", "to_route", "policy"], registry=registry)
+        self.fallbacks = Counter(
+            ROUTE_FALLBACKS, "Requests sent on to another route", ["from_route", "to_route", "policy"], registry=registry
+        )
         self.errors = Counter(ROUTE_ERRORS, "Failed attempts on a route", ["route", "reason"], registry=registry)
         self.tokens = Histogram(
             GENAI_TOKEN_USAGE, "Tokens per request (OpenTelemetry gen_ai.client.token.usage)",
@@ -145,7 +154,9 @@ class Metrics:
             GENAI_TTFT, "Time to the first byte of the answer (gen_ai.server.time_to_first_token)", ["route"],
             buckets=TTFT_BUCKETS, registry=registry,
         )  # fmt: skip
-        self.tier_up = Gauge(ROUTE_TIER_UP, "1 while the router sends to the tier, 0 while it holds it down", ["tier"], registry=registry)
+        self.tier_up = Gauge(
+            ROUTE_TIER_UP, "1 while the router sends to the tier, 0 while it holds it down", ["tier"], registry=registry
+        )
 
 
 def _usage(data: Any) -> tuple[int, int] | None:
@@ -220,7 +231,9 @@ class Router:
 
     async def generate(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        exchange = Exchange(request_id=headers.get(REQUEST_ID_HEADER.lower(), "-"), key_id=headers.get(KEY_ID_HEADER.lower(), "-"), family="-")
+        exchange = Exchange(
+            request_id=headers.get(REQUEST_ID_HEADER.lower(), "-"), key_id=headers.get(KEY_ID_HEADER.lower(), "-"), family="-"
+        )
         try:
             body = await _read_body(receive)
             key_scope, policy, payload = self.admit(headers, body, exchange)
@@ -246,7 +259,11 @@ class Router:
         if raw_scope is not None and raw_scope.startswith(_UNSET_COPY):
             raw_scope = None  # authz sent no scope (a key without one): Caddy 2.6 copied its placeholder
         try:
-            key_scope = KeyScope.from_header(raw_scope) if raw_scope else KeyScope(family=exchange.key_id, default_policy=self.table.default_policy)
+            key_scope = (
+                KeyScope.from_header(raw_scope)
+                if raw_scope
+                else KeyScope(family=exchange.key_id, default_policy=self.table.default_policy)
+            )
         except ValueError:
             log.error("%s from authz is not a key scope: %r", KEY_SCOPE_HEADER, raw_scope[:80])
             raise Refusal(500, "The gateway could not read this key's scope.", "internal_error") from None
@@ -285,7 +302,12 @@ class Router:
                 ) + "; this request's route policy local-only never sends it off the gateway"
             else:
                 why = "no route for this model can serve now"
-        return Refusal(503, f"Cannot serve `{model}`: {why}. Retry after Retry-After seconds.", "route_unavailable", self.table.retry_after_seconds)
+        return Refusal(
+            503,
+            f"Cannot serve `{model}`: {why}. Retry after Retry-After seconds.",
+            "route_unavailable",
+            self.table.retry_after_seconds,
+        )
 
     def _request(self, route: Route, headers: dict[str, str], payload: dict[str, Any]) -> tuple[list[tuple[bytes, bytes]], bytes]:
         body = dict(payload)
@@ -328,7 +350,9 @@ class Router:
                 continue
             upstream_path = path if route.local else path.removeprefix("/v1")
             try:
-                response = await self.origins[route.label].post(upstream_path, request_headers, body, self.table.first_byte_timeout_seconds)
+                response = await self.origins[route.label].post(
+                    upstream_path, request_headers, body, self.table.first_byte_timeout_seconds
+                )
             except ConnectFailed:
                 self._failed(route, "connect", hold=True)
                 continue
@@ -349,7 +373,9 @@ class Router:
                 self.metrics.fallbacks.labels(first.label, route.label, str(policy)).inc()
             return await self.relay(route, response, stream, strip_usage, sent, exchange, send, policy)
         exchange.fallback = False  # nothing answered
-        raise self.unavailable(exchange.model, policy, None if policy is RoutePolicy.LOCAL_ONLY else "every route for this model failed")
+        raise self.unavailable(
+            exchange.model, policy, None if policy is RoutePolicy.LOCAL_ONLY else "every route for this model failed"
+        )
 
     def _failed(self, route: Route, reason: str, hold: bool = False) -> None:
         self.metrics.errors.labels(route.label, reason).inc()
@@ -376,7 +402,15 @@ class Router:
             self.routes.hold_down(tier)
 
     async def relay(
-        self, route: Route, response: Response, stream: bool, strip_usage: bool, sent: float, exchange: Exchange, send: Send, policy: RoutePolicy
+        self,
+        route: Route,
+        response: Response,
+        stream: bool,
+        strip_usage: bool,
+        sent: float,
+        exchange: Exchange,
+        send: Send,
+        policy: RoutePolicy,
     ) -> bytes:
         """Pass the chosen route's answer to the client as it arrives; count its tokens on the way. Returns
         the last bytes of an answer with a Content-Length, which the caller sends after the record."""
@@ -477,7 +511,12 @@ async def _read_body(receive: Receive) -> bytes:
 
 
 async def _respond(
-    send: Send, status: int, body: bytes, content_type: bytes = b"application/json", extra: list[tuple[bytes, bytes]] | None = None, route: str | None = None
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: bytes = b"application/json",
+    extra: list[tuple[bytes, bytes]] | None = None,
+    route: str | None = None,
 ) -> None:
     headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *(extra or [])]
     if route is not None:

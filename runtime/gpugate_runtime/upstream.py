@@ -42,7 +42,9 @@ class _Connection:
 class Response:
     """Status and headers of an answer; `chunks()` yields its (de-chunked) body as it arrives."""
 
-    def __init__(self, origin: Origin, connection: _Connection, parser: httptools.HttpResponseParser, state: _State, read_timeout: float) -> None:
+    def __init__(
+        self, origin: Origin, connection: _Connection, parser: httptools.HttpResponseParser, state: _State, read_timeout: float
+    ) -> None:
         self._origin, self._connection, self._parser, self._state = origin, connection, parser, state
         self._read_timeout = read_timeout
         self.status_code = parser.get_status_code()
@@ -147,7 +149,14 @@ class Origin:
 
     async def post(self, path: str, headers: list[tuple[bytes, bytes]], body: bytes, first_byte_timeout: float) -> Response:
         """POST `body` to the origin's path prefix + `path`; returns once the response headers are in."""
-        head = [f"POST {self.prefix}{path} HTTP/1.1\r\n".encode(), b"host: ", self.host_header, b"\r\ncontent-length: ", str(len(body)).encode(), b"\r\n"]
+        head = [
+            f"POST {self.prefix}{path} HTTP/1.1\r\n".encode(),
+            b"host: ",
+            self.host_header,
+            b"\r\ncontent-length: ",
+            str(len(body)).encode(),
+            b"\r\n",
+        ]
         for name, value in headers:
             head += [name, b": ", value, b"\r\n"]
         request = b"".join(head) + b"\r\n" + body

@@ -21,14 +21,13 @@ import httpx
 import pytest
 from gpugate_runtime.contract.host import CADDY_GO_ENV, HostLayout, Ports
 from gpugate_runtime.contract.routing import ROUTE_HEADER, ROUTE_POLICY_HEADER, RouteRecord
-from gpugate_runtime.keys import create_key
 
 from gpugate.render.bundle import write_bundle
 from gpugate.stackfile import load_stack
 from gpugate.targets import render_bundle
 from tests.conftest import edit_stack
 from tests.e2e.conftest import VllmServer, find_free_port, running_vllm
-from tests.e2e.gateway_fixtures import CADDY, HOSTNAME, INTERNAL_KEY, REPO, Gateway, _stop, free_internal_base, free_port, wait_until
+from tests.e2e.gateway_fixtures import CADDY, INTERNAL_KEY, REPO, Gateway, _stop, free_internal_base, free_port, wait_until
 
 # The fixture starts three vLLMs (and the restart test one more): longer than pytest's default 600 s on a busy machine.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
@@ -62,7 +61,15 @@ class Routed:
         workdir = self.root / f"vllm-{name}-{time.monotonic_ns()}"
         workdir.mkdir()
         server = stack.enter_context(
-            running_vllm(self.vllm_python, self.model, workdir, served_model_name=served, key=INTERNAL_KEY, port=port, health_timeout=START_TIMEOUT_S)
+            running_vllm(
+                self.vllm_python,
+                self.model,
+                workdir,
+                served_model_name=served,
+                key=INTERNAL_KEY,
+                port=port,
+                health_timeout=START_TIMEOUT_S,
+            )
         )
         self.tiers[name] = stack
         return server
@@ -85,8 +92,8 @@ def routed(vllm_python: Path, smollm_dir: Path, tmp_path_factory: pytest.TempPat
     def change(config: dict[str, Any]) -> None:
         config["gpugate:ports"] = {"https": https_port, "http": http_port, "internal_base": base}
         config["gpugate:tiers"] = {"fast": {"model": {**config["gpugate:model"], "served_name": FAST}}}
-        config["gpugate:providers"] = {"cloud": {"base_url": f"http://127.0.0.1:{provider_port}/v1", "models": {GENERAL: PROVIDER_MODEL},
-                                                 "input_usd_per_mtok": 0.15, "output_usd_per_mtok": 0.6}}  # fmt: skip
+        cloud = {"base_url": f"http://127.0.0.1:{provider_port}/v1", "models": {GENERAL: PROVIDER_MODEL}}
+        config["gpugate:providers"] = {"cloud": {**cloud, "input_usd_per_mtok": 0.15, "output_usd_per_mtok": 0.6}}
         config["gpugate:routing"] = {"hold_down_seconds": 1, "retry_after_seconds": 3, "first_byte_timeout_seconds": 120}
 
     layout = HostLayout(root / "host")
@@ -99,26 +106,47 @@ def routed(vllm_python: Path, smollm_dir: Path, tmp_path_factory: pytest.TempPat
         path.write_text(secret + "\n")
         path.chmod(0o600)
     ports = Ports(base)
-    gateway = Gateway(root=root, layout=layout, ports=ports, https_port=https_port, http_port=http_port, upstream=None, ca_file=layout.local_ca_file)
+    gateway = Gateway(
+        root=root,
+        layout=layout,
+        ports=ports,
+        https_port=https_port,
+        http_port=http_port,
+        upstream=None,
+        ca_file=layout.local_ca_file,
+    )
     state = Routed(gateway, "", vllm_python, smollm_dir, root, {})
     home = str(root / "home")
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home, "XDG_CONFIG_HOME": home, "XDG_DATA_HOME": home}
-    runtime_env = {**env, "GPUGATE_ENV_FILE": str(layout.runtime_env), "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "runtime")])}
+    runtime_env = {
+        **env,
+        "GPUGATE_ENV_FILE": str(layout.runtime_env),
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "runtime")]),
+    }
     provider = contextlib.ExitStack()
     try:
         provider_dir = root / "provider"
         provider_dir.mkdir()
         # The external provider: a third real vLLM with a key of its own, on a port the stack reaches as a URL.
         provider.enter_context(
-            running_vllm(vllm_python, smollm_dir, provider_dir, served_model_name=PROVIDER_MODEL, key=PROVIDER_KEY, port=provider_port,
-                         health_timeout=START_TIMEOUT_S)
+            running_vllm(
+                vllm_python,
+                smollm_dir,
+                provider_dir,
+                served_model_name=PROVIDER_MODEL,
+                key=PROVIDER_KEY,
+                port=provider_port,
+                health_timeout=START_TIMEOUT_S,
+            )
         )
         state.start_tier("general", GENERAL, ports.vllm)
         state.start_tier("fast", FAST, ports.tier(0))
         for service in ("authz", "router"):
             with (layout.logs / f"{service}.stderr.log").open("wb") as out:
                 gateway.processes.append(
-                    subprocess.Popen([sys.executable, "-m", "gpugate_runtime", service, "serve"], env=runtime_env, stdout=out, stderr=out)
+                    subprocess.Popen(
+                        [sys.executable, "-m", "gpugate_runtime", service, "serve"], env=runtime_env, stdout=out, stderr=out
+                    )
                 )
         with (layout.logs / "caddy.log").open("wb") as out:
             gateway.processes.append(
@@ -130,12 +158,14 @@ def routed(vllm_python: Path, smollm_dir: Path, tmp_path_factory: pytest.TempPat
                 )
             )
         for port in (ports.authz, ports.router):
-            wait_until(lambda p=port: httpx.get(f"http://127.0.0.1:{p}/health", timeout=1).status_code == 200, 30, what=f"port {port}")
+            wait_until(
+                lambda p=port: httpx.get(f"http://127.0.0.1:{p}/health", timeout=1).status_code == 200, 30, what=f"port {port}"
+            )
         wait_until(gateway.ca_file.exists, 20, what="Caddy's local CA")
         with gateway.client() as client:
             wait_until(lambda: gateway.request(client, "GET", "/healthz").status_code == 200, 20, what="Caddy")
         wait_until(lambda: "following access log" in gateway.authz_log.read_text(), 10, what="authz to follow the access log")
-        state.key = gateway.new_key("routing-e2e").key
+        state.key = gateway.new_key("routing-e2e").token
         yield state
     finally:
         for process in reversed(gateway.processes):
@@ -151,7 +181,9 @@ def test_each_local_tier_answers_its_own_model_and_says_so(routed: Routed) -> No
     assert fast.status_code == 200 and fast.headers[ROUTE_HEADER] == "tier:fast"
     assert general.json()["model"] == GENERAL and fast.json()["model"] == FAST
     with routed.gateway.client() as client:
-        listed = routed.gateway.request(client, "GET", "/v1/models", headers={"Authorization": f"Bearer {routed.key}"}).json()["data"]
+        listed = routed.gateway.request(client, "GET", "/v1/models", headers={"Authorization": f"Bearer {routed.key}"}).json()[
+            "data"
+        ]
     assert {m["id"] for m in listed} == {GENERAL, FAST}
 
 
@@ -188,7 +220,12 @@ def test_a_stream_falls_back_before_its_first_byte_and_counts_its_tokens(routed:
 
 def test_traffic_returns_to_the_restarted_tier(routed: Routed) -> None:
     routed.start_tier("general", GENERAL, routed.gateway.ports.vllm)
-    wait_until(lambda: routed.chat(GENERAL).headers.get(ROUTE_HEADER) == "tier:general", 30, interval=0.5, what="traffic back on the tier")
+    wait_until(
+        lambda: routed.chat(GENERAL).headers.get(ROUTE_HEADER) == "tier:general",
+        30,
+        interval=0.5,
+        what="traffic back on the tier",
+    )
     assert 'gpugate_route_tier_up{tier="general"} 1.0' in routed.router_metrics()
 
 
@@ -207,7 +244,10 @@ def test_no_prompt_and_no_provider_key_in_any_file(routed: Routed) -> None:
     checked = 0
     for path in routed.root.rglob("*"):
         # The provider's key is in its two key files only: the gateway's secret and the provider vLLM's own.
-        if not path.is_file() or path in (routed.gateway.layout.provider_key_file("cloud"), routed.root / "provider" / "vllm_api_key"):
+        if not path.is_file() or path in (
+            routed.gateway.layout.provider_key_file("cloud"),
+            routed.root / "provider" / "vllm_api_key",
+        ):
             continue
         data = path.read_bytes()
         checked += 1

@@ -28,8 +28,13 @@ def local_model(served_name: str) -> dict[str, Any]:
 def routed(config: dict[str, Any]) -> None:
     config["gpugate:tiers"] = {"fast": {"model": local_model("smollm2-fast")}}
     config["gpugate:providers"] = {
-        "cloud": {"base_url": "https://api.example.com/v1", "models": {"smollm2-135m-instruct": "cloud-small"},
-                  "input_usd_per_mtok": 0.15, "output_usd_per_mtok": 0.6, "api_key": {"secure": ENCRYPTED}}  # fmt: skip
+        "cloud": {
+            "base_url": "https://api.example.com/v1",
+            "models": {"smollm2-135m-instruct": "cloud-small"},
+            "input_usd_per_mtok": 0.15,
+            "output_usd_per_mtok": 0.6,
+            "api_key": {"secure": ENCRYPTED},
+        }  # fmt: skip
     }
 
 
@@ -96,12 +101,27 @@ def test_a_routed_vm_stack_gets_units_for_each_tier_and_the_router(stack_copy) -
 @pytest.mark.parametrize(
     ("change", "key_path", "message"),
     [
-        (lambda c: c["gpugate:routing"].update(models={"smollm2-fast": {"tier": "nope"}}), "gpugate:routing.models.smollm2-fast.tier", "not a tier"),
-        (lambda c: c["gpugate:routing"].update(models={"smollm2-fast": {"tier": "fast", "provider": "cloud"}}),
-         "gpugate:providers.cloud.models", "no mapping for smollm2-fast"),  # fmt: skip
-        (lambda c: c["gpugate:providers"]["cloud"].update(base_url="http://api.example.com/v1"), "gpugate:providers.cloud.base_url", "https"),
+        (
+            lambda c: c["gpugate:routing"].update(models={"smollm2-fast": {"tier": "nope"}}),
+            "gpugate:routing.models.smollm2-fast.tier",
+            "not a tier",
+        ),
+        (
+            lambda c: c["gpugate:routing"].update(models={"smollm2-fast": {"tier": "fast", "provider": "cloud"}}),
+            "gpugate:providers.cloud.models",
+            "no mapping for smollm2-fast",
+        ),  # fmt: skip
+        (
+            lambda c: c["gpugate:providers"]["cloud"].update(base_url="http://api.example.com/v1"),
+            "gpugate:providers.cloud.base_url",
+            "https",
+        ),
         (lambda c: c["gpugate:tiers"]["fast"]["model"].update(served_name="smollm2-135m-instruct"), "gpugate:tiers", "two tiers"),
-        (lambda c: c["gpugate:tiers"].update(general={"model": local_model("x")}), "gpugate:tiers.general", "tier label of gpugate:model"),
+        (
+            lambda c: c["gpugate:tiers"].update(general={"model": local_model("x")}),
+            "gpugate:tiers.general",
+            "tier label of gpugate:model",
+        ),
     ],
 )
 def test_a_route_that_points_nowhere_is_refused_naming_its_key_path(stack_copy, change, key_path: str, message: str) -> None:

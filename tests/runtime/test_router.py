@@ -22,7 +22,14 @@ from typing import Any
 import httpx
 import pytest
 from gpugate_runtime.contract.host import KEY_ID_HEADER, REQUEST_ID_HEADER
-from gpugate_runtime.contract.routing import KEY_SCOPE_HEADER, ROUTE_HEADER, ROUTE_POLICY_HEADER, KeyScope, RoutePolicy, RouteRecord
+from gpugate_runtime.contract.routing import (
+    KEY_SCOPE_HEADER,
+    ROUTE_HEADER,
+    ROUTE_POLICY_HEADER,
+    KeyScope,
+    RoutePolicy,
+    RouteRecord,
+)
 from gpugate_runtime.quietserver import loopback_server
 from gpugate_runtime.router import Router
 from gpugate_runtime.routetable import ModelRoute, ProviderRoute, Route, Routes, RouteTable, TierRoute
@@ -78,8 +85,9 @@ class OpenAIUpstream:
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                upstream.requests.append({"path": self.path, "body": body, "authorization": self.headers.get("Authorization"),
-                                          "scope": self.headers.get(KEY_SCOPE_HEADER), "key_id": self.headers.get(KEY_ID_HEADER)})  # fmt: skip
+                seen = {"path": self.path, "body": body, "authorization": self.headers.get("Authorization")}
+                seen |= {"scope": self.headers.get(KEY_SCOPE_HEADER), "key_id": self.headers.get(KEY_ID_HEADER)}
+                upstream.requests.append(seen)
                 if upstream.status is not None:
                     self._send(upstream.status, {"error": {"message": "failing on purpose"}})
                     return
@@ -88,8 +96,9 @@ class OpenAIUpstream:
                     return
                 usage = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
                 if not body.get("stream"):
-                    self._send(200, {"object": "chat.completion", "model": body["model"], "usage": usage,
-                                     "choices": [{"index": 0, "message": {"role": "assistant", "content": f"from {upstream.name}"}}]})  # fmt: skip
+                    message = {"role": "assistant", "content": f"from {upstream.name}"}
+                    answer = {"object": "chat.completion", "model": body["model"], "usage": usage}
+                    self._send(200, {**answer, "choices": [{"index": 0, "message": message}]})
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
@@ -157,11 +166,18 @@ def gateway(tmp_path: Path, upstreams: dict[str, OpenAIUpstream]) -> Iterator[Ru
     (tmp_path / "provider_cloud_api_key").write_text(PROVIDER_KEY + "\n")
     table = RouteTable(
         default_policy=RoutePolicy.LOCAL_FIRST,
-        tiers={"general": TierRoute(url=upstreams["general"].url, served_name="general"),
-               "fast": TierRoute(url=upstreams["fast"].url, served_name="fast")},  # fmt: skip
+        tiers={
+            "general": TierRoute(url=upstreams["general"].url, served_name="general"),
+            "fast": TierRoute(url=upstreams["fast"].url, served_name="fast"),
+        },  # fmt: skip
         providers={
-            "cloud": ProviderRoute(base_url=upstreams["cloud"].url + "/v1", key_file=tmp_path / "provider_cloud_api_key",
-                                   models={"general": "cloud-large", "fast": "cloud-small"}, input_usd_per_mtok=1.0, output_usd_per_mtok=4.0)  # fmt: skip
+            "cloud": ProviderRoute(
+                base_url=upstreams["cloud"].url + "/v1",
+                key_file=tmp_path / "provider_cloud_api_key",
+                models={"general": "cloud-large", "fast": "cloud-small"},
+                input_usd_per_mtok=1.0,
+                output_usd_per_mtok=4.0,
+            )  # fmt: skip
         },
         models={"general": ModelRoute(tier="general", provider="cloud"), "fast": ModelRoute(tier="fast")},
         first_byte_timeout_seconds=5,
@@ -187,7 +203,9 @@ def gateway(tmp_path: Path, upstreams: dict[str, OpenAIUpstream]) -> Iterator[Ru
     assert not thread.is_alive()
 
 
-def test_local_first_is_answered_by_the_local_tier_with_the_internal_key(gateway: RunningRouter, upstreams: dict[str, OpenAIUpstream]) -> None:
+def test_local_first_is_answered_by_the_local_tier_with_the_internal_key(
+    gateway: RunningRouter, upstreams: dict[str, OpenAIUpstream]
+) -> None:
     answer = gateway.chat("general")
     assert answer.status_code == 200
     assert answer.headers[ROUTE_HEADER] == "tier:general"
@@ -216,7 +234,9 @@ def test_a_refused_connection_to_the_tier_falls_back_to_the_provider_with_its_mo
     assert (record.route, record.fallback) == ("provider:cloud", True)
     assert record.cost_usd == pytest.approx((11 * 1.0 + 3 * 4.0) / 1e6)
     metrics = gateway.metrics()
-    assert 'gpugate_route_fallbacks_total{from_route="tier:general",policy="local-first",to_route="provider:cloud"} 1.0' in metrics
+    assert (
+        'gpugate_route_fallbacks_total{from_route="tier:general",policy="local-first",to_route="provider:cloud"} 1.0' in metrics
+    )
     assert 'gpugate_route_tier_up{tier="general"} 0.0' in metrics
 
 
@@ -245,7 +265,9 @@ def test_local_only_never_leaves_and_answers_503_with_retry_after_when_the_tier_
     assert (record.route, record.status, record.policy) == ("none", 503, "local-only")
 
 
-def test_traffic_returns_to_the_tier_once_its_health_answers_again(gateway: RunningRouter, upstreams: dict[str, OpenAIUpstream]) -> None:
+def test_traffic_returns_to_the_tier_once_its_health_answers_again(
+    gateway: RunningRouter, upstreams: dict[str, OpenAIUpstream]
+) -> None:
     upstreams["general"].stop()
     assert gateway.chat("general").headers[ROUTE_HEADER] == "provider:cloud"
     held = gateway.chat("general", policy="local-only")
@@ -267,7 +289,9 @@ def test_cloud_first_asks_the_provider_first(gateway: RunningRouter, upstreams: 
     assert upstreams["general"].requests == []
 
 
-def test_a_policy_outside_the_keys_scope_is_refused_naming_it(gateway: RunningRouter, upstreams: dict[str, OpenAIUpstream]) -> None:
+def test_a_policy_outside_the_keys_scope_is_refused_naming_it(
+    gateway: RunningRouter, upstreams: dict[str, OpenAIUpstream]
+) -> None:
     pinned = KeyScope(family="fam-1", default_policy=RoutePolicy.LOCAL_ONLY, policies=(RoutePolicy.LOCAL_ONLY,))
     answer = gateway.chat("general", scope=pinned, policy="cloud-first")
     assert answer.status_code == 403
@@ -314,7 +338,12 @@ def test_a_stream_passes_through_unbuffered_and_its_usage_is_counted_but_not_add
 
 
 def test_a_client_that_asks_for_usage_in_a_stream_gets_it(gateway: RunningRouter) -> None:
-    body = {"model": "fast", "stream": True, "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": "hi"}]}
+    body = {
+        "model": "fast",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "hi"}],
+    }
     answer = gateway.http.post("/v1/chat/completions", json=body)
     assert any('"usage"' in line for line in answer.text.splitlines())
 
@@ -337,8 +366,15 @@ def test_models_lists_every_public_model(gateway: RunningRouter) -> None:
 def test_cost_optimized_prefers_the_provider_only_when_the_tier_misses_the_latency_objective(tmp_path: Path) -> None:
     table = RouteTable(
         tiers={"general": TierRoute(url="http://127.0.0.1:1", served_name="general")},
-        providers={"cloud": ProviderRoute(base_url="http://127.0.0.1:2/v1", key_file=tmp_path / "k", models={"general": "big"},
-                                          input_usd_per_mtok=1, output_usd_per_mtok=1)},  # fmt: skip
+        providers={
+            "cloud": ProviderRoute(
+                base_url="http://127.0.0.1:2/v1",
+                key_file=tmp_path / "k",
+                models={"general": "big"},
+                input_usd_per_mtok=1,
+                output_usd_per_mtok=1,
+            )
+        },  # fmt: skip
         models={"general": ModelRoute(tier="general", provider="cloud")},
     )
     routes = Routes(table)
@@ -352,7 +388,9 @@ def test_cost_optimized_prefers_the_provider_only_when_the_tier_misses_the_laten
     assert routes.plan("general", RoutePolicy.LOCAL_ONLY, 500) == [local]
 
 
-def test_a_provider_without_its_key_file_is_skipped_not_crashed_on(gateway: RunningRouter, upstreams: dict[str, OpenAIUpstream]) -> None:
+def test_a_provider_without_its_key_file_is_skipped_not_crashed_on(
+    gateway: RunningRouter, upstreams: dict[str, OpenAIUpstream]
+) -> None:
     gateway.router.routes.table.providers["cloud"].key_file.unlink()
     upstreams["general"].stop()
     answer = gateway.chat("general")
@@ -370,10 +408,15 @@ def test_caddys_placeholder_for_a_scope_authz_did_not_send_means_no_scope(gatewa
     assert (record.family, record.policy) == ("key-9", "local-first")
 
 
-def test_requests_sent_past_a_held_down_tier_count_as_fallbacks(gateway: RunningRouter, upstreams: dict[str, OpenAIUpstream]) -> None:
+def test_requests_sent_past_a_held_down_tier_count_as_fallbacks(
+    gateway: RunningRouter, upstreams: dict[str, OpenAIUpstream]
+) -> None:
     upstreams["general"].stop()
     gateway.chat("general")  # refused: the tier is held down
     second = gateway.chat("general")  # not even tried
     assert second.headers[ROUTE_HEADER] == "provider:cloud"
     assert [r.fallback for r in gateway.records()] == [True, True]
-    assert 'gpugate_route_fallbacks_total{from_route="tier:general",policy="local-first",to_route="provider:cloud"} 2.0' in gateway.metrics()
+    assert (
+        'gpugate_route_fallbacks_total{from_route="tier:general",policy="local-first",to_route="provider:cloud"} 2.0'
+        in gateway.metrics()
+    )

@@ -15,7 +15,9 @@ from gpugate_runtime.routetable import RouteTable
 
 log = logging.getLogger("gpugate_runtime.router")
 
-app = typer.Typer(help="The router between Caddy and the local tiers / external providers.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="The router between Caddy and the local tiers / external providers.", no_args_is_help=True, add_completion=False
+)
 
 
 @app.callback()

@@ -214,7 +214,7 @@ def _vllm(facts: HostFacts, name: str, spec_file: str, port: int) -> Service:
         launch += ["--python", str(facts.vllm.python), "--no-check"]
     return Service(
         name=name,
-        description="gpugate vLLM model server (loopback only)" if name == VLLM else f"gpugate vLLM model server, tier {name[len(VLLM) + 1 :]} (loopback only)",
+        description=f"gpugate vLLM model server{'' if name == VLLM else ', tier ' + name[len(VLLM) + 1 :]} (loopback only)",
         argv=_runtime(facts, *launch),
         user=facts.vllm.user,
         listens=(Listen("http", port),),
@@ -224,7 +224,9 @@ def _vllm(facts: HostFacts, name: str, spec_file: str, port: int) -> Service:
         reads=(dirname(spec_file),),
         env=facts.vllm.env,
         writes=(state,) if facts.vllm.venv is None else (state, facts.vllm.venv),
-        prepare_argv=None if facts.vllm.venv is None else _runtime(facts, "launch", "prepare", "--spec", str(layout.bundle_file(spec_file))),
+        prepare_argv=None
+        if facts.vllm.venv is None
+        else _runtime(facts, "launch", "prepare", "--spec", str(layout.bundle_file(spec_file))),
         # A cold start downloads the weights (and on a CPU host builds vLLM's venv, ~1.5 GB from PyPI),
         # loads them and warms up.
         start_timeout_s=900 if facts.vllm.venv is None else 1800,
