@@ -23,7 +23,8 @@ set with `pulumi config set --secret gpugate:<name> VALUE -s <stack>`:
 `gpugate:alert_credential` (Slack webhook URL, PagerDuty routing key, SMTP password or
 webhook bearer token), `gpugate:vllm_api_key` (optional: else generated), `gpugate:kubeconfig`
 (an existing cluster's kubeconfig), `gpugate:hf_token` (a Hugging Face token: the Kubernetes target
-passes it to vLLM as `HF_TOKEN`; required there for a gated model).
+passes it to vLLM as `HF_TOKEN`; required there for a gated model). Each external provider's key is
+`gpugate:providers.<name>.api_key`, set with `pulumi config set --secret --path` (docs/routing.md).
 """
 
 
@@ -91,6 +92,8 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
         for sub in nested:
             tag = sub.model_fields.get("kind")
             sub_prefix = f"{path}." if not tag else f"{path}.({typing.get_args(tag.annotation)[0]})."
+            if typing.get_origin(field.annotation) is dict:
+                sub_prefix = f"{path}.<name>."  # a mapping of names to sections (tiers, providers)
             rows += _rows(sub, sub_prefix)
     return rows
 

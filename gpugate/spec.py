@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from gpugate.catalog import AWS_OFFERINGS, GCP_OFFERINGS, GCP_ZONES, GPUS, MACHINES, MODELS, same_gpus
+from gpugate.routing import NAME_PATTERN, ProviderSpec, RoutingSpec, TierShare, check_stack_routes
 
 
 class Strict(BaseModel):
@@ -82,6 +83,12 @@ class ModelSpec(Strict):
                 f"{facts.max_position_embeddings} tokens; allowed: 1..{facts.max_position_embeddings}"
             )
         return self
+
+
+class TierSpec(TierShare):
+    """A local model tier beyond gpugate:model: its own vLLM process serving `model.served_name`."""
+
+    model: ModelSpec
 
 
 class GpuSpec(Strict):
@@ -440,6 +447,13 @@ class GatewaySpec(Strict):
     vm: VmSpec | None = Field(None, description="VM options (aws, gcp)")
     kubernetes: KubernetesSpec | None = Field(None, description="cluster and replicas (kubernetes)")
     local: LocalSpec | None = Field(None, description="local options (local): whether the gateway is exposed beyond loopback")
+    tiers: dict[Annotated[str, Field(pattern=NAME_PATTERN)], TierSpec] = Field(
+        default_factory=dict, description="local model tiers beyond gpugate:model (tier routing.primary_tier), each its own vLLM"
+    )
+    providers: dict[Annotated[str, Field(pattern=NAME_PATTERN)], ProviderSpec] = Field(
+        default_factory=dict, description="external OpenAI-compatible APIs the router may send requests to"
+    )
+    routing: RoutingSpec = RoutingSpec()
 
     @field_validator("admin_cidrs", mode="before")
     @classmethod
@@ -517,7 +531,20 @@ class GatewaySpec(Strict):
         tp = self.vllm.tensor_parallel_size
         if tp is not None and self.gpu.count and tp > self.gpu.count:
             raise ValueError(f"vllm.tensor_parallel_size: {tp} is above gpu.count {self.gpu.count}; allowed: 1..{self.gpu.count}")
+        if self.routes:
+            check_stack_routes(self)
         return self
+
+    @property
+    def routes(self) -> bool:
+        """The stack routes (several tiers or external providers): the router runs between Caddy and vLLM."""
+        return bool(self.tiers or self.providers)
+
+    @property
+    def tier_models(self) -> dict[str, str]:
+        """Tier label -> public model id, gpugate:model's tier first."""
+        extra = {name: tier.model.served_name for name, tier in sorted(self.tiers.items())}
+        return {self.routing.primary_tier: self.model.served_name, **extra}
 
     def _gpu_machine_fits_the_gpus(self, kube: KubernetesSpec) -> None:
         chosen = kube.gpu_machine_type

@@ -120,8 +120,15 @@ def stack_names(stacks_dir: Path | None = None) -> list[str]:
     return sorted(p.name[len("Pulumi.") : -len(".yaml")] for p in directory.glob("Pulumi.*.yaml"))
 
 
+# Fields added after stacks were first hashed: left out of the digest while they hold their default, so a
+# stack that does not use them keeps its digest (and its bundle, byte for byte).
+_DIGEST_OPTIONAL = ("tiers", "providers", "routing")
+
+
 def spec_digest(spec: GatewaySpec) -> str:
-    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    fields = GatewaySpec.model_fields
+    unused = {name for name in _DIGEST_OPTIONAL if getattr(spec, name) == fields[name].get_default(call_default_factory=True)}
+    canonical = json.dumps(spec.model_dump(mode="json", exclude=unused), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -177,6 +184,8 @@ def _gpugate_config(shown: str, document: Any) -> tuple[dict[str, Any], tuple[st
                     Problem(shown, str(key), "<secret>", f"not a known secret; allowed secrets: {', '.join(SECRET_KEYS)}")
                 )
             secrets.append(name)
+        elif namespace == NAMESPACE and name == "providers" and isinstance(value, dict):
+            config[name] = _provider_secrets(value, secrets)
         elif namespace == NAMESPACE:
             config[name] = value
         elif namespace not in FOREIGN_NAMESPACES:
@@ -188,14 +197,27 @@ def _gpugate_config(shown: str, document: Any) -> tuple[dict[str, Any], tuple[st
     return config, tuple(sorted(secrets))
 
 
+def _provider_secrets(providers: dict[str, Any], secrets: list[str]) -> dict[str, Any]:
+    """Each provider's `api_key` is a Pulumi secret (`pulumi config set --secret --path gpugate:providers.<name>.api_key`):
+    its name is recorded and its encrypted value kept out of the spec."""
+    out: dict[str, Any] = {}
+    for name, provider in providers.items():
+        if isinstance(provider, dict) and isinstance(provider.get("api_key"), dict) and set(provider["api_key"]) == {"secure"}:
+            secrets.append(f"providers.{name}.api_key")
+            provider = {k: v for k, v in provider.items() if k != "api_key"}
+        out[name] = provider
+    return out
+
+
 def _problem(shown: str, error: dict[str, Any], config: dict[str, Any]) -> Problem:
     loc = _clean_loc(error["loc"])
     key_path = f"{NAMESPACE}:" + ".".join(str(p) for p in loc) if loc else f"{NAMESPACE}:"
     value = _lookup(config, loc)
     kind = error["type"]
     message = error["msg"].removeprefix("Value error, ")
-    # Cross-field checks name the key they are about: "gpu.count: AWS has no machine ...".
-    scoped = re.match(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", message, re.DOTALL)
+    # Cross-field checks name the key they are about: "gpu.count: AWS has no machine ...", or below a named
+    # entry "routing.models.<model>.tier: ...".
+    scoped = re.match(r"^([a-z_]+(?:\.[a-z0-9_-]+)*): (.*)$", message, re.DOTALL)
     if kind == "value_error" and scoped:
         loc = loc + tuple(scoped.group(1).split("."))
         key_path = f"{NAMESPACE}:" + ".".join(str(p) for p in loc)

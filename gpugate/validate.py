@@ -25,6 +25,8 @@ from gpugate_runtime import __version__ as runtime_version
 from gpugate_runtime.contract.host import VM_RUNTIME_PYTHON, HostLayout
 from gpugate_runtime.hostboot import FetchError, extract_bundle
 from gpugate_runtime.launchspec import LaunchSpec
+from gpugate_runtime.router_settings import RouterSettings
+from gpugate_runtime.routetable import RouteTable
 from gpugate_runtime.prober_settings import AlertSinkSettings, ProberSettings
 from gpugate_runtime.settings import AuthzSettings, KeysSettings, load_settings
 from pydantic import ValidationError
@@ -116,6 +118,14 @@ def check_launch_spec(path: Path, root: Path) -> tuple[bool, str]:
     return True, ""
 
 
+def check_route_table(path: Path, root: Path) -> tuple[bool, str]:
+    try:
+        RouteTable.load(path)
+    except ValidationError as err:
+        return False, str(err)
+    return True, ""
+
+
 def check_supervisord(path: Path, root: Path) -> tuple[bool, str]:
     from supervisor.options import ServerOptions
 
@@ -132,7 +142,8 @@ def check_env_file(path: Path, root: Path) -> tuple[bool, str]:
     """Each runtime service loads its settings from the file exactly as it will on the host."""
 
     problems = []
-    for cls in (AuthzSettings, KeysSettings, ProberSettings, AlertSinkSettings):
+    routes = any(line.startswith("GPUGATE_ROUTER_") for line in path.read_text().splitlines())
+    for cls in (AuthzSettings, KeysSettings, ProberSettings, AlertSinkSettings, *((RouterSettings,) if routes else ())):
         try:
             load_settings(cls, path)
         except ValidationError as err:
@@ -256,6 +267,8 @@ CHECKS: list[tuple[str, str, Callable[[Path, Path], tuple[bool, str]]]] = [
     ("systemd/*.service", "systemd-analyze verify", check_systemd_unit),
     ("supervisor/supervisord.conf", "supervisord config parser", check_supervisord),
     ("vllm/launch.json", "gpugate-runtime LaunchSpec", check_launch_spec),
+    ("vllm/launch-*.json", "gpugate-runtime LaunchSpec", check_launch_spec),
+    ("router/routes.json", "gpugate-runtime RouteTable", check_route_table),
     ("runtime/gpugate.env", "gpugate-runtime settings", check_env_file),
     ("kubernetes/*.yaml", "kubernetes-validate + CRD models", check_kubernetes),
     (f"kubernetes/*/configmap-{CADDY_CONFIG}.yaml", "caddy validate", check_pod_caddyfile),

@@ -19,6 +19,7 @@ from gpugate.plan.cost import cost, kubernetes_cost
 from gpugate.plan.inventory import inventory, user_data_size
 from gpugate.plan.report import PlanReport
 from gpugate.plan.sizing import sizing_markdown
+from gpugate.plan.tiers import provider_prices, tier_capacity
 from gpugate.spec import Target
 from gpugate.stackfile import NAMESPACE, Stack, load_stack
 
@@ -35,7 +36,15 @@ def plan(stack: Stack, build: Any = None) -> PlanReport:
     fit = capacity(spec)
     if spec.target not in (Target.AWS, Target.GCP, Target.KUBERNETES):
         note = "local target: runs on this machine with `gpugate up`; Pulumi provisions nothing"
-        return PlanReport(stack=stack.name, target=str(spec.target), planned=False, note=note, capacity=fit)
+        return PlanReport(
+            stack=stack.name,
+            target=str(spec.target),
+            planned=False,
+            note=note,
+            capacity=fit,
+            tiers=tier_capacity(spec),
+            providers=provider_prices(spec),
+        )
 
     run = record(stack, build)
     verdicts = evaluate_policies(run.resources) + [plain_secrets(run)]
@@ -70,6 +79,8 @@ def plan(stack: Stack, build: Any = None) -> PlanReport:
         resources=inventory(run.resources),
         policies=verdicts,
         capacity=fit,
+        tiers=tier_capacity(spec),
+        providers=provider_prices(spec),
         scaling=scaling(spec, fit),
         node_fits=node_fits(spec, objects(pod_build(stack))) if kube else [],
         cost=kubernetes_cost(spec, run.resources, kube.replicas.min) if kube else cost(spec, run.resources),

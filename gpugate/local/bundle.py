@@ -16,6 +16,7 @@ from gpugate.render.bundle import Bundle, header, seal
 from gpugate.render.dashboards import dashboard_files
 from gpugate.render.host import host_files
 from gpugate.render.launch import launch_spec
+from gpugate.render.routes import routing_facts
 from gpugate.stackfile import Stack
 
 STATE_DIR_VAR = "GPUGATE_STATE_DIR"
@@ -49,6 +50,7 @@ def local_facts(stack: Stack, layout: HostLayout) -> HostFacts:
         alert_sink=spec.alerts.channel.kind == "file",
         alert_credential=spec.alerts.needs_credential,
         internal_ca=True,  # the local target always serves with Caddy's internal CA
+        **routing_facts(spec),
     )
 
 

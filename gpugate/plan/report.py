@@ -14,6 +14,7 @@ from gpugate.kubernetes.allocatable import PodFit
 from gpugate.plan.capacity import ScalingReport
 from gpugate.plan.cost import CostEstimate
 from gpugate.plan.inventory import ResourceRow
+from gpugate.plan.tiers import ProviderPrice
 from gpugate.vm.userdata import USER_DATA_LIMIT_BYTES
 
 
@@ -52,6 +53,8 @@ class PlanReport(BaseModel):
     resources: list[ResourceRow] = []
     policies: list[Verdict] = []
     capacity: CapacityReport | None = None
+    tiers: dict[str, CapacityReport] = Field({}, description="each extra local tier's own vLLM (gpugate:tiers)")
+    providers: list[ProviderPrice] = Field([], description="each external provider's price for the planning workload")
     scaling: ScalingReport | None = None
     node_fits: list[PodFit] = Field([], description="Kubernetes: each Deployment's pod against one node of its pool")
     cost: CostEstimate | None = None
@@ -70,7 +73,7 @@ class PlanReport(BaseModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def ok(self) -> bool:
-        fits = self.capacity is None or self.capacity.fits
+        fits = (self.capacity is None or self.capacity.fits) and all(t.fits for t in self.tiers.values())
         size = self.user_data_bytes is None or self.user_data_bytes <= self.user_data_limit_bytes
         return not self.violations and not self.errors and fits and size and all(f.fits for f in self.node_fits)
 
@@ -105,6 +108,18 @@ class PlanReport(BaseModel):
             )
         if self.capacity is not None:
             parts.append(Text("capacity: ") + Text(self.capacity.message, style=None if self.capacity.fits else "bold red"))
+        for name, tier in self.tiers.items():
+            parts.append(Text(f"capacity (tier {name}): ") + Text(tier.message, style=None if tier.fits else "bold red"))
+        for price in self.providers:
+            w = price.workload
+            parts.append(
+                Text(
+                    f"provider {price.provider}: {price.input_usd_per_mtok:g} / {price.output_usd_per_mtok:g} USD "
+                    f"per million input / output tokens; {price.usd_per_request:g} USD per "
+                    f"{w.prompt_tokens:,}+{w.completion_tokens:,}-token request, "
+                    f"{price.usd_per_1000_requests:g} per 1,000 (billed per use, not in the monthly total)"
+                )
+            )
         for fit in self.node_fits:
             # One line each, unwrapped, so that logs and grep find it whole.
             parts.append(Text(("nodes: " if fit.fits else "FAIL nodes: ") + fit.message, style=None if fit.fits else "bold red"))

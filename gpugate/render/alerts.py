@@ -114,7 +114,54 @@ def _tls_rule(spec: GatewaySpec) -> tuple[str, str, str]:
     return str(spec.slo.cert_expiry_days * 86400), "1h", f"{spec.slo.cert_expiry_days} days"
 
 
+# Share of routed requests answered by another route than their policy's first choice, above which the
+# local tiers are failing more than a blip (a restart) explains.
+FALLBACK_RATIO = 0.1
+
+
+def routing_alerts(spec: GatewaySpec) -> list[Alert]:
+    """The router's alerts (stacks with tiers or providers): a tier down, a provider failing, many fallbacks."""
+    failed = f'sum by (route) (rate({m.ROUTE_ERRORS}{{route=~"provider:.+"}}[5m]))'
+    served = f'sum by (route) (rate({m.ROUTE_REQUESTS}{{route=~"provider:.+",outcome="ok"}}[5m]))'
+    return [
+        Alert(
+            "RouteTierDown",
+            f"{m.ROUTE_TIER_UP} == 0",
+            "1m",
+            "page",
+            "A local model tier is not serving",
+            "The router has held tier {{ $labels.tier }} down for 1m (refused connections, failed health probes): "
+            "its local-first traffic goes to the provider, its local-only keys get 503.",
+            "tier up = {{ $value }}",
+        ),
+        Alert(
+            "RouteProviderDown",
+            f"{failed} > 0 unless {served} > 0",
+            "5m",
+            "ticket",
+            "An external provider fails every request sent to it",
+            "{{ $labels.route }} failed {{ $value | humanize }} requests/s and answered none for 5m: "
+            "fallbacks to it fail, and its cloud-first keys fall back to the local tier.",
+            "{{ $value | humanize }} failures/s",
+        ),
+        Alert(
+            "RouteFallbackRateHigh",
+            f"sum(rate({m.ROUTE_FALLBACKS}[10m])) / sum(rate({m.ROUTE_REQUESTS}[10m])) > {FALLBACK_RATIO:g}",
+            "10m",
+            "ticket",
+            f"More than {_percent(FALLBACK_RATIO)} of routed requests fall back",
+            "{{ $value | humanizePercentage }} of routed requests were answered by another route than their "
+            "policy's first choice over 10m: the first choice is failing, and fallbacks to a provider cost money.",
+            "{{ $value | humanizePercentage }}",
+        ),
+    ]
+
+
 def alerts(spec: GatewaySpec) -> list[Alert]:
+    return _alerts(spec) + (routing_alerts(spec) if spec.routes else [])
+
+
+def _alerts(spec: GatewaySpec) -> list[Alert]:
     slo = spec.slo
     budget = round(1 - slo.availability, 6)
     tls_seconds, tls_for, tls_words = _tls_rule(spec)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from gpugate_runtime.accesslog import ACCESS_LOG_IDS_FIELD
 from gpugate_runtime.authz import BODY_LENGTH_HEADER
 from gpugate_runtime.contract.host import ENV_VLLM_KEY, KEY_ID_HEADER, LOOPBACK, REQUEST_ID_HEADER, HostLayout, Ports
+from gpugate_runtime.contract.routing import KEY_SCOPE_HEADER
 from gpugate_runtime.contract.services import Service, by_name
 
 from gpugate.render.templates import render_template
@@ -91,9 +92,11 @@ def caddyfile(
     metrics: MetricsSite,
     bind: str | None = None,
     tls_files: tuple[str, str] | None = None,
+    router: Upstream | None = None,
 ) -> bytes:
     """The Caddyfile; `bind`: the one address its public sites listen on (None: every interface); `tls_files`:
-    (certificate, key) files the public site serves, issued by someone else (cert-manager), instead of ACME in Caddy."""
+    (certificate, key) files the public site serves, issued by someone else (cert-manager), instead of ACME in Caddy;
+    `router`: where the public API goes on a stack that routes (else straight to vLLM)."""
     return render_template(
         "common/Caddyfile.j2",
         spec=spec,
@@ -111,4 +114,6 @@ def caddyfile(
         access_log_ids_field=ACCESS_LOG_IDS_FIELD,
         canonical_uri=CANONICAL_URI,
         public_routes=public_routes(spec),
+        router=router,
+        key_scope_header=KEY_SCOPE_HEADER,
     )

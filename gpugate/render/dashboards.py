@@ -40,7 +40,7 @@ THROTTLED = (Outcome.RATE_LIMITED, Outcome.CONCURRENCY_LIMITED)
 # The `code` shown for requests Caddy counts as handler errors, which carry no status label.
 HANDLER_ERROR = "handler error"
 
-Row = Literal["Traffic", "Latency", "Errors and keys", "vLLM capacity", "GPU", "Health"]
+Row = Literal["Traffic", "Latency", "Errors and keys", "vLLM capacity", "GPU", "Health", "Routing"]
 ROWS: tuple[Row, ...] = get_args(Row)
 
 
@@ -86,6 +86,50 @@ def _quantiles(histogram: str) -> tuple[Query, ...]:
         Query(f"histogram_quantile({q}, sum by (le) ({_rate(histogram + '_bucket')}))", f"p{round(q * 100)}")
         for q in (0.5, 0.95, 0.99)
     )
+
+
+def routing_panels(spec: GatewaySpec) -> list[PanelDef]:
+    """A stack that routes: per tier and provider, what the router sent where, how fast, and what fell back."""
+    if not spec.routes:
+        return []
+    ttft = f"{m.GENAI_TTFT}_bucket"
+    return [
+        PanelDef(
+            "Routing", "Requests by route",
+            "Requests per second each tier (`tier:<name>`) or provider (`provider:<name>`) answered, "
+            "and the router's own refusals (`none`).",
+            (Query(f"sum by (route) ({_rate(m.ROUTE_REQUESTS)})", "{{route}}"),), "reqps",
+        ),
+        PanelDef(
+            "Routing", "Time to first token by route (p95)",
+            f"p95 time to the first byte of each route's answers. Dashed line: the SLO at {spec.slo.ttft_p95_seconds:g} s.",
+            (Query(f"histogram_quantile(0.95, sum by (le, route) ({_rate(ttft)}))", "{{route}}"),), "s",
+            threshold=spec.slo.ttft_p95_seconds,
+        ),
+        PanelDef(
+            "Routing", "Fallbacks",
+            "Requests answered by another route than their policy's first choice, per second, by direction.",
+            (Query(f"sum by (from_route, to_route) ({_rate(m.ROUTE_FALLBACKS)})", "{{from_route}} → {{to_route}}"),), "reqps",
+        ),
+        PanelDef(
+            "Routing", "Tokens by route",
+            "Input and output tokens per second through each route (gen_ai.client.token.usage).",
+            (Query(
+                f"sum by (route, gen_ai_token_type) ({_rate(m.GENAI_TOKEN_USAGE + '_sum')})", "{{route}} {{gen_ai_token_type}}"
+            ),),
+            "short",
+        ),
+        PanelDef(
+            "Routing", "Route errors",
+            "Failed attempts per second by route and reason (connect, timeout, status_5xx, status_429, no_key).",
+            (Query(f"sum by (route, reason) ({_rate(m.ROUTE_ERRORS)})", "{{route}} {{reason}}"),), "reqps",
+        ),
+        PanelDef(
+            "Routing", "Tiers",
+            "Whether the router sends to each local tier (down: held down after a refused connection until its /health answers).",
+            (Query(f"min by (tier) ({m.ROUTE_TIER_UP})", "{{tier}}"),), "none", kind="stat", status_text=("down", "up"),
+        ),
+    ]  # fmt: skip
 
 
 def panels(spec: GatewaySpec) -> list[PanelDef]:
@@ -214,7 +258,7 @@ def panels(spec: GatewaySpec) -> list[PanelDef]:
 
 def panel_queries(spec: GatewaySpec) -> list[tuple[str, str]]:
     """(panel title, PromQL) for every query of every panel, exactly as the dashboard holds it."""
-    return [(p.title, q.expr) for p in panels(spec) for q in p.queries]
+    return [(p.title, q.expr) for p in panels(spec) + routing_panels(spec) for q in p.queries]
 
 
 def executable(expr: str, window: str = DEFAULT_WINDOW) -> str:
@@ -321,8 +365,10 @@ def dashboard(spec: GatewaySpec, stack: str) -> model.Dashboard:
         )
     )
     next_id = 1
-    defs = panels(spec)
+    defs = panels(spec) + routing_panels(spec)
     for row in ROWS:
+        if not any(p.row == row for p in defs):
+            continue  # the Routing row, on a stack that does not route
         builder = builder.with_row(dash.Row(row).id(next_id))
         next_id += 1
         for panel in (p for p in defs if p.row == row):

@@ -17,9 +17,10 @@ from gpugate_runtime.contract.services import CADDY_ROOT_CA, VLLM, HostFacts, Se
 from gpugate_runtime.launchspec import LaunchSpec
 
 from gpugate.render.alerts import rule_groups
-from gpugate.render.bundle import dump_json, dump_yaml, header
+from gpugate.render.bundle import dump_yaml, header
 from gpugate.render.caddy import caddyfile, host_topology, public_bind
 from gpugate.render.monitoring import alertmanager_config, prometheus_config
+from gpugate.render.routes import launch_file, router_files
 from gpugate.render.settings import env_file, runtime_settings, settings_env
 from gpugate.stackfile import Stack
 
@@ -68,9 +69,14 @@ def host_files(
     )
     text = header(stack)
     upstream, metrics = host_topology(table, ports)
+    routed, router = {}, None
+    if facts.router:
+        routed, router_settings, router = router_files(spec, facts, table, launch)
+        settings |= settings_env([router_settings])
     files = {
-        CADDYFILE: caddyfile(spec, ports, layout, text, upstream, metrics, bind=public_bind(named["caddy"])),
-        LAUNCH_SPEC: dump_json(launch.model_dump(mode="json")),
+        CADDYFILE: caddyfile(spec, ports, layout, text, upstream, metrics, bind=public_bind(named["caddy"]), router=router),
+        LAUNCH_SPEC: launch_file(launch),
+        **routed,
         PROMETHEUS_CONFIG: dump_yaml(prometheus_config(spec, ports, layout, table), text),
         ALERT_RULES: dump_yaml(rule_groups(spec), text),
         ALERTMANAGER_CONFIG: dump_yaml(alertmanager_config(spec, ports, layout, alert_credential), text),

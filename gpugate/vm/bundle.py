@@ -14,6 +14,7 @@ from gpugate.render.archive import archive
 from gpugate.render.bundle import Bundle, header, seal, sha256
 from gpugate.render.host import host_files, vllm_key_file
 from gpugate.render.launch import launch_spec
+from gpugate.render.routes import routing_facts
 from gpugate.render.wheel import RUNTIME_SOURCE, build_runtime_wheel
 from gpugate.stackfile import Stack
 from gpugate.vm.systemd import units
@@ -47,6 +48,7 @@ def vm_facts(stack: Stack, layout: HostLayout) -> HostFacts:
         alert_credential=spec.alerts.needs_credential,
         service_credentials=True,
         internal_ca=spec.tls.mode == "internal",
+        **routing_facts(spec),
     )
 
 

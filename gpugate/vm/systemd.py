@@ -10,9 +10,10 @@ from gpugate_runtime.contract.services import (
     USER_ROOT,
     HostFacts,
     Service,
+    is_vllm,
     unit_name,
 )
-from gpugate_runtime.launcher import CONTAINER_NAME
+from gpugate_runtime.launcher import container_name
 from gpugate_runtime.settings import ENV_FILE_VAR
 
 from gpugate.render.templates import render_template
@@ -40,7 +41,7 @@ def unit(service: Service, facts: HostFacts, table: tuple[Service, ...], header:
     env = dict(service.env)
     if service.env_file:
         env[ENV_FILE_VAR] = str(layout.runtime_env)
-    containerised = service.name == "vllm" and facts.vllm is not None and facts.vllm.python is None
+    containerised = is_vllm(service.name) and facts.vllm is not None and facts.vllm.python is None
     return render_template(
         "vm/unit.service.j2",
         header=header,
@@ -52,7 +53,7 @@ def unit(service: Service, facts: HostFacts, table: tuple[Service, ...], header:
         reload=shlex.join(service.reload_argv) if service.reload_argv else None,
         prepare=shlex.join(service.prepare_argv) if service.prepare_argv else None,
         # The launcher runs vLLM's pinned image as a container of this name: clear a leftover one.
-        container_cleanup=f"-{DOCKER} rm -f {CONTAINER_NAME}" if containerised else None,
+        container_cleanup=f"-{DOCKER} rm -f {container_name(service.name.partition('-')[2] or None)}" if containerised else None,
         hardened=service.user != USER_ROOT,
         writes=" ".join(str(p) for p in service.writes),
     )

@@ -265,11 +265,14 @@ class Host:
                 )
             return rows
         units = [f"{unit_name(name)}.service" for name in NAMES if name not in LOCAL_ONLY]
-        result = self.check(["systemctl", "show", "-p", "Id", "-p", "ActiveState", "-p", "SubState", "-p", "MainPID", *units])
+        result = self.check(
+            ["systemctl", "show", "-p", "Id", "-p", "LoadState", "-p", "ActiveState", "-p", "SubState", "-p", "MainPID", *units]
+        )
         rows = []
         for block in result.stdout.strip().split("\n\n"):
             props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-            if props.get("Id"):
+            # A service this stack does not run (the router without tiers or providers) has no unit file.
+            if props.get("Id") and props.get("LoadState") != "not-found":
                 state = "RUNNING" if props.get("ActiveState") == "active" else props.get("ActiveState", "unknown").upper()
                 name = props["Id"].removeprefix(unit_name("")).removesuffix(".service")
                 rows.append({"name": name, "state": state, "pid": int(props.get("MainPID") or 0), "detail": props.get("SubState", "")})

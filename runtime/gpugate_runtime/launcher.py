@@ -97,12 +97,17 @@ def build_argv(spec: LaunchSpec, python: Path) -> list[str]:
     return [str(python), "-m", VLLM_MODULE, *vllm_args(spec)]
 
 
+def container_name(tier: str | None) -> str:
+    """The vLLM container's name: one per tier on a host that runs several."""
+    return CONTAINER_NAME if tier is None else f"{CONTAINER_NAME}-{tier}"
+
+
 def container_argv(spec: LaunchSpec) -> list[str]:
     """`docker run` of the pinned vLLM image: host network (vLLM still binds 127.0.0.1 only), all GPUs,
     the key passed by name so docker copies it from our environment (never on the command line)."""
     argv = [
-        shutil.which("docker") or "/usr/bin/docker", "run", "--rm", "--name", CONTAINER_NAME,
-        "--gpus", "all", "--network", "host", "--ipc", "host",
+        shutil.which("docker") or "/usr/bin/docker", "run", "--rm", "--name", container_name(spec.tier),
+        "--gpus", "all" if spec.gpu_index is None else f"device={spec.gpu_index}", "--network", "host", "--ipc", "host",
         "-e", VLLM_API_KEY_ENV, "-e", "VLLM_NO_USAGE_STATS",
     ]  # fmt: skip
     if spec.model_cache_dir is not None:

@@ -89,6 +89,9 @@ class LaunchSpec(BaseModel):
     )
     host: str = "127.0.0.1"
     port: PositiveInt
+    # A stack with several local tiers runs one vLLM per tier; a bundle leaves these out while they are None.
+    tier: str | None = Field(None, pattern=r"^[a-z][a-z0-9-]{0,30}$", description="the tier it serves: names its container")
+    gpu_index: int | None = Field(None, ge=0, le=7, description="the one GPU it runs on; None: every GPU of the host")
     api_key_file: Path = Field(description="file holding vLLM's internal API key")
 
     @model_validator(mode="after")

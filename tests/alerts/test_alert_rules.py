@@ -12,7 +12,7 @@ import pytest
 from ruamel.yaml import YAML
 import yaml
 
-from gpugate.render.alerts import SEVERITIES, alerts, rule_groups
+from gpugate.render.alerts import SEVERITIES, alerts, routing_alerts, rule_groups
 from gpugate_runtime.contract.host import ALERT_RULES
 from gpugate.targets import render_bundle
 from gpugate.stackfile import Stack, load_stack, stack_names
@@ -42,6 +42,21 @@ REFERENCE = {
 # test directory -> the real stack whose rules it tests: a VM with a public CA, the local stack
 # with Caddy's internal CA, Kubernetes with GPU memory from DCGM
 VARIANTS = {"vm": "staging", "local": "local", "kubernetes": "prod"}
+# test directory -> a stack that routes (two tiers, a provider): the router's alerts exist only there
+ROUTED = {"routing": "local"}
+
+
+def routed(config: dict[str, Any]) -> None:
+    pin_reference(config)
+    config["gpugate:tiers"] = {"fast": {"model": {**config["gpugate:model"], "served_name": "fast"}}}
+    config["gpugate:providers"] = {"cloud": {"base_url": "https://api.example.com/v1", "models": {"fast": "small"},
+                                             "input_usd_per_mtok": 1, "output_usd_per_mtok": 2}}  # fmt: skip
+
+
+def every_alert_name() -> set[str]:
+    """The alerts of every stack, and those only a routing stack renders."""
+    names = {a.name for stack in stack_names() for a in alerts(load_stack(stack).spec)}
+    return names | {a.name for a in routing_alerts(load_stack("local").spec)}
 
 
 def pin_reference(config: dict[str, Any]) -> None:
@@ -62,6 +77,10 @@ def rules_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for variant, stack in VARIANTS.items():
         directory = tmp_path_factory.mktemp(variant)
         write_rules(load_stack(edit_stack(stack, directory / f"Pulumi.{stack}.yaml", pin_reference)), directory)
+        dirs[variant] = directory
+    for variant, stack in ROUTED.items():
+        directory = tmp_path_factory.mktemp(variant)
+        write_rules(load_stack(edit_stack(stack, directory / f"Pulumi.{stack}.yaml", routed)), directory)
         dirs[variant] = directory
     return dirs
 
@@ -116,14 +135,14 @@ def test_every_alert_has_a_firing_and_a_silent_case():
         for alertname, fires, _ in cases(test_file):
             (fired if fires else silent).add(alertname)
     # then each alert of every stack has at least one case where it fires and one where it stays quiet
-    names = {a.name for stack in stack_names() for a in alerts(load_stack(stack).spec)}
+    names = every_alert_name()
     assert not names - fired, f"no promtool case shows these alerts firing: {sorted(names - fired)}"
     assert not names - silent, f"no promtool case shows these alerts staying silent: {sorted(names - silent)}"
 
 
 def test_test_files_only_name_alerts_that_exist():
     # a case for an alert that no longer exists passes vacuously (promtool expects nothing and gets nothing)
-    names = {a.name for stack in stack_names() for a in alerts(load_stack(stack).spec)}
+    names = every_alert_name()
     unknown = {(f.name, name) for f in promtool_test_files() for name, _, _ in cases(f) if name not in names}
     assert not unknown
 

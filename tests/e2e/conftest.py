@@ -96,15 +96,23 @@ def wait_for_health(proc: subprocess.Popen[bytes], url: str, log_path: Path, tim
         except httpx.TransportError:
             pass
         time.sleep(0.5)
-    pytest.fail(f"vLLM /health not 200 after {timeout:.0f} s; log: {log_path}")
+    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+    pytest.fail(f"vLLM /health not 200 after {timeout:.0f} s; log: {log_path}, ending:\n{tail}")
 
 
 @contextlib.contextmanager
 def running_vllm(
-    vllm_python: Path, model: Path, workdir: Path, *, served_model_name: str = VLLM_SERVED_NAME, key: str | None = None
+    vllm_python: Path,
+    model: Path,
+    workdir: Path,
+    *,
+    served_model_name: str = VLLM_SERVED_NAME,
+    key: str | None = None,
+    port: int | None = None,
+    health_timeout: float = VLLM_HEALTH_TIMEOUT_S,
 ) -> Iterator[VllmServer]:
-    """A real vLLM (CPU, 1 GiB KV, max_model_len 2048) started by `launcher run` on a free loopback port,
-    stopped (process group SIGTERM, then SIGKILL) on exit. Start-up takes about 40 s."""
+    """A real vLLM (CPU, 1 GiB KV, max_model_len 2048) started by `launcher run` on a loopback port (`port`, or a
+    free one), stopped (process group SIGTERM, then SIGKILL) on exit. Start-up takes about 40 s."""
     key = key or "sk-vllm-internal-" + os.urandom(8).hex()
     key_file = workdir / "vllm_api_key"
     key_file.write_text(key + "\n")
@@ -117,7 +125,7 @@ def running_vllm(
         enforce_eager=True,
         cpu_kv_cache_gib=1,
         max_num_seqs=8,
-        port=find_free_port(),
+        port=port or find_free_port(),
         api_key_file=key_file,
     )
     spec_path = workdir / "launch.json"
@@ -130,7 +138,7 @@ def running_vllm(
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://{spec.host}:{spec.port}"
     try:
-        wait_for_health(proc, url, log_path, VLLM_HEALTH_TIMEOUT_S)
+        wait_for_health(proc, url, log_path, health_timeout)
         yield VllmServer(url, key, served_model_name, spec, spec_path, log_path, proc.pid)
     finally:
         stop_process_group(proc)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gpugate.render.alerts import alerts, rule_groups
+from gpugate.render.alerts import alerts, routing_alerts, rule_groups
 from gpugate.oncall import RUNBOOKS_DIR, mitigation_steps, runbook_sections
 from gpugate.stackfile import REPO_ROOT, load_stack, stack_names
 
@@ -42,7 +42,9 @@ def runbook_files() -> list[Path]:
 
 
 def alert_slugs() -> set[str]:
-    return {a.slug for stack in stack_names() for a in alerts(load_stack(stack).spec)}
+    """Every stack's alerts, and the router's (rendered only for a stack with tiers or providers)."""
+    slugs = {a.slug for stack in stack_names() for a in alerts(load_stack(stack).spec)}
+    return slugs | {a.slug for a in routing_alerts(load_stack("local").spec)}
 
 
 def code_lines(text: str) -> list[str]:

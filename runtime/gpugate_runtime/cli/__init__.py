@@ -5,10 +5,10 @@ from __future__ import annotations
 import typer
 
 from gpugate_runtime import __version__
-from gpugate_runtime.cli import alertsink, authz, keys, launch, prober
+from gpugate_runtime.cli import alertsink, authz, keys, launch, prober, router
 
 app = typer.Typer(
-    help="gpugate's host runtime: client keys, the auth service, the vLLM launcher, the prober, the alert sink.",
+    help="gpugate's host runtime: client keys, the auth service, the vLLM launcher, the prober, the alert sink, the router.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -17,6 +17,7 @@ app.add_typer(authz.app, name="authz")
 app.add_typer(launch.app, name="launch")
 app.add_typer(prober.app, name="prober")
 app.add_typer(alertsink.app, name="alertsink")
+app.add_typer(router.app, name="router")
 
 
 def _version(value: bool) -> None:
@@ -29,4 +30,4 @@ def _version(value: bool) -> None:
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
 ) -> None:
-    """gpugate's host runtime: client keys, the auth service, the vLLM launcher, the prober, the alert sink."""
+    """gpugate's host runtime: client keys, the auth service, the vLLM launcher, the prober, the alert sink, the router."""

@@ -23,15 +23,28 @@ PORT_OFFSETS: dict[str, int] = {
     "router": 7,
 }
 
+# A stack's local tiers beyond its first model: tier i's vLLM listens on base + TIER_PORT_OFFSET + i.
+TIER_PORT_OFFSET = 10
+MAX_TIERS = 8
+
 SERVICES = ("vllm", "authz", "caddy", "prober", "prometheus", "alertmanager")
 
 # Files of a bundle (paths under the host's etc/gpugate): the renderer writes them, the services read them.
 CADDYFILE = "caddy/Caddyfile"
 LAUNCH_SPEC = "vllm/launch.json"
+
+
+def tier_launch_spec(tier: str) -> str:
+    """The launch spec of an extra tier's vLLM, next to the first model's."""
+    return f"vllm/launch-{tier}.json"
+
+
 PROMETHEUS_CONFIG = "prometheus/prometheus.yml"
 ALERT_RULES = "prometheus/rules/gpugate.rules.yml"
 ALERTMANAGER_CONFIG = "alertmanager/alertmanager.yml"
 RUNTIME_ENV = "runtime/gpugate.env"
+# The router's table (stacks that route: several tiers or external providers).
+ROUTE_TABLE = "router/routes.json"
 
 # Environment variable names shared by the Caddyfile, the launcher and the service definitions.
 ENV_VLLM_KEY = "GPUGATE_VLLM_API_KEY"
@@ -52,6 +65,12 @@ class Ports:
     """Loopback ports of the internal services, derived from one base."""
 
     base: int
+
+    def tier(self, index: int) -> int:
+        """The loopback port of the vLLM serving a stack's extra tier number `index` (0-based, tiers sorted by name)."""
+        if not 0 <= index < MAX_TIERS:
+            raise ValueError(f"tier index {index}: allowed 0..{MAX_TIERS - 1}")
+        return self.base + TIER_PORT_OFFSET + index
 
     def __getattr__(self, name: str) -> int:
         try:
@@ -116,6 +135,10 @@ class HostLayout:
     @property
     def prober_key_file(self) -> Path:
         return self.secrets / "prober_api_key"
+
+    def provider_key_file(self, provider: str) -> Path:
+        """An external provider's API key (`gpugate:providers.<name>.api_key`), read by the router only."""
+        return self.secrets / f"provider_{provider}_api_key"
 
     @property
     def alert_secret_file(self) -> Path:

@@ -41,3 +41,11 @@ CADDY_REQUESTS = "caddy_http_requests_total"  # labels: server, handler; every r
 # Caddy 2.6 counts a request that ends in a handler error (e.g. reverse_proxy cannot reach vLLM: 502)
 # here and NOT in CADDY_REQUEST_DURATION, so a 5xx ratio needs both.
 CADDY_REQUEST_ERRORS = "caddy_http_request_errors_total"  # labels: server, handler
+
+# router (issue 17): the OpenTelemetry GenAI semantic conventions' metrics in Prometheus form, and ours
+GENAI_TOKEN_USAGE = "gen_ai_client_token_usage"  # histogram; labels: gen_ai_token_type (input/output), route
+GENAI_TTFT = "gen_ai_server_time_to_first_token_seconds"  # histogram; labels: route
+ROUTE_REQUESTS = "gpugate_route_requests_total"  # labels: route, tier, provider, policy, outcome
+ROUTE_FALLBACKS = "gpugate_route_fallbacks_total"  # labels: from_route, to_route, policy
+ROUTE_ERRORS = "gpugate_route_errors_total"  # labels: route, reason (connect, timeout, status_5xx, status_429)
+ROUTE_TIER_UP = "gpugate_route_tier_up"  # gauge; labels: tier (0 while the router holds it down)

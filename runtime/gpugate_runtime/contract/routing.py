@@ -10,7 +10,7 @@ forward_auth answer (a client's own copy is dropped at the proxy), and the route
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -96,8 +96,12 @@ class RouteRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+        # The fields by name, not dataclasses.asdict: its deep copy was a tenth of the router's time per request.
+        return json.dumps({name: getattr(self, name) for name in _RECORD_FIELDS}, separators=(",", ":"), sort_keys=True)
 
     @classmethod
     def from_json(cls, line: str) -> RouteRecord:
         return cls(**json.loads(line))
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(RouteRecord))

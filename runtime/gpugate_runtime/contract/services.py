@@ -22,9 +22,11 @@ from gpugate_runtime.contract.host import (
     LAUNCH_SPEC,
     LOOPBACK,
     PROMETHEUS_CONFIG,
+    ROUTE_TABLE,
     RUNTIME_ENV,
     HostLayout,
     Ports,
+    tier_launch_spec,
 )
 
 CADDY = Path("/usr/bin/caddy")
@@ -55,7 +57,18 @@ CADDY_ROOT_CA = "caddy_root_ca"
 ALERTSINK = "alertsink"
 PROMETHEUS_SERVICE = "prometheus"
 ALERTMANAGER_SERVICE = "alertmanager"
-NAMES = (VLLM, AUTHZ, CADDY_SERVICE, PROBER, ALERTSINK, PROMETHEUS_SERVICE, ALERTMANAGER_SERVICE)
+ROUTER = "router"  # only on a stack that routes (several tiers or external providers)
+NAMES = (VLLM, AUTHZ, CADDY_SERVICE, PROBER, ALERTSINK, PROMETHEUS_SERVICE, ALERTMANAGER_SERVICE, ROUTER)
+
+
+def tier_service(tier: str) -> str:
+    """The service name of an extra tier's vLLM: `vllm-<tier>`."""
+    return f"{VLLM}-{tier}"
+
+
+def is_vllm(name: str) -> bool:
+    """A vLLM process: the first model's or an extra tier's."""
+    return name == VLLM or name.startswith(f"{VLLM}-")
 # Run only on a local stack (the `file` alert channel).
 LOCAL_ONLY = (ALERTSINK,)
 
@@ -172,6 +185,11 @@ class HostFacts:
     metrics_address: str = LOOPBACK
     # Caddy's internal CA signs the public site (tls.mode internal): the prober trusts its root certificate.
     internal_ca: bool = False
+    # A stack that routes: its extra local tiers (each a vLLM, sorted by name), its external providers (each
+    # a key the router reads), and whether the router runs between Caddy and them.
+    tiers: tuple[str, ...] = ()
+    providers: tuple[str, ...] = ()
+    router: bool = False
 
 
 def dirname(bundle_file: str) -> str:
@@ -183,41 +201,70 @@ def _runtime(facts: HostFacts, *command: str) -> tuple[str, ...]:
     return (str(facts.runtime_python), "-m", "gpugate_runtime", *command)
 
 
+def _vllm(facts: HostFacts, name: str, spec_file: str, port: int) -> Service:
+    """One vLLM process (the first model's, or an extra tier's) started by the launcher from its launch spec."""
+    assert facts.vllm is not None
+    layout, state = facts.layout, facts.layout.state
+    launch = ["launch", "run", "--spec", str(layout.bundle_file(spec_file))]
+    if facts.vllm.python is not None:
+        # --no-check: the launcher's pre-flight parse of vLLM's flags imports vLLM once more (as long as
+        # the server's own import, ~20 s on a CPU host); vLLM parses the same flags as it starts and its
+        # error lands in its log, and tests/runtime/test_launcher.py checks the flags we build against
+        # vLLM's real parser.
+        launch += ["--python", str(facts.vllm.python), "--no-check"]
+    return Service(
+        name=name,
+        description=f"gpugate vLLM model server{'' if name == VLLM else ', tier ' + name[len(VLLM) + 1 :]} (loopback only)",
+        argv=_runtime(facts, *launch),
+        user=facts.vllm.user,
+        listens=(Listen("http", port),),
+        credentials=(Credential("vllm_api_key", layout.vllm_key_file),),
+        health=Health("/health"),
+        metrics_path="/metrics",
+        reads=(dirname(spec_file),),
+        env=facts.vllm.env,
+        writes=(state,) if facts.vllm.venv is None else (state, facts.vllm.venv),
+        prepare_argv=None
+        if facts.vllm.venv is None
+        else _runtime(facts, "launch", "prepare", "--spec", str(layout.bundle_file(spec_file))),
+        # A cold start downloads the weights (and on a CPU host builds vLLM's venv, ~1.5 GB from PyPI),
+        # loads them and warms up.
+        start_timeout_s=900 if facts.vllm.venv is None else 1800,
+        stop_timeout_s=60,
+    )
+
+
+def _router(facts: HostFacts) -> Service:
+    layout = facts.layout
+    return Service(
+        name=ROUTER,
+        description="gpugate router (local tiers and external providers, loopback only)",
+        argv=_runtime(facts, "router", "serve"),
+        user=USER_GATEWAY,
+        listens=(Listen("http", facts.ports.router),),
+        # The local tiers take the internal vLLM key; each provider its own, which only the router reads.
+        credentials=(
+            Credential("vllm_api_key", layout.vllm_key_file),
+            *(Credential(f"provider_{name}_api_key", layout.provider_key_file(name)) for name in facts.providers),
+        ),
+        logs=(layout.route_log,),
+        health=Health("/health"),
+        metrics_path="/metrics",
+        reads=(dirname(RUNTIME_ENV), dirname(ROUTE_TABLE)),
+        env_file=True,
+        writes=(layout.logs,),
+        after=(VLLM, *(tier_service(tier) for tier in facts.tiers)),
+    )
+
+
 def services(facts: HostFacts) -> tuple[Service, ...]:
     """The gateway's services on one host, in start order."""
     layout, ports = facts.layout, facts.ports
     state, logs = layout.state, layout.logs
     out: list[Service] = []
     if facts.vllm is not None:
-        launch = ["launch", "run", "--spec", str(layout.bundle_file(LAUNCH_SPEC))]
-        if facts.vllm.python is not None:
-            # --no-check: the launcher's pre-flight parse of vLLM's flags imports vLLM once more (as long as
-            # the server's own import, ~20 s on a CPU host); vLLM parses the same flags as it starts and its
-            # error lands in its log, and tests/runtime/test_launcher.py checks the flags we build against
-            # vLLM's real parser.
-            launch += ["--python", str(facts.vllm.python), "--no-check"]
-        out.append(
-            Service(
-                name=VLLM,
-                description="gpugate vLLM model server (loopback only)",
-                argv=_runtime(facts, *launch),
-                user=facts.vllm.user,
-                listens=(Listen("http", ports.vllm),),
-                credentials=(Credential("vllm_api_key", layout.vllm_key_file),),
-                health=Health("/health"),
-                metrics_path="/metrics",
-                reads=(dirname(LAUNCH_SPEC),),
-                env=facts.vllm.env,
-                writes=(state,) if facts.vllm.venv is None else (state, facts.vllm.venv),
-                prepare_argv=None
-                if facts.vllm.venv is None
-                else _runtime(facts, "launch", "prepare", "--spec", str(layout.bundle_file(LAUNCH_SPEC))),
-                # A cold start downloads the weights (and on a CPU host builds vLLM's venv, ~1.5 GB from PyPI),
-                # loads them and warms up.
-                start_timeout_s=900 if facts.vllm.venv is None else 1800,
-                stop_timeout_s=60,
-            )
-        )
+        out.append(_vllm(facts, VLLM, LAUNCH_SPEC, ports.vllm))
+        out += [_vllm(facts, tier_service(tier), tier_launch_spec(tier), ports.tier(i)) for i, tier in enumerate(facts.tiers)]
     out.append(
         Service(
             name=AUTHZ,
@@ -234,6 +281,8 @@ def services(facts: HostFacts) -> tuple[Service, ...]:
             in_proxy_pod=True,
         )
     )
+    if facts.router:
+        out.append(_router(facts))
     caddyfile = str(layout.bundle_file(CADDYFILE))
     caddy_run = (str(CADDY), "run", "--config", caddyfile, "--adapter", "caddyfile")
     out.append(
@@ -255,7 +304,7 @@ def services(facts: HostFacts) -> tuple[Service, ...]:
             reads=(dirname(CADDYFILE),),
             # Go runtime settings: see CADDY_GO_ENV.
             env=CADDY_GO_ENV,
-            after=(AUTHZ,),
+            after=(AUTHZ, ROUTER) if facts.router else (AUTHZ,),
             writes=(layout.caddy_storage, logs),
             binds_privileged=True,
             notifies=True,
