@@ -61,6 +61,9 @@ def runtime_settings(
             # stream never loses its slot to the TTL, which only frees slots whose log line was lost.
             inflight_ttl_seconds=spec.timeouts.max_stream_seconds + INFLIGHT_TTL_MARGIN_SECONDS,
             route_log=route_log,
+            # A key without a default of its own takes the stack's (only where the stack routes: elsewhere the
+            # setting stays unset and the bundle as it was).
+            default_route_policy=spec.routing.default_policy if spec.routes else None,
             redis_url=shared_limits[0] if shared_limits else None,
             redis_password_file=shared_limits[1] if shared_limits else None,
         ),

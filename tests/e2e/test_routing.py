@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import httpx
 import pytest
 from gpugate_runtime.contract.host import CADDY_GO_ENV, HostLayout, Ports
 from gpugate_runtime.contract.routing import ROUTE_HEADER, ROUTE_POLICY_HEADER, RouteRecord
+from gpugate_runtime.keys import Scope, rotate_key
 
 from gpugate.render.bundle import write_bundle
 from gpugate.stackfile import load_stack
@@ -48,8 +50,8 @@ class Routed:
     root: Path
     tiers: dict[str, contextlib.ExitStack]
 
-    def chat(self, model: str, policy: str | None = None, **body: Any) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {self.key}"}
+    def chat(self, model: str, policy: str | None = None, key: str | None = None, **body: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key or self.key}"}
         if policy:
             headers[ROUTE_POLICY_HEADER] = policy
         payload = {"model": model, "messages": [{"role": "user", "content": CANARY}], "max_tokens": 4, **body}
@@ -255,3 +257,39 @@ def test_no_prompt_and_no_provider_key_in_any_file(routed: Routed) -> None:
             offenders.append(str(path))
     assert checked > 10, "the walk saw the state dir's files"
     assert offenders == []
+
+
+def test_a_spent_token_budget_gets_429_naming_it_and_rotation_keeps_the_spend(routed: Routed) -> None:
+    # given a key whose family may spend 60 tokens a day (one answer here is about 40: prompt + 4 tokens)
+    issued = routed.gateway.new_key("budgeted", scope=Scope(budget_tokens=60, budget_period="day"))
+    key = issued.token
+    # when it asks until refused (authz counts each answer from the route log within one store check)
+    answers: list[httpx.Response] = []
+    deadline = time.monotonic() + 180
+    while len(answers) < 8 and time.monotonic() < deadline:
+        answers.append(routed.chat(GENERAL, key=key))
+        if answers[-1].status_code == 429:
+            break
+        time.sleep(0.3)
+    # then it was served until its spend passed the budget, and then refused with the budget's name and reset
+    statuses = [a.status_code for a in answers]
+    assert statuses[0] == 200 and statuses[-1] == 429 and set(statuses[:-1]) == {200}, statuses
+    served = [r for r in routed.records() if r.status == 200 and r.key_id == issued.record.id]
+    assert sum(r.input_tokens + r.output_tokens for r in served) >= 60
+    refusal = answers[-1]
+    error = refusal.json()["error"]
+    assert error["code"] == "budget_exceeded" and "token budget 'day'" in error["message"] and "60 tokens" in error["message"]
+    assert "resets at" in error["message"] and int(refusal.headers["Retry-After"]) > 0
+    assert ROUTE_HEADER not in refusal.headers, "refused by authz, before the router"
+    # and the key that replaces it by rotation inherits the spend: refused from its first request
+    rotated = rotate_key(routed.gateway.layout.key_store, "budgeted", overlap=timedelta(0), expires=timedelta(days=1))
+    # (401 until authz has reloaded the store; its first answer after that must already be the refusal: a fresh
+    # family would be served, and would spend, first)
+    first: list[httpx.Response] = []
+    for _ in range(20):
+        first.append(routed.chat(GENERAL, key=rotated.issued.token))
+        if first[-1].status_code != 401:
+            break
+        time.sleep(0.5)
+    assert first[-1].status_code == 429, [a.status_code for a in first]
+    assert first[-1].json()["error"]["code"] == "budget_exceeded"
