@@ -1,11 +1,19 @@
 """The proxy pod as `gpugate render --stack prod` renders it (Caddy, authz, prober), run by `podman kube play`
-from gpugate's images in front of a real vLLM (CPU) on this machine.
+from gpugate's images in front of a real vLLM (CPU) on this machine, beside the shared limits store its authz
+keeps every key's limits in (the Redis pod `gpugate-limits`, gpugate/kubernetes/limitstore.py).
 
-The pod is the rendered Deployment `gateway` with the ConfigMaps and Secrets it uses, as rendered, and the
-one Secret it mounts that the bundle does not hold: `gpugate-tls`, which cert-manager writes for the rendered
-Certificate (never the program). What differs from the rendered objects, and why (`prod_pod_docs`):
+The pods are the rendered Deployments `gateway` and `gpugate-limits` with the ConfigMaps and Secrets they use,
+as rendered, and the one Secret the proxy mounts that the bundle does not hold: `gpugate-tls`, which
+cert-manager writes for the rendered Certificate (never the program). What differs from the rendered objects,
+and why (`prod_pod_docs`):
   - images: the two images built here (tests/kubernetes/images.py) instead of the stack's pinned digests;
   - hostPort: Caddy's `https` port published on 127.0.0.1 at a free port (a cluster has the LoadBalancer);
+  - the limits store: its `redis` port published on 127.0.0.1 at a free port, and the proxy pod resolves the
+    store's Service name (`gpugate-limits.gpugate.svc.cluster.local`) to 10.0.2.2 through `hostAliases`, with
+    that port in authz's Redis URL (the runtime env ConfigMap): there is no Service (nor cluster DNS) here,
+    and the rendered 6379 may be held by another Redis on this machine. Its Service and NetworkPolicy are not
+    played (podman has neither); its claim `gpugate-limits-data` is bound to an empty directory of the
+    test's, as a kubelet hands a fresh volume to a pod with an fsGroup (`limits_claim`, `kube_play(claims=...)`);
   - the upstream: the pod resolves vLLM's headless Service name (`vllm.gpugate.svc.cluster.local`) to
     10.0.2.2 through `hostAliases` (slirp4netns's address for this machine's loopback, where the test's vLLM
     listens; there is no cluster DNS here), and vLLM's port in the Caddyfile and in the prober's health URL
@@ -13,7 +21,9 @@ Certificate (never the program). What differs from the rendered objects, and why
     machine, which another test session may hold. The public name resolves to the pod's own loopback (so the
     prober probes its own Caddy, never the internet).
 What a cluster and `pulumi up` would provide is provided:
-  - the Secrets get values: a key store with a client key and the prober's key, vLLM's internal key;
+  - the Secrets get values: a key store with a client key, a key with a small rpm and the prober's key,
+    vLLM's internal key, and the limits store's password (a random one, as `password` and as
+    `requirepass <password>` in `redis.conf`, as infra/kubernetes.py generates it);
   - cert-manager's Secret for the rendered Certificate, as it is once the certificate is issued: named by
     the Certificate's secretName, labelled by its secretTemplate, type kubernetes.io/tls with `tls.crt` (the
     leaf and its CA) and `tls.key` (cert-manager's own annotations left out: nothing in the pod reads them).
@@ -27,12 +37,18 @@ import base64
 import datetime
 import io
 import json
+import os
+import secrets
 import ssl
+import string
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -45,14 +61,21 @@ from ruamel.yaml import YAML
 from gpugate_runtime.contract.host import Ports
 from gpugate_runtime.contract.metrics import PROBE_SUCCESS
 from gpugate_runtime.contract.services import GID_GATEWAY
+from gpugate_runtime.keys import key_id_of
 from gpugate_runtime.prober import Check
+from gpugate_runtime.spend import REDIS_PREFIX
 
+from gpugate.kubernetes.limitstore import DATA_PVC, limits_url
 from gpugate.kubernetes.objects import (
     GATEWAY,
     KEY_STORE_FILE,
+    LIMITS,
+    LIMITS_CONF_ITEM,
+    LIMITS_PASSWORD_ITEM,
     PROBER_KEY_ITEM,
     SECRET_INTERNAL,
     SECRET_KEYS,
+    SECRET_LIMITS,
     TLS_SECRET,
     VLLM_KEY_ITEM,
 )
@@ -72,6 +95,8 @@ SLIRP_HOST_LOOPBACK = "10.0.2.2"  # slirp4netns with allow_host_loopback: this m
 POD_NETWORK = "slirp4netns:allow_host_loopback=true"
 READY_TIMEOUT_S = 120
 PROXY_CONTAINERS = {"caddy", "authz", "prober"}
+POD_CONTAINERS = PROXY_CONTAINERS | {"redis"}  # the limits store's one container
+SMALL_RPM = 2  # the rpm of the key that shows the limits are held in the store
 
 
 # --- the rendered objects, and what differs -----------------------------------------------------------
@@ -111,6 +136,28 @@ def swap_upstream_port(text: str, service: str, old: int, new: int) -> str:
     return swapped
 
 
+def swap_limits_port(text: str, host: str, old: int, new: int) -> str:
+    """The limits store's port `old` -> `new` in authz's Redis URL (`redis://<host>:<port>/0`)."""
+    swapped = text.replace(f"//{host}:{old}/", f"//{host}:{new}/")
+    assert swapped.count(host) == swapped.count(f"//{host}:{new}/"), (
+        f"the rendered file names {host} in a form this test does not swap: update swap_limits_port"
+    )
+    return swapped
+
+
+def limits_address(spec: GatewaySpec) -> tuple[str, int]:
+    """The host name and port authz's rendered Redis URL names (the store's Service)."""
+    assert spec.kubernetes is not None
+    url = urlsplit(limits_url(spec.kubernetes))
+    assert url.hostname is not None and url.port is not None
+    return url.hostname, url.port
+
+
+def limits_secret(password: str) -> dict[str, str]:
+    """The limits store's Secret items for `password`, as infra/kubernetes.py writes them."""
+    return {LIMITS_PASSWORD_ITEM: password, LIMITS_CONF_ITEM: f"requirepass {password}\n"}
+
+
 def issued_tls_secret(certificate: dict[str, Any], chain: bytes, key: bytes) -> dict[str, Any]:
     """The Secret cert-manager writes for `certificate` once it is issued (module docstring)."""
     return {
@@ -125,28 +172,33 @@ def issued_tls_secret(certificate: dict[str, Any], chain: bytes, key: bytes) -> 
 
 @dataclass(frozen=True)
 class PodInputs:
-    """What the test hands the rendered objects: images, the published port, vLLM's address, secret values,
+    """What the test hands the rendered objects: images, the published ports, vLLM's address, secret values,
     and the certificate (PEM chain and key) cert-manager would have put in the TLS Secret."""
 
     proxy_image: str
     runtime_image: str
     host_port: int
     vllm_port: int
+    limits_port: int
     secrets: dict[str, dict[str, str]]
     tls_chain: bytes
     tls_key: bytes
 
 
 def prod_pod_docs(spec: GatewaySpec, objects: list[dict[str, Any]], inputs: PodInputs) -> list[dict[str, Any]]:
-    """The proxy pod's ConfigMaps, Secrets and Deployment, changed only as the module docstring says, and the
-    TLS Secret cert-manager would write for the rendered Certificate."""
+    """The proxy pod's and the limits store's ConfigMaps, Secrets and Deployments (the proxy's last), changed
+    only as the module docstring says, and the TLS Secret cert-manager would write for the rendered Certificate."""
     assert spec.kubernetes is not None
     deployment = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == GATEWAY)
+    store = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == LIMITS)
     certificate = next(o for o in objects if o["kind"] == "Certificate")
     issued = issued_tls_secret(certificate, inputs.tls_chain, inputs.tls_key)
-    docs = [*used_objects([*objects, issued], deployment), deployment]
+    used = used_objects([*objects, issued], deployment)
+    used += [o for o in used_objects(objects, store) if not any(o is u for u in used)]
+    docs = [*used, store, deployment]
     service = vllm_host(spec.kubernetes)
     rendered_port = Ports(spec.ports.internal_base).vllm
+    limits_host, limits_port = limits_address(spec)
     for doc in docs:
         if doc is issued:  # already holds what cert-manager would
             continue
@@ -154,19 +206,34 @@ def prod_pod_docs(spec: GatewaySpec, objects: list[dict[str, Any]], inputs: PodI
             doc.pop("data", None)
             doc["stringData"] = inputs.secrets[doc["metadata"]["name"]]
         elif doc["kind"] == "ConfigMap":
-            doc["data"] = {name: swap_upstream_port(text, service, rendered_port, inputs.vllm_port)
+            doc["data"] = {name: swap_limits_port(swap_upstream_port(text, service, rendered_port, inputs.vllm_port),
+                                                  limits_host, limits_port, inputs.limits_port)
                            for name, text in doc["data"].items()}
     spec_ = pod_spec(deployment)
     spec_["hostAliases"] = [
-        {"ip": SLIRP_HOST_LOOPBACK, "hostnames": [service]},
+        {"ip": SLIRP_HOST_LOOPBACK, "hostnames": [service, limits_host]},
         {"ip": "127.0.0.1", "hostnames": [spec.domain]},
     ]
-    for container in spec_["containers"]:
+    for container in [*spec_["containers"], *pod_spec(store)["containers"]]:
         container["image"] = inputs.proxy_image if container["name"] == "caddy" else inputs.runtime_image
     caddy = next(c for c in spec_["containers"] if c["name"] == "caddy")
     https = next(p for p in caddy["ports"] if p["name"] == "https")
     https.update({"hostPort": inputs.host_port, "hostIP": "127.0.0.1"})
+    (redis,) = pod_spec(store)["containers"]
+    (port,) = redis["ports"]
+    assert port["containerPort"] == limits_port
+    port.update({"hostPort": inputs.limits_port, "hostIP": "127.0.0.1"})
     return docs
+
+
+def limits_claim(work: Path) -> Path:
+    """An empty directory for the store's claim, as a kubelet hands a fresh volume to a pod with an fsGroup:
+    owned by root, in the fsGroup, group-writable and setgid (Redis writes its append-only file there)."""
+    data = work / DATA_PVC
+    data.mkdir()
+    os.chown(data, 0, GID_GATEWAY)
+    data.chmod(0o2770)
+    return data
 
 
 # --- the certificate cert-manager would issue -----------------------------------------------------------
@@ -212,7 +279,9 @@ class ProdPod:
     domain: str
     ca: ssl.SSLContext
     client_key: str
-    uids: dict[str, int]  # container -> runAsUser, from the rendered YAML
+    small_rpm_key: str  # a key of SMALL_RPM requests per minute
+    limits_password: str
+    uids: dict[str, int]  # container -> runAsUser, from the rendered YAML (both pods)
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """To 127.0.0.1 with the public name as SNI and Host: the certificate is checked for that name."""
@@ -223,6 +292,12 @@ class ProdPod:
 
     def logs(self) -> str:
         return self.podman.pod_logs(self.played)
+
+    def redis(self, *command: str) -> str:
+        """`redis-cli` with the store's password, in the limits store's own container."""
+        redis = next(c.name for pod in self.played.pods for c in self.podman.containers(pod) if c.name.endswith("-redis"))
+        argv = ["redis-cli", "--no-auth-warning", "-a", self.limits_password, *command]
+        return self.podman.exec(redis, argv).stdout.decode()
 
 
 def prod_pod_manifests(pod: ProdPod) -> list[dict[str, Any]]:
@@ -250,35 +325,56 @@ def prod_pod(podman: Podman, proxy_image: BuildResult, runtime_image: BuildResul
     work = tmp_path_factory.mktemp("prod-pod")
     store = work / KEY_STORE_FILE
     client_key = create_key(store, "team-prod-pod")
+    small_rpm_key = create_key_with_rpm(store, "team-small-rpm", SMALL_RPM)
     prober_key = create_key(store, "prober")
+    password = limits_password()
     ca_pem, chain, key = issue_certificate(prod_spec.domain)
     inputs = PodInputs(
         proxy_image=proxy_image.tag,
         runtime_image=runtime_image.tag,
         host_port=find_free_port(),
         vllm_port=prod_vllm.spec.port,
+        limits_port=find_free_port(),
         secrets={
             SECRET_KEYS: {KEY_STORE_FILE: store.read_text()},
             SECRET_INTERNAL: {VLLM_KEY_ITEM: prod_vllm.api_key, PROBER_KEY_ITEM: prober_key},
+            SECRET_LIMITS: limits_secret(password),
         },
         tls_chain=chain,
         tls_key=key,
     )
     docs = prod_pod_docs(prod_spec, rendered_objects(STACKS / f"Pulumi.{STACK}.yaml"), inputs)
-    containers = pod_spec(docs[-1])["containers"]
+    containers = [c for d in docs if d["kind"] == "Deployment" for c in pod_spec(d)["containers"]]
     uids = {c["name"]: c["securityContext"]["runAsUser"] for c in containers}
     out = io.StringIO()
     YAML(typ="safe", pure=True).dump_all(docs, out)
-    played = podman.kube_play(out.getvalue(), network=POD_NETWORK, name="prod-pod")
+    played = podman.kube_play(out.getvalue(), network=POD_NETWORK, name="prod-pod", claims={DATA_PVC: limits_claim(work)})
     try:
         podman.wait_running(played, timeout=READY_TIMEOUT_S)
         ca = ssl.create_default_context(cadata=ca_pem.decode())
-        pod = ProdPod(podman, played, f"https://127.0.0.1:{inputs.host_port}", prod_spec.domain, ca, client_key, uids)
+        pod = ProdPod(podman, played, f"https://127.0.0.1:{inputs.host_port}", prod_spec.domain, ca, client_key,
+                      small_rpm_key, password, uids)
         wait_for_status(pod, "/healthz", 200)  # Caddy serves the domain's certificate and reaches vLLM
         wait_for_status(pod, "/v1/models", 401)  # authz answers behind Caddy (no key: its 401, not a 503)
         yield pod
     finally:
         podman.kube_down(played)
+
+
+def limits_password() -> str:
+    """A password like the program's (a RandomPassword of letters and digits, infra/kubernetes.py)."""
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(48))
+
+
+def create_key_with_rpm(store: Path, name: str, rpm: int) -> str:
+    """A client key of `rpm` requests per minute: `python -m gpugate_runtime keys create --rpm`."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpugate_runtime", "keys", "create", name, "--rpm", str(rpm), "--store", str(store), "--json"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )
+    created = json.loads(proc.stdout)
+    assert created["rpm"] == rpm
+    return created["key"]
 
 
 def wait_for_status(pod: ProdPod, path: str, status: int) -> None:
@@ -300,12 +396,14 @@ def wait_for_status(pod: ProdPod, path: str, status: int) -> None:
 # --- the behaviours -------------------------------------------------------------------------------------------
 
 
-def test_the_played_pod_differs_from_the_rendered_one_only_in_images_host_port_and_upstream(prod_spec: GatewaySpec):
+def test_the_played_pods_differ_from_the_rendered_ones_only_in_images_host_ports_and_upstreams(prod_spec: GatewaySpec):
     # given the rendered objects and what the test hands them
     objects = rendered_objects(STACKS / f"Pulumi.{STACK}.yaml")
-    inputs = PodInputs("localhost/proxy:t", "localhost/runtime:t", 40443, 40000,
-                       {SECRET_KEYS: {KEY_STORE_FILE: "{}"}, SECRET_INTERNAL: {VLLM_KEY_ITEM: "v", PROBER_KEY_ITEM: "p"}},
+    inputs = PodInputs("localhost/proxy:t", "localhost/runtime:t", 40443, 40000, 46379,
+                       {SECRET_KEYS: {KEY_STORE_FILE: "{}"}, SECRET_INTERNAL: {VLLM_KEY_ITEM: "v", PROBER_KEY_ITEM: "p"},
+                        SECRET_LIMITS: limits_secret("pw")},
                        b"chain PEM", b"key PEM")
+    limits_host, limits_port = limits_address(prod_spec)
     rendered = {(o["kind"], o["metadata"]["name"]): o for o in objects}
     certificate = rendered[("Certificate", "gpugate")]
     # when the pod's documents are made
@@ -321,8 +419,12 @@ def test_the_played_pod_differs_from_the_rendered_one_only_in_images_host_port_a
         "type": "kubernetes.io/tls",
         "data": {"tls.crt": base64.b64encode(b"chain PEM").decode(), "tls.key": base64.b64encode(b"key PEM").decode()},
     }]
-    # ... and every other document is its rendered object but for the named changes
-    assert [d["kind"] for d in docs].count("Deployment") == 1
+    # ... and every other document is its rendered object but for the named changes: both Deployments, the
+    # limits store's Secret once (both pods mount it), its Secret items as infra/kubernetes.py writes them
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"] == [LIMITS, GATEWAY]
+    assert [d["metadata"]["name"] for d in docs].count(SECRET_LIMITS) == 1
+    assert limits_secret("pw")[LIMITS_CONF_ITEM] == "requirepass pw\n"
+    swapped_limits = 0
     for doc in docs:
         if doc is issued[0]:
             continue
@@ -333,12 +435,24 @@ def test_the_played_pod_differs_from_the_rendered_one_only_in_images_host_port_a
         elif doc["kind"] == "ConfigMap":
             service = vllm_host(prod_spec.kubernetes)
             for name, text in doc["data"].items():
-                back = swap_upstream_port(text, service, 40000, Ports(prod_spec.ports.internal_base).vllm)
+                back = swap_upstream_port(swap_limits_port(text, limits_host, 46379, limits_port),
+                                          service, 40000, Ports(prod_spec.ports.internal_base).vllm)
                 assert back == original["data"][name]
-                assert (text != back) == (service in text)
+                assert (text != back) == (service in text or limits_host in text)
+                swapped_limits += f"//{limits_host}:46379/" in text
+        elif doc["metadata"]["name"] == LIMITS:
+            spec, was = pod_spec(doc), pod_spec(original)
+            (redis,) = spec["containers"]
+            assert redis.pop("image") == "localhost/runtime:t"
+            (port,) = redis["ports"]
+            assert (port.pop("hostPort"), port.pop("hostIP")) == (46379, "127.0.0.1")
+            assert port["containerPort"] == limits_port
+            for c in was["containers"]:
+                c.pop("image")
+            assert doc == original
         else:
             spec, was = pod_spec(doc), pod_spec(original)
-            assert spec.pop("hostAliases")[0]["hostnames"] == [vllm_host(prod_spec.kubernetes)]
+            assert spec.pop("hostAliases")[0]["hostnames"] == [vllm_host(prod_spec.kubernetes), limits_host]
             caddy = next(c for c in spec["containers"] if c["name"] == "caddy")
             https = next(p for p in caddy["ports"] if p["name"] == "https")
             assert (https.pop("hostPort"), https.pop("hostIP")) == (40443, "127.0.0.1")
@@ -347,6 +461,7 @@ def test_the_played_pod_differs_from_the_rendered_one_only_in_images_host_port_a
             for c in was["containers"]:
                 c.pop("image")
             assert doc == original
+    assert swapped_limits == 1  # authz's Redis URL, in the runtime env
 
 
 def test_a_chat_completion_with_a_client_key_goes_through_the_pod_over_tls(prod_pod: ProdPod, prod_vllm: VllmServer):
@@ -384,6 +499,22 @@ def test_a_wrong_key_gets_401_and_never_reaches_vllm(prod_pod: ProdPod, prod_vll
     assert anonymous.status_code == 401
 
 
+def test_a_keys_rpm_is_held_in_the_shared_limits_store(prod_pod: ProdPod):
+    # given a key of SMALL_RPM requests per minute, whose token bucket authz keeps in the limits store
+    headers = {"Authorization": f"Bearer {prod_pod.small_rpm_key}"}
+    bucket = f"{REDIS_PREFIX}:rpm:{key_id_of(prod_pod.small_rpm_key)}"
+    # when it makes one request more than its rpm within the minute
+    responses = [prod_pod.request("GET", "/v1/models", headers=headers) for _ in range(SMALL_RPM + 1)]
+    # then the last one is refused by its rpm, and the store holds the key's bucket, spent
+    assert [r.status_code for r in responses] == [200] * SMALL_RPM + [429], f"{[r.text for r in responses]}\n{prod_pod.logs()}"
+    assert "rate_limit_exceeded" in responses[-1].text and int(responses[-1].headers["retry-after"]) >= 1
+    assert float(prod_pod.redis("HGET", bucket, "tokens")) < 1
+    # ... and once the store forgets the bucket the key gets through again: the count lives in Redis, not in authz
+    assert prod_pod.redis("DEL", bucket).strip() == "1"
+    again = prod_pod.request("GET", "/v1/models", headers=headers)
+    assert again.status_code == 200, again.text
+
+
 def app_processes(podman: Podman, played: Played) -> dict[str, list[Process]]:
     """Container name in the YAML -> its processes, read from the kernel (the infra container left out)."""
     seen: dict[str, list[Process]] = {}
@@ -397,8 +528,8 @@ def app_processes(podman: Podman, played: Played) -> dict[str, list[Process]]:
 def test_every_process_of_the_pod_runs_as_the_non_root_uid_its_manifest_names(podman: Podman, prod_pod: ProdPod):
     # given the running pod, read from the kernel rather than from the YAML
     seen = app_processes(podman, prod_pod.played)
-    # then every container of the rendered Deployment runs, each with at least one process ...
-    assert set(seen) == set(prod_pod.uids) == PROXY_CONTAINERS
+    # then every container of the rendered Deployments runs, each with at least one process ...
+    assert set(seen) == set(prod_pod.uids) == POD_CONTAINERS
     assert all(seen.values())
     # ... each as its runAsUser (real, effective, saved, file-system), in the gateway group, with no capability
     for name, processes in seen.items():
@@ -421,12 +552,12 @@ def root_mount_options(host_pid: int) -> list[str]:
 
 def test_every_container_of_the_pod_runs_on_a_read_only_root(podman: Podman, prod_pod: ProdPod):
     # given what the manifest says of each container's root file system
-    deployment = next(d for d in prod_pod_manifests(prod_pod) if d["kind"] == "Deployment")
-    read_only = {c["name"]: c["securityContext"]["readOnlyRootFilesystem"] for c in pod_spec(deployment)["containers"]}
-    assert set(read_only) == PROXY_CONTAINERS and all(read_only.values())
+    containers = [c for d in prod_pod_manifests(prod_pod) if d["kind"] == "Deployment" for c in pod_spec(d)["containers"]]
+    read_only = {c["name"]: c["securityContext"]["readOnlyRootFilesystem"] for c in containers}
+    assert set(read_only) == POD_CONTAINERS and all(read_only.values())
     # then every process of every container sees `/` mounted read-only
     seen = app_processes(podman, prod_pod.played)
-    assert set(seen) == PROXY_CONTAINERS
+    assert set(seen) == POD_CONTAINERS
     for name, processes in seen.items():
         for proc in processes:
             assert root_mount_options(proc.host_pid)[0] == "ro", f"{name}: {proc.argv} has a writable root"
