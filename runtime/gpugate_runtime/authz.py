@@ -30,7 +30,7 @@ from gpugate_runtime.contract.metrics import (
     KEYSTORE_RELOADS,
 )
 from gpugate_runtime.decisionlog import sync_decision_log
-from gpugate_runtime.keys import TOKEN_RE, KeyStore, KeyStoreError, read_store
+from gpugate_runtime.keys import KeyStore, KeyStoreError, bearer_key, read_store
 from gpugate_runtime.limits import Inflight, TokenBuckets
 from gpugate_runtime.settings import AuthzSettings
 
@@ -346,18 +346,15 @@ class Authz:
         """The outcome, the key it concerns (None when no key was accepted) and, if rate limited, the wait."""
         if not auth:
             return Outcome.MISSING_KEY, None, 0.0
-        scheme, _, credential = auth.partition(b" ")
-        if scheme.lower() != b"bearer":
+        parsed = bearer_key(auth)
+        if parsed is None:
             return Outcome.MALFORMED_KEY, None, 0.0
-        token = credential.strip().decode("latin-1")
-        match = TOKEN_RE.match(token)
-        if not match:
-            return Outcome.MALFORMED_KEY, None, 0.0
-        key = self.watcher.keys.get(match.group(1))
+        key_id, token = parsed
+        key = self.watcher.keys.get(key_id)
         if key is None:
             # A key issued a moment ago works at once: an unknown id costs one stat() of the store.
             self.watcher.check()
-            key = self.watcher.keys.get(match.group(1))
+            key = self.watcher.keys.get(key_id)
         # Key ids are not secret; the secret part is compared in constant time through its hash.
         if key is None or not hmac.compare_digest(hashlib.sha256(token.encode()).digest(), key.digest):
             return Outcome.UNKNOWN_KEY, None, 0.0
