@@ -111,9 +111,10 @@ def test_the_internal_key_reaches_vllm_and_caddy_from_a_secret_and_no_secret_is_
     for container, name in ((vllm, "VLLM_API_KEY"), (caddy, "GPUGATE_VLLM_API_KEY")):
         env = next(e for e in container["env"] if e["name"] == name)
         assert env["valueFrom"]["secretKeyRef"] == {"name": "gpugate-internal", "key": "vllm_api_key"}
-    for obj in prod_objects.values():
-        if obj["kind"] == "Secret":
-            assert set(obj["stringData"].values()) == {PLACEHOLDER}
+    secrets = [obj for obj in prod_objects.values() if obj["kind"] == "Secret"]
+    assert {s["metadata"]["name"] for s in secrets} >= {"gpugate-internal", "gpugate-keys"}, "the Secrets to check"
+    for obj in secrets:
+        assert obj["stringData"] and set(obj["stringData"].values()) == {PLACEHOLDER}, obj["metadata"]["name"]
 
 
 def test_only_the_proxy_is_exposed_and_only_on_80_and_443(prod_objects):
