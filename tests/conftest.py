@@ -23,6 +23,15 @@ def run_gpugate(*args: str, cwd: Path = REPO, timeout: float = 300, env: dict | 
     )
 
 
+# The console script pip made from [project.scripts] (gpugate = gpugate.cli:app), next to the venv's python.
+GPUGATE_SCRIPT = Path(sys.executable).with_name("gpugate")
+
+
+def run_gpugate_script(*args: str, cwd: Path = REPO, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `gpugate` command itself (the entry point a user's shell finds), not `python -m gpugate`."""
+    return subprocess.run([str(GPUGATE_SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
 @contextmanager
 def running_moto(address: str = "127.0.0.1") -> Iterator[str]:
     """moto's real server (the AWS APIs the programs and hosts call: S3, Secrets Manager, ...) on `address`,
