@@ -55,9 +55,14 @@ class RunningStack:
     def pid_of(self, service: str) -> int:
         return next(s["pid"] for s in self.status()["services"] if s["name"] == service)
 
-    def vllm_metric(self, name: str) -> float:
+    def vllm_metric(self, name: str, label: str = "") -> float:
+        """The sum of a series of vLLM's own /metrics, over the samples whose labels contain `label`."""
         text = httpx.get(f"http://127.0.0.1:{self.ports['vllm']}/metrics", timeout=5).text
-        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " ")]
+        values = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if (line.startswith(name + "{") or line.startswith(name + " ")) and label in line.split(" ", 1)[0]
+        ]
         return sum(values)
 
     @property
