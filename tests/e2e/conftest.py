@@ -18,24 +18,11 @@ import httpx
 import pytest
 from gpugate_runtime.launchspec import LaunchSpec
 
-from gpugate.local.model import ensure_model
-from gpugate.local.vllm_env import ensure_vllm_venv
+from tests.conftest import smollm_dir, vllm_python  # noqa: F401 - fixtures, imported from here by tests/vm and tests/kubernetes
 
 VLLM_HEALTH_TIMEOUT_S = 180
 VLLM_STOP_TIMEOUT_S = 30
 VLLM_SERVED_NAME = "smollm2"
-
-
-@pytest.fixture(scope="session")
-def vllm_python() -> Path:
-    """Python of the vLLM CPU venv in the cache (`$GPUGATE_CACHE_DIR`); built on first use (~2 min), then instant."""
-    return ensure_vllm_venv()
-
-
-@pytest.fixture(scope="session")
-def smollm_dir(vllm_python: Path) -> Path:
-    """SmolLM2-135M-Instruct as a bfloat16 safetensors checkpoint in the cache; converted on first use (~20 s)."""
-    return ensure_model(python=vllm_python)
 
 
 def find_free_port() -> int:

@@ -216,6 +216,7 @@ def metrics_server() -> Iterator[tuple[int, type[_Metrics]]]:
     server.server_close()
 
 
+@pytest.mark.e2e
 def test_the_vllm_prestop_hook_waits_until_the_last_stream_ends(metrics_server):
     # given vLLM still running requests for the first two scrapes (the hook polls every 2 s)
     port, handler = metrics_server
@@ -228,6 +229,7 @@ def test_the_vllm_prestop_hook_waits_until_the_last_stream_ends(metrics_server):
     assert 3.5 < time.monotonic() - started < 15
 
 
+@pytest.mark.e2e
 def test_the_vllm_prestop_hook_gives_up_at_the_drain_budget(metrics_server):
     port, handler = metrics_server
     handler.busy_scrapes = 10_000
@@ -466,10 +468,8 @@ def test_vllm_home_and_every_compile_cache_are_on_a_writable_volume_of_its_pod(p
 
 
 @pytest.mark.e2e
-def test_vllm_and_pytorch_find_a_user_name_and_writable_caches_with_no_passwd_entry_for_the_pod_uid(prod_objects, tmp_path):
-    from gpugate.local.vllm_env import ensure_vllm_venv
-
-    python = ensure_vllm_venv()
+def test_vllm_and_pytorch_find_a_user_name_and_writable_caches_with_no_passwd_entry_for_the_pod_uid(prod_objects, tmp_path, vllm_python):
+    python = vllm_python
     home = tmp_path / "home"
     env = {e["name"]: e["value"] for e in _vllm_container(prod_objects)["env"] if e["name"] in (*CACHE_VARIABLES, "USER", "LOGNAME")}
     env = {k: v.replace("/home/vllm", str(home)) for k, v in env.items()}
