@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from gpugate_runtime.contract.host import HostLayout
 from gpugate_runtime.keys import create_key, utcnow
 
 from gpugate.stackfile import load_stack
@@ -378,3 +379,85 @@ def test_schemathesis_over_vllms_openapi_through_the_gateway_finds_no_gateway_5x
     assert {s["name"]: s["pid"] for s in stack.status()["services"]} == pids
     assert httpx.get(f"{stack.url}/healthz", verify=stack.tls(), timeout=10).status_code == 200
     assert _chat(stack.client(), stack.model).choices
+
+
+# ---- the gateway's own refusals in front of real vLLM (tests/e2e/test_gateway_proxy.py has them against the stub) ----
+
+COMPLETIONS_SERVED = ("http_requests_total", 'handler="/v1/completions"')  # the prober never calls this route
+
+
+def _raw(stack, request: bytes) -> bytes:
+    port = int(stack.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as plain, stack.tls().wrap_socket(
+        plain, server_hostname="localhost"
+    ) as tls:
+        tls.sendall(request)
+        chunks = []
+        while chunk := tls.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _max_body_bytes(stack) -> int:
+    env_file = HostLayout(stack.state).runtime_env
+    env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    return int(env["GPUGATE_AUTHZ_MAX_BODY_BYTES"])
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/metrics"), ("POST", "/tokenize"), ("POST", "/v1/load_lora_adapter"), ("GET", "/docs")])
+def test_a_private_route_in_canonical_form_gets_the_gateways_json_404_in_front_of_real_vllm(stack, method, path):
+    response = httpx.request(method, f"{stack.url}{path}", headers={"Authorization": f"Bearer {stack.key}"}, json={} if method == "POST" else None,
+                             verify=stack.tls(), timeout=10)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+    assert not [mark for mark in VLLM_PRIVATE_MARKS if mark in response.content]
+
+
+@pytest.mark.parametrize("case", ["413 body over the limit", "411 chunked body", "431 huge header"])
+def test_the_gateways_size_refusals_never_reach_real_vllm(stack, case):
+    # given a request vLLM is seen to count when it reaches it
+    before = stack.vllm_metric(*COMPLETIONS_SERVED)
+    stack.client().completions.create(model=stack.model, prompt="Hi", max_tokens=1)
+    wait_until(lambda: stack.vllm_metric(*COMPLETIONS_SERVED) == before + 1, 10, 0.2, "vLLM to count the completion")
+    counted = stack.vllm_metric(*COMPLETIONS_SERVED)
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: Bearer {stack.key}\r\n"
+    head += "Content-Type: application/json\r\n"
+    # when the same route gets a body over the limit, a body without a length, or a header over 16 KB
+    if case.startswith("413"):
+        over = _max_body_bytes(stack) + 1
+        # only the headers: authz answers from Content-Length before any byte of the body (the gateway then closes)
+        response = _raw(stack, (head + f"Content-Length: {over}\r\n\r\n").encode())
+        expected, code = b"HTTP/1.1 413 ", b'"request_too_large"'
+    elif case.startswith("411"):
+        body = b'{"model":"x","prompt":"Hi","max_tokens":1}'
+        response = _raw(stack, (head + "Transfer-Encoding: chunked\r\n\r\n").encode() + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        expected, code = b"HTTP/1.1 411 ", b'"length_required"'
+    else:
+        response = _raw(stack, (head + f"X-Padding: {'a' * 20_000}\r\nContent-Length: 2\r\n\r\n{{}}").encode())
+        expected, code = b"HTTP/1.1 431 ", b""
+    # then the gateway refuses it, and vLLM served nothing more
+    assert response.startswith(expected), response[:200]
+    assert code in response
+    time.sleep(1)
+    assert stack.vllm_metric(*COMPLETIONS_SERVED) == counted
+
+
+def test_a_spoofed_key_id_header_is_replaced_by_authz_in_front_of_real_vllm(stack):
+    # given a valid key and a forged identity header
+    request_id = f"e2e-spoof-{int(time.time() * 1000)}"
+    response = httpx.post(
+        f"{stack.url}/v1/completions", json={"model": stack.model, "prompt": "Hi", "max_tokens": 1}, verify=stack.tls(), timeout=60,
+        headers={"Authorization": f"Bearer {stack.key}", "X-Gpugate-Key-Id": "000000000000", "X-Request-Id": request_id},
+    )
+    # then real vLLM answers, and the gateway logged the key's own id, not the forged one
+    assert response.status_code == 200 and response.json()["choices"]
+    access_log = stack.state / "var" / "log" / "gpugate" / "access.log"
+    wait_until(lambda: request_id in access_log.read_text(), 5, 0.1, "the access-log entry")
+    entry = next(json.loads(line) for line in access_log.read_text().splitlines() if request_id in line)
+    assert entry["key_and_request_id"] == f"{stack.key.split('_')[1]} {request_id}"
+
+
+def test_plain_http_is_redirected_to_https_in_front_of_real_vllm(stack):
+    http_port = load_stack(stack.stack_file).spec.ports.http
+    response = httpx.get(f"http://127.0.0.1:{http_port}/v1/models", headers={"Host": "localhost"}, timeout=10)
+    assert response.status_code in (301, 308) and response.headers["Location"].startswith("https://localhost:")
+    assert response.headers["Location"].endswith("/v1/models")
