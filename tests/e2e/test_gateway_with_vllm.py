@@ -43,8 +43,9 @@ def _chat(client: openai.OpenAI, model: str, text: str = "Hi", max_tokens: int =
 
 
 def _vllm_requests(stack) -> float:
-    """Requests vLLM has finished or is working on: must not move for a refused request."""
-    return stack.vllm_metric("vllm:request_success_total") + stack.vllm_metric("vllm:num_requests_running")
+    """Requests vLLM has served on /v1/completions, which the prober never calls (its chats and model lists would
+    move vLLM's own request counters at any moment): must not move for a refused request."""
+    return stack.vllm_metric(*COMPLETIONS_SERVED)
 
 
 def test_refused_keys_get_401_and_vllm_never_sees_the_request(stack):
@@ -54,18 +55,22 @@ def test_refused_keys_get_401_and_vllm_never_sees_the_request(stack):
     expired = create_key(stack.key_store, "expired", expires=timedelta(hours=1), now=utcnow() - timedelta(hours=2))
     unknown = "ggk_0123456789ab_" + "0" * 64
     time.sleep(1.5)  # authz re-reads the store within its reload interval
+    # (the counter is seen to count: a valid key's completion moves it by one)
+    first = _vllm_requests(stack)
+    stack.client().completions.create(model=stack.model, prompt="Hi", max_tokens=1)
+    wait_until(lambda: _vllm_requests(stack) == first + 1, 10, 0.2, "vLLM to count the completion")
     before = _vllm_requests(stack)
     # when each calls the API through the gateway
     for key in (revoked["key"], expired.token, unknown, "sk-malformed"):
         with pytest.raises(openai.AuthenticationError) as refused:
-            _chat(stack.client(key), stack.model)
+            stack.client(key).completions.create(model=stack.model, prompt="Hi", max_tokens=1)
         # then the answer is an OpenAI-style 401 ...
         assert refused.value.status_code == 401
         assert refused.value.body["code"] == "invalid_api_key"
-    missing = httpx.post(f"{stack.url}/v1/chat/completions", json={"model": stack.model, "messages": []},
-                         verify=stack.tls(), timeout=10)
+    missing = httpx.post(f"{stack.url}/v1/completions", json={"model": stack.model, "prompt": "Hi"}, verify=stack.tls(), timeout=10)
     assert missing.status_code == 401
-    # ... and vLLM's counters did not move
+    # ... and vLLM served none of them
+    time.sleep(1)
     assert _vllm_requests(stack) == before
 
 
