@@ -22,6 +22,9 @@ from tests.conftest import edit_stack, run_gpugate
 from tests.e2e.conftest import find_free_port
 
 UP_TIMEOUT_S = 900
+# vLLM's own count of the HTTP requests it served on /v1/completions (RunningStack.vllm_metric's arguments). The
+# prober never calls that route, so only a test's requests move it.
+COMPLETIONS_SERVED = ("http_requests_total", 'handler="/v1/completions"')
 
 
 @dataclass

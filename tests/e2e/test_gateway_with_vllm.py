@@ -22,7 +22,7 @@ from gpugate_runtime.keys import create_key, utcnow
 
 from gpugate.stackfile import load_stack
 
-from tests.e2e.local_stack import running_local_stack, wait_until
+from tests.e2e.local_stack import COMPLETIONS_SERVED, running_local_stack, wait_until
 from tests.e2e.paths import NON_CANONICAL, PRIVATE_ROUTES, raw_https
 
 pytestmark = pytest.mark.e2e
@@ -387,9 +387,6 @@ def test_schemathesis_over_vllms_openapi_through_the_gateway_finds_no_gateway_5x
 
 
 # ---- the gateway's own refusals in front of real vLLM (tests/e2e/test_gateway_proxy.py has them against the stub) ----
-
-COMPLETIONS_SERVED = ("http_requests_total", 'handler="/v1/completions"')  # the prober never calls this route
-
 
 def _raw(stack, request: bytes) -> bytes:
     port = int(stack.url.rsplit(":", 1)[1])

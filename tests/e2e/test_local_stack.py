@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.local_stack import RunningStack, running_local_stack, wait_until
+from tests.e2e.local_stack import COMPLETIONS_SERVED, RunningStack, running_local_stack, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -46,11 +46,6 @@ def test_streaming_delivers_several_sse_chunks(stack):
     )
     chunks = [c for c in stream if c.choices and c.choices[0].delta.content]
     assert len(chunks) >= 3
-
-
-# vLLM counts every HTTP request it serves by route; the prober never calls /v1/completions, so only this
-# test moves this series.
-COMPLETIONS_SERVED = ("http_requests_total", 'handler="/v1/completions"')
 
 
 def test_requests_without_a_valid_key_are_refused_and_never_reach_vllm(stack):
