@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -12,6 +13,9 @@ from typing import Any
 import pytest
 from ruamel.yaml import YAML
 
+# A test not marked e2e that starts a service fails (tests/service_guard.py).
+pytest_plugins = ["tests.service_guard"]
+
 REPO = Path(__file__).resolve().parent.parent
 STACKS = REPO / "stacks"
 
@@ -21,6 +25,15 @@ def run_gpugate(*args: str, cwd: Path = REPO, timeout: float = 300, env: dict | 
     return subprocess.run(
         [sys.executable, "-m", "gpugate", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+# The console script pip made from [project.scripts] (gpugate = gpugate.cli:app), next to the venv's python.
+GPUGATE_SCRIPT = Path(sys.executable).with_name("gpugate")
+
+
+def run_gpugate_script(*args: str, cwd: Path = REPO, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `gpugate` command itself (the entry point a user's shell finds), not `python -m gpugate`."""
+    return subprocess.run([str(GPUGATE_SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @contextmanager
@@ -60,6 +73,39 @@ def pin_images(config: dict[str, Any]) -> None:
     images = (config.get("gpugate:kubernetes") or {}).get("images") or {}
     for name in images:
         images[name] = images[name].split("@")[0] + "@" + PINNED_DIGEST
+
+
+# Tests that need vLLM's CPU build or the local model ask for one of these fixtures.
+VLLM_FIXTURES = frozenset({"vllm_python", "smollm_dir"})
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """Python of the vLLM CPU venv in the cache (`$GPUGATE_CACHE_DIR`); built on first use (~2 min), then instant."""
+    from gpugate.local.vllm_env import ensure_vllm_venv  # noqa: PLC0415 - only selections that need vLLM
+
+    return ensure_vllm_venv()
+
+
+@pytest.fixture(scope="session")
+def smollm_dir(vllm_python: Path) -> Path:
+    """SmolLM2-135M-Instruct as a bfloat16 safetensors checkpoint in the cache; converted on first use (~20 s)."""
+    from gpugate.local.model import ensure_model  # noqa: PLC0415
+
+    return ensure_model(python=vllm_python)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Prepare vLLM's CPU venv and the model (3.5 GB, minutes the first time) once, before the first test and outside
+    any test's timeout, when a selected test needs them; a selection without one (`-m "not e2e"`) never touches them."""
+    if not any(VLLM_FIXTURES & set(getattr(item, "fixturenames", ())) for item in session.items):
+        return
+    from gpugate.local.model import ensure_model  # noqa: PLC0415
+    from gpugate.local.vllm_env import ensure_vllm_venv  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger(__name__).info("preparing vLLM (CPU build) and SmolLM2-135M-Instruct for the selected tests (cached)")
+    ensure_model(python=ensure_vllm_venv())
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 from gpugate_runtime.contract.host import HostLayout, Ports
-from gpugate_runtime.contract.services import services
+from gpugate_runtime.contract.services import SUPERVISOR_UMASK, services
 from gpugate_runtime.keys import KeyInputError, KeyStoreError, create_key, read_store, utcnow
 from gpugate_runtime.settings import KeysSettings
 from supervisor.xmlrpc import SupervisorTransport
@@ -239,8 +239,10 @@ class LocalGateway:
             _write_secret(self.layout.vllm_key_file, secrets.token_urlsafe(32))
 
     def _start_supervisord(self) -> None:
+        # supervisord opens its own log before it applies the umask= of its config: start it under that umask.
         proc = subprocess.run(
-            [str(self.bin_dir / "supervisord"), "-c", str(self.conf)], capture_output=True, text=True, timeout=60
+            [str(self.bin_dir / "supervisord"), "-c", str(self.conf)], capture_output=True, text=True, timeout=60,
+            umask=SUPERVISOR_UMASK,
         )
         if proc.returncode != 0:
             raise LocalStackError("supervisord did not start", proc.stdout + proc.stderr, "see the message above")

@@ -6,7 +6,7 @@ import shlex
 from pathlib import Path
 
 from gpugate_runtime.contract.host import HostLayout
-from gpugate_runtime.contract.services import SHELL, Service
+from gpugate_runtime.contract.services import SHELL, SUPERVISOR_UMASK, Service
 from gpugate_runtime.settings import ENV_FILE_VAR
 
 from gpugate.render.templates import render_template
@@ -48,7 +48,10 @@ def supervisord_conf(table: tuple[Service, ...], layout: HostLayout, stack: str,
             "priority": 10 * (index + 1),
             "stop_timeout_s": service.stop_timeout_s,
             "log": stdout_log(service, layout),
+            "umask": service.umask,
         }
         for index, service in enumerate(table)
     ]
-    return render_template("local/supervisord.conf.j2", header=header, layout=layout, stack=stack, programs=programs)
+    return render_template(
+        "local/supervisord.conf.j2", header=header, layout=layout, stack=stack, programs=programs, supervisor_umask=SUPERVISOR_UMASK
+    )

@@ -33,7 +33,7 @@ from gpugate_runtime.contract.metrics import (
 )
 from gpugate_runtime.contract.routing import KEY_SCOPE_HEADER, RouteRecord
 from gpugate_runtime.decisionlog import sync_decision_log
-from gpugate_runtime.keys import TOKEN_RE
+from gpugate_runtime.keys import bearer_key
 from gpugate_runtime.limits import Inflight, TokenBuckets
 from gpugate_runtime.livekeys import KeyStoreWatcher, LiveKey, exhausted_budget
 from gpugate_runtime.settings import AuthzSettings
@@ -416,18 +416,15 @@ class Authz:
         """Who is asking, and whether the request is well framed: ALLOWED here means "now check the limits"."""
         if not auth:
             return Outcome.MISSING_KEY, None
-        scheme, _, credential = auth.partition(b" ")
-        if scheme.lower() != b"bearer":
+        parsed = bearer_key(auth)
+        if parsed is None:
             return Outcome.MALFORMED_KEY, None
-        token = credential.strip().decode("latin-1")
-        match = TOKEN_RE.match(token)
-        if not match:
-            return Outcome.MALFORMED_KEY, None
-        key = self.watcher.keys.get(match.group(1))
+        key_id, token = parsed
+        key = self.watcher.keys.get(key_id)
         if key is None:
             # A key issued a moment ago works at once: an unknown id costs one stat() of the store.
             self.watcher.check()
-            key = self.watcher.keys.get(match.group(1))
+            key = self.watcher.keys.get(key_id)
         # Key ids are not secret; the secret part is compared in constant time through its hash.
         if key is None or not hmac.compare_digest(hashlib.sha256(token.encode()).digest(), key.digest):
             return Outcome.UNKNOWN_KEY, None

@@ -37,7 +37,9 @@ ID_HEX = 12  # 48 random bits: unique within a store (checked), not a secret
 SECRET_BYTES = 32  # 256 random bits from the OS CSPRNG
 STDIN_ARGUMENT = "-"  # as an ID: read the key itself from stdin or a prompt
 ID_RE = re.compile(rf"^[0-9a-f]{{{ID_HEX}}}$")
-TOKEN_RE = re.compile(rf"^{TOKEN_PREFIX}_([0-9a-f]{{{ID_HEX}}})_([0-9a-f]{{{SECRET_BYTES * 2}}})$")
+# \Z, not $: Python's $ also matches before a final newline, and "<key>\n" is not a key.
+TOKEN_RE = re.compile(rf"^{TOKEN_PREFIX}_([0-9a-f]{{{ID_HEX}}})_([0-9a-f]{{{SECRET_BYTES * 2}}})\Z")
+BEARER = b"bearer"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 NAME_RULE = "1-64 of a-z 0-9 . _ - starting with a letter or digit"
 MAX_LIMIT = 1_000_000
@@ -220,6 +222,16 @@ def key_id_of(token: str) -> str | None:
     """The key id of a well-formed key, else None."""
     match = TOKEN_RE.match(token)
     return match.group(1) if match else None
+
+
+def bearer_key(header: bytes) -> tuple[str, str] | None:
+    """(key id, key) from an `Authorization` value `Bearer <key>` (scheme in any case, spaces after it), else None."""
+    scheme, _, credential = header.partition(b" ")
+    if scheme.lower() != BEARER:
+        return None
+    token = credential.strip().decode("latin-1")
+    match = TOKEN_RE.match(token)
+    return (match.group(1), token) if match else None
 
 
 def read_key_input(prompt: str = "key to revoke (input hidden): ") -> str:

@@ -18,26 +18,13 @@ import httpx
 import pytest
 from gpugate_runtime.launchspec import LaunchSpec
 
-from gpugate.local.model import ensure_model
-from gpugate.local.vllm_env import ensure_vllm_venv
+from tests.conftest import smollm_dir, vllm_python  # noqa: F401 - fixtures, imported from here by tests/vm and tests/kubernetes
 
 # /health comes after about 40 s on a quiet 2-core machine; the margin is for one shared with other test
 # sessions' vLLMs and image builds. A vLLM that exits fails at once (wait_for_health), not after this.
 VLLM_HEALTH_TIMEOUT_S = 240
 VLLM_STOP_TIMEOUT_S = 30
 VLLM_SERVED_NAME = "smollm2"
-
-
-@pytest.fixture(scope="session")
-def vllm_python() -> Path:
-    """Python of the vLLM CPU venv in the cache (`$GPUGATE_CACHE_DIR`); built on first use (~2 min), then instant."""
-    return ensure_vllm_venv()
-
-
-@pytest.fixture(scope="session")
-def smollm_dir(vllm_python: Path) -> Path:
-    """SmolLM2-135M-Instruct as a bfloat16 safetensors checkpoint in the cache; converted on first use (~20 s)."""
-    return ensure_model(python=vllm_python)
 
 
 def find_free_port() -> int:

@@ -22,6 +22,9 @@ from tests.conftest import edit_stack, run_gpugate
 from tests.e2e.conftest import find_free_port
 
 UP_TIMEOUT_S = 900
+# vLLM's own count of the HTTP requests it served on /v1/completions (RunningStack.vllm_metric's arguments). The
+# prober never calls that route, so only a test's requests move it.
+COMPLETIONS_SERVED = ("http_requests_total", 'handler="/v1/completions"')
 
 
 @dataclass
@@ -55,9 +58,14 @@ class RunningStack:
     def pid_of(self, service: str) -> int:
         return next(s["pid"] for s in self.status()["services"] if s["name"] == service)
 
-    def vllm_metric(self, name: str) -> float:
+    def vllm_metric(self, name: str, label: str = "") -> float:
+        """The sum of a series of vLLM's own /metrics, over the samples whose labels contain `label`."""
         text = httpx.get(f"http://127.0.0.1:{self.ports['vllm']}/metrics", timeout=5).text
-        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " ")]
+        values = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if (line.startswith(name + "{") or line.startswith(name + " ")) and label in line.split(" ", 1)[0]
+        ]
         return sum(values)
 
     @property

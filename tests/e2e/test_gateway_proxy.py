@@ -493,8 +493,15 @@ def test_every_response_carries_request_id_and_hsts(gateway: Gateway, client: ht
 
 def test_access_log_holds_metadata_only(gateway: Gateway, client: httpx.Client) -> None:
     key = gateway.new_key("metadata")
-    chat(gateway, client, key.token, rid("meta"), Cookie="session=abc")
-    gateway.request(client, "GET", "/v1/models?api_key=leaked", headers={"Authorization": f"Bearer {key.token}"})
+    chat_id, models_id = rid("meta"), rid("meta-models")
+    chat(gateway, client, key.token, chat_id, Cookie="session=abc")
+    gateway.request(client, "GET", "/v1/models?api_key=leaked", headers={"Authorization": f"Bearer {key.token}", REQUEST_ID_HEADER: models_id})
+    # both requests are in the log (an empty or unwritten log would pass the checks below unseen) ...
+    wait_until(lambda: {chat_id, models_id} <= {e.get("key_and_request_id", "").split(" ")[-1] for e in access_entries(gateway)},
+               5, what="both requests in the access log")
+    ours = [e for e in access_entries(gateway) if e["key_and_request_id"].split(" ")[-1] in (chat_id, models_id)]
+    assert len(ours) == 2 and all(e["key_and_request_id"].startswith(key.record.id) for e in ours), ours
+    # ... and no entry carries headers, TLS details or a query string
     for entry in access_entries(gateway):
         assert {"status", "duration", "size", "key_and_request_id"} <= set(entry)
         assert "headers" not in entry["request"] and "resp_headers" not in entry and "tls" not in entry["request"]

@@ -17,11 +17,12 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from gpugate_runtime.contract.host import HostLayout
 from gpugate_runtime.keys import create_key, utcnow
 
 from gpugate.stackfile import load_stack
 
-from tests.e2e.local_stack import running_local_stack, wait_until
+from tests.e2e.local_stack import COMPLETIONS_SERVED, running_local_stack, wait_until
 from tests.e2e.paths import NON_CANONICAL, PRIVATE_ROUTES, raw_https
 
 pytestmark = pytest.mark.e2e
@@ -42,8 +43,9 @@ def _chat(client: openai.OpenAI, model: str, text: str = "Hi", max_tokens: int =
 
 
 def _vllm_requests(stack) -> float:
-    """Requests vLLM has finished or is working on: must not move for a refused request."""
-    return stack.vllm_metric("vllm:request_success_total") + stack.vllm_metric("vllm:num_requests_running")
+    """Requests vLLM has served on /v1/completions, which the prober never calls (its chats and model lists would
+    move vLLM's own request counters at any moment): must not move for a refused request."""
+    return stack.vllm_metric(*COMPLETIONS_SERVED)
 
 
 def test_refused_keys_get_401_and_vllm_never_sees_the_request(stack):
@@ -53,18 +55,22 @@ def test_refused_keys_get_401_and_vllm_never_sees_the_request(stack):
     expired = create_key(stack.key_store, "expired", expires=timedelta(hours=1), now=utcnow() - timedelta(hours=2))
     unknown = "ggk_0123456789ab_" + "0" * 64
     time.sleep(1.5)  # authz re-reads the store within its reload interval
+    # (the counter is seen to count: a valid key's completion moves it by one)
+    first = _vllm_requests(stack)
+    stack.client().completions.create(model=stack.model, prompt="Hi", max_tokens=1)
+    wait_until(lambda: _vllm_requests(stack) == first + 1, 10, 0.2, "vLLM to count the completion")
     before = _vllm_requests(stack)
     # when each calls the API through the gateway
     for key in (revoked["key"], expired.token, unknown, "sk-malformed"):
         with pytest.raises(openai.AuthenticationError) as refused:
-            _chat(stack.client(key), stack.model)
+            stack.client(key).completions.create(model=stack.model, prompt="Hi", max_tokens=1)
         # then the answer is an OpenAI-style 401 ...
         assert refused.value.status_code == 401
         assert refused.value.body["code"] == "invalid_api_key"
-    missing = httpx.post(f"{stack.url}/v1/chat/completions", json={"model": stack.model, "messages": []},
-                         verify=stack.tls(), timeout=10)
+    missing = httpx.post(f"{stack.url}/v1/completions", json={"model": stack.model, "prompt": "Hi"}, verify=stack.tls(), timeout=10)
     assert missing.status_code == 401
-    # ... and vLLM's counters did not move
+    # ... and vLLM served none of them
+    time.sleep(1)
     assert _vllm_requests(stack) == before
 
 
@@ -158,23 +164,37 @@ def _authz_metric(stack, name: str) -> float:
 def test_prompt_and_completion_text_appear_in_no_log_metric_or_state_file(stack):
     # given prompts carrying a canary, plain and streamed, and a refused one
     client = stack.client()
-    reply = _chat(client, stack.model, f"Repeat exactly: {CANARY}", max_tokens=24)
-    for _ in client.chat.completions.create(
-        model=stack.model, messages=[{"role": "user", "content": f"Say {CANARY}"}], max_tokens=8, stream=True
-    ):
-        pass
+    # vLLM's min_tokens makes each reply at least 16 tokens long, whatever the model would rather say
+    reply = client.chat.completions.create(
+        model=stack.model, messages=[{"role": "user", "content": f"Repeat exactly: {CANARY}"}], max_tokens=24,
+        extra_body={"min_tokens": 16},
+    )
+    streamed = "".join(
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(
+            model=stack.model, messages=[{"role": "user", "content": f"Tell me about {CANARY}"}], max_tokens=24, stream=True,
+            extra_body={"min_tokens": 16},
+        )
+        if chunk.choices
+    )
     with pytest.raises(openai.AuthenticationError):
         _chat(stack.client("ggk_0123456789ab_" + "1" * 64), stack.model, CANARY)
-    completion_words = [w for w in (reply.choices[0].message.content or "").split() if len(w) > 12 and w != CANARY]
+    # the replies are the whole completion text, long enough that finding them by chance is ruled out
+    replies = [text.strip() for text in (reply.choices[0].message.content or "", streamed)]
+    assert all(len(text) >= 16 for text in replies), replies
     time.sleep(2)  # let every service flush its logs
-    # then neither the canary nor the client's key is in any file under the stack's state, logs or config ...
-    needles = [CANARY.encode(), stack.key.encode(), *[w.encode() for w in completion_words]]
-    hits = []
+    # then neither the canary, the client's key, nor either reply is in any file under the stack's state, logs or config ...
+    needles = [CANARY.encode(), stack.key.encode(), *[text.encode() for text in replies]]
+    # ... though the same search finds what the logs do hold: the key's id, which authz logs for each decision
+    key_id = stack.key.split("_")[1].encode()
+    hits, id_seen = [], []
     for path in Path(stack.state).rglob("*"):
         if path.is_file() and path.stat().st_size < 512 * 1024 * 1024:
             data = path.read_bytes()
             hits += [f"{path}: {n[:20]!r}" for n in needles if n in data]
+            id_seen += [path.name] if key_id in data else []
     assert hits == []
+    assert "authz.log" in id_seen, id_seen
     # ... nor in any service's metrics
     for name in ("vllm", "authz", "prober", "caddy_metrics"):
         text = httpx.get(f"http://127.0.0.1:{stack.ports[name]}/metrics", timeout=5).text
@@ -270,3 +290,176 @@ def test_the_local_stack_listens_on_loopback_only_and_refuses_other_addresses(st
     for address in outside:
         with pytest.raises(OSError):
             socket.create_connection((address, https), timeout=5).close()
+
+
+# ---- Schemathesis: vLLM's own OpenAPI schema, fuzzed through the gateway with a valid key ----------------------
+
+PUBLIC_PATHS = frozenset({"/healthz", "/v1/models", "/v1/chat/completions", "/v1/completions"})
+FUZZ_EXAMPLES = 4  # per operation and generation mode
+FUZZ_BUDGET_S = 120
+# Generation lengths a fuzzed body may ask for are cut to this: the point is the gateway, not a 2,000-token story.
+FUZZ_MAX_TOKENS = 4
+
+
+def _made_by_vllm(response) -> bool:  # noqa: ANN001 - a requests.Response from Schemathesis
+    """vLLM's own errors are JSON with an integer error code (its HTTP status) or FastAPI's `detail`; the gateway's
+    (Caddy's and authz's) carry a string code, or Caddy's empty body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    error = body.get("error") if isinstance(body, dict) else None
+    return isinstance(body, dict) and (isinstance(error, dict) and isinstance(error.get("code"), int) or "detail" in body)
+
+
+def _clamp(body: object) -> None:
+    """A generation body asks for at most FUZZ_MAX_TOKENS tokens (an absent max_tokens means up to the model's
+    length: minutes on a CPU) and one choice."""
+    if isinstance(body, dict):
+        for name in ("max_tokens", "max_completion_tokens", "min_tokens", "n", "best_of"):
+            if isinstance(body.get(name), int) and not isinstance(body.get(name), bool):
+                body[name] = max(0, min(body[name], FUZZ_MAX_TOKENS if "tokens" in name else 1))
+        if not isinstance(body.get("max_tokens"), int) or isinstance(body.get("max_tokens"), bool):
+            body["max_tokens"] = FUZZ_MAX_TOKENS
+
+
+def test_schemathesis_over_vllms_openapi_through_the_gateway_finds_no_gateway_5xx_no_private_route_and_no_crash(stack):
+    import schemathesis  # noqa: PLC0415 - only this test needs it
+    from hypothesis import HealthCheck, Phase, given, settings  # noqa: PLC0415
+    from hypothesis.errors import Unsatisfiable  # noqa: PLC0415
+
+    # given vLLM's own schema, read from vLLM's loopback port (test only: the gateway never serves it) ...
+    raw = httpx.get(f"http://127.0.0.1:{stack.ports['vllm']}/openapi.json", timeout=10).json()
+    schema = schemathesis.openapi.from_dict(raw)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    pids = {s["name"]: s["pid"] for s in stack.status()["services"]}
+    seen: Counter = Counter()
+    problems: list[str] = []
+    unsatisfiable: list[str] = []
+    started = time.monotonic()
+    auth = {"Authorization": f"Bearer {stack.key}"}
+
+    def send(case) -> None:  # noqa: ANN001 - a schemathesis Case
+        if case.path in ("/v1/chat/completions", "/v1/completions"):
+            _clamp(case.body)
+        try:
+            response = case.call(base_url=stack.url, headers=auth, verify=str(stack.ca_file), timeout=60)
+        except Exception as exc:  # noqa: BLE001 - a dropped connection is a finding, recorded with its case
+            problems.append(f"{case.method} {case.formatted_path}: {type(exc).__name__}: {exc}")
+            return
+        path = response.request.path_url.split("?", 1)[0]
+        seen[(case.operation.label, response.status_code)] += 1
+        label = f"{case.method} {response.request.path_url} -> {response.status_code}"
+        # ... then no 5xx comes from the gateway's own parts (vLLM's own 5xx are vLLM's to answer for) ...
+        if response.status_code >= 500 and not _made_by_vllm(response):
+            problems.append(f"gateway 5xx: {label}: {response.text[:200]}")
+        # ... and a path outside the public four is refused by the gateway, never answered by vLLM
+        if path not in PUBLIC_PATHS:
+            marks = [m for m in VLLM_PRIVATE_MARKS if m in response.content]
+            if response.status_code not in (400, 404) or marks or _made_by_vllm(response):
+                problems.append(f"private route answered: {label}: {marks} {response.text[:200]}")
+
+    # when every operation is fuzzed, with valid and with invalid data, within the time budget
+    for operation in operations:
+        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+            if time.monotonic() - started > FUZZ_BUDGET_S:
+                break
+
+            @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def fuzz(case) -> None:  # noqa: ANN001
+                send(case)
+
+            try:
+                fuzz()
+            except Unsatisfiable:  # nothing of this operation can be made invalid (no parameters, no body)
+                unsatisfiable.append(f"{operation.label} {mode.value}")
+    # then the fuzzing ran (most operations, each answered) ...
+    fuzzed = {label for label, _ in seen}
+    assert len(operations) >= 20 and len(fuzzed) >= len(operations) // 2, (len(operations), sorted(fuzzed))
+    assert sum(seen.values()) >= 2 * len(fuzzed) and len(unsatisfiable) < len(operations), unsatisfiable
+    assert problems == [], problems[:20]
+    # ... and nothing crashed: the same processes serve, healthy, and a completion still goes through
+    assert {s["name"]: s["pid"] for s in stack.status()["services"]} == pids
+    assert httpx.get(f"{stack.url}/healthz", verify=stack.tls(), timeout=10).status_code == 200
+    assert _chat(stack.client(), stack.model).choices
+
+
+# ---- the gateway's own refusals in front of real vLLM (tests/e2e/test_gateway_proxy.py has them against the stub) ----
+
+def _raw(stack, request: bytes) -> bytes:
+    port = int(stack.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as plain, stack.tls().wrap_socket(
+        plain, server_hostname="localhost"
+    ) as tls:
+        tls.sendall(request)
+        chunks = []
+        while chunk := tls.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _max_body_bytes(stack) -> int:
+    env_file = HostLayout(stack.state).runtime_env
+    env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    return int(env["GPUGATE_AUTHZ_MAX_BODY_BYTES"])
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/metrics"), ("POST", "/tokenize"), ("POST", "/v1/load_lora_adapter"), ("GET", "/docs")])
+def test_a_private_route_in_canonical_form_gets_the_gateways_json_404_in_front_of_real_vllm(stack, method, path):
+    response = httpx.request(method, f"{stack.url}{path}", headers={"Authorization": f"Bearer {stack.key}"}, json={} if method == "POST" else None,
+                             verify=stack.tls(), timeout=10)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+    assert not [mark for mark in VLLM_PRIVATE_MARKS if mark in response.content]
+
+
+@pytest.mark.parametrize("case", ["413 body over the limit", "411 chunked body", "431 huge header"])
+def test_the_gateways_size_refusals_never_reach_real_vllm(stack, case):
+    # given a request vLLM is seen to count when it reaches it
+    before = stack.vllm_metric(*COMPLETIONS_SERVED)
+    stack.client().completions.create(model=stack.model, prompt="Hi", max_tokens=1)
+    wait_until(lambda: stack.vllm_metric(*COMPLETIONS_SERVED) == before + 1, 10, 0.2, "vLLM to count the completion")
+    counted = stack.vllm_metric(*COMPLETIONS_SERVED)
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: Bearer {stack.key}\r\n"
+    head += "Content-Type: application/json\r\n"
+    # when the same route gets a body over the limit, a body without a length, or a header over 16 KB
+    if case.startswith("413"):
+        over = _max_body_bytes(stack) + 1
+        # only the headers: authz answers from Content-Length before any byte of the body (the gateway then closes)
+        response = _raw(stack, (head + f"Content-Length: {over}\r\n\r\n").encode())
+        expected, code = b"HTTP/1.1 413 ", b'"request_too_large"'
+    elif case.startswith("411"):
+        body = b'{"model":"x","prompt":"Hi","max_tokens":1}'
+        response = _raw(stack, (head + "Transfer-Encoding: chunked\r\n\r\n").encode() + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        expected, code = b"HTTP/1.1 411 ", b'"length_required"'
+    else:
+        response = _raw(stack, (head + f"X-Padding: {'a' * 20_000}\r\nContent-Length: 2\r\n\r\n{{}}").encode())
+        expected, code = b"HTTP/1.1 431 ", b""
+    # then the gateway refuses it, and vLLM served nothing more
+    assert response.startswith(expected), response[:200]
+    assert code in response
+    time.sleep(1)
+    assert stack.vllm_metric(*COMPLETIONS_SERVED) == counted
+
+
+def test_a_spoofed_key_id_header_is_replaced_by_authz_in_front_of_real_vllm(stack):
+    # given a valid key and a forged identity header
+    request_id = f"e2e-spoof-{int(time.time() * 1000)}"
+    response = httpx.post(
+        f"{stack.url}/v1/completions", json={"model": stack.model, "prompt": "Hi", "max_tokens": 1}, verify=stack.tls(), timeout=60,
+        headers={"Authorization": f"Bearer {stack.key}", "X-Gpugate-Key-Id": "000000000000", "X-Request-Id": request_id},
+    )
+    # then real vLLM answers, and the gateway logged the key's own id, not the forged one
+    assert response.status_code == 200 and response.json()["choices"]
+    access_log = stack.state / "var" / "log" / "gpugate" / "access.log"
+    wait_until(lambda: request_id in access_log.read_text(), 5, 0.1, "the access-log entry")
+    entry = next(json.loads(line) for line in access_log.read_text().splitlines() if request_id in line)
+    assert entry["key_and_request_id"] == f"{stack.key.split('_')[1]} {request_id}"
+
+
+def test_plain_http_is_redirected_to_https_in_front_of_real_vllm(stack):
+    http_port = load_stack(stack.stack_file).spec.ports.http
+    response = httpx.get(f"http://127.0.0.1:{http_port}/v1/models", headers={"Host": "localhost"}, timeout=10)
+    assert response.status_code in (301, 308) and response.headers["Location"].startswith("https://localhost:")
+    assert response.headers["Location"].endswith("/v1/models")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.local_stack import RunningStack, running_local_stack, wait_until
+from tests.e2e.local_stack import COMPLETIONS_SERVED, RunningStack, running_local_stack, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -47,13 +49,48 @@ def test_streaming_delivers_several_sse_chunks(stack):
 
 
 def test_requests_without_a_valid_key_are_refused_and_never_reach_vllm(stack):
-    before = stack.vllm_metric("vllm:request_success_total")
-    for key in ("not-a-key", "ggk_00000000_" + "x" * 43):
+    # given: the counter moves when a request is proxied (a valid key's completion is counted) ...
+    before = stack.vllm_metric(*COMPLETIONS_SERVED)
+    stack.client().completions.create(model=stack.model, prompt="Hi", max_tokens=1)
+    wait_until(lambda: stack.vllm_metric(*COMPLETIONS_SERVED) == before + 1, 10, 0.2, "vLLM to count the completion")
+    counted = stack.vllm_metric(*COMPLETIONS_SERVED)
+    # when: no key, a malformed key, a key of the wrong length, and a well-formed key the store does not hold
+    unknown = f"ggk_{secrets.token_hex(6)}_{secrets.token_hex(32)}"
+    for key in ("not-a-key", "ggk_00000000_" + "x" * 43, unknown):
         with pytest.raises(openai.AuthenticationError):
-            stack.client(key).models.list()
-    no_auth = httpx.get(f"{stack.url}/v1/models", verify=stack.tls(), timeout=10)
+            stack.client(key).completions.create(model=stack.model, prompt="Hi", max_tokens=1)
+    no_auth = httpx.post(f"{stack.url}/v1/completions", json={"model": stack.model, "prompt": "Hi"}, verify=stack.tls(), timeout=10)
     assert no_auth.status_code == 401
-    assert stack.vllm_metric("vllm:request_success_total") == before
+    # then: vLLM served none of them
+    time.sleep(1)
+    assert stack.vllm_metric(*COMPLETIONS_SERVED) == counted
+
+
+def test_every_log_and_state_file_is_closed_to_other_users(stack):
+    # given a stack that has served requests (so every service has written its logs and state)
+    stack.client().models.list()
+    layout_root = stack.state
+    dirs = [layout_root / "var" / "log" / "gpugate", layout_root / "var" / "lib" / "gpugate", layout_root / "etc" / "gpugate" / "secrets"]
+    modes = {
+        path.relative_to(layout_root).as_posix(): stat.S_IMODE(path.lstat().st_mode)
+        for top in dirs for path in top.rglob("*") if path.is_file() and not path.is_symlink()
+    }
+    logs = {name: mode for name, mode in modes.items() if name.startswith("var/log/")}
+    expected = {
+        # Caddy's access log is its and the gateway group's (authz reads it through the group) ...
+        "var/log/gpugate/access.log": 0o640,
+        # ... authz's decision log, the key store, the secrets and supervisord's own log are their owner's only
+        "var/log/gpugate/authz.log": 0o600,
+        "var/log/gpugate/supervisord.log": 0o600,
+        "var/lib/gpugate/keys.json": 0o600,
+        "etc/gpugate/secrets/vllm_api_key": 0o600,
+        "etc/gpugate/secrets/prober_api_key": 0o600,
+    }
+    # then each of those has its mode, and no log or state file is open to other users or writable by the group
+    wrong = {name: oct(modes.get(name, 0)) for name, mode in expected.items() if modes.get(name) != mode}
+    wrong |= {name: oct(mode) for name, mode in modes.items() if mode & 0o027}
+    assert wrong == {}, {name: oct(mode) for name, mode in sorted(modes.items())}
+    assert len(logs) >= 8 and len(modes) > len(logs) + 5, sorted(modes)
 
 
 def test_stream_closed_by_the_client_is_aborted_in_vllm_within_5_s(stack):

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from gpugate_runtime.contract.host import ENV_VLLM_KEY, HostLayout, Ports
 
-from tests.conftest import edit_stack, run_gpugate
+from tests.conftest import edit_stack, run_gpugate, run_gpugate_script
 from tests.e2e.gateway_fixtures import CADDY, free_internal_base, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -39,8 +39,8 @@ class LocalStack:
 
 
 def run_gpugate_smoke(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    # the user's command: `gpugate smoke ...`
-    return run_gpugate("smoke", *args, env=env, timeout=SMOKE_TIMEOUT_S)
+    # the user's command: `gpugate smoke ...`, through the installed entry point
+    return run_gpugate_script("smoke", *args, env=env, timeout=SMOKE_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from gpugate.render.dashboards import (
     dashboard_files,
     dashboard_problems,
     dashboard_uid,
+    executable,
     panel_queries,
     panels,
 )
@@ -210,3 +211,46 @@ def test_dashboard_command_refuses_an_unknown_stack_with_exit_2():
     result = CliRunner().invoke(_cli(), ["dashboard", "--stack", "no-such-stack"])
     assert result.exit_code == 2
 
+
+
+def test_the_gpu_panels_promql_gives_each_gpus_used_share_of_the_probers_series(tmp_path):
+    # A CPU stack's GPU panel is empty (the e2e dashboard test excuses it by name), so here promtool evaluates the GPU
+    # row's PromQL over the series a GPU host's prober exports: each GPU's used share, one sample per GPU.
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    from ruamel.yaml import YAML  # noqa: PLC0415
+
+    spec = load_stack("staging").spec
+    assert spec.gpu.type != "cpu"
+    exprs = [q.expr for p in panels(spec) if p.row == "GPU" for q in p.queries]
+    assert exprs, "the GPU row has queries"
+    labels = 'instance="gpu-host:9102",job="prober"'
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": f'{m.GPU_MEMORY_USED}{{gpu="0",{labels}}}', "values": "30x5"},
+                    {"series": f'{m.GPU_MEMORY_TOTAL}{{gpu="0",{labels}}}', "values": "60x5"},
+                    {"series": f'{m.GPU_MEMORY_USED}{{gpu="1",{labels}}}', "values": "15x5"},
+                    {"series": f'{m.GPU_MEMORY_TOTAL}{{gpu="1",{labels}}}', "values": "60x5"},
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": executable(expr),
+                        "eval_time": "3m",
+                        "exp_samples": [{"labels": '{gpu="0"}', "value": 0.5}, {"labels": '{gpu="1"}', "value": 0.25}],
+                    }
+                    for expr in exprs
+                ],
+            }
+        ],
+    }
+    test_file = tmp_path / "gpu-panel.test.yml"
+    with test_file.open("w") as handle:
+        YAML(typ="safe", pure=True).dump(tests, handle)
+    result = subprocess.run([shutil.which("promtool") or "promtool", "test", "rules", str(test_file)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr

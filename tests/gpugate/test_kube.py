@@ -111,9 +111,10 @@ def test_the_internal_key_reaches_vllm_and_caddy_from_a_secret_and_no_secret_is_
     for container, name in ((vllm, "VLLM_API_KEY"), (caddy, "GPUGATE_VLLM_API_KEY")):
         env = next(e for e in container["env"] if e["name"] == name)
         assert env["valueFrom"]["secretKeyRef"] == {"name": "gpugate-internal", "key": "vllm_api_key"}
-    for obj in prod_objects.values():
-        if obj["kind"] == "Secret":
-            assert set(obj["stringData"].values()) == {PLACEHOLDER}
+    secrets = [obj for obj in prod_objects.values() if obj["kind"] == "Secret"]
+    assert {s["metadata"]["name"] for s in secrets} >= {"gpugate-internal", "gpugate-keys"}, "the Secrets to check"
+    for obj in secrets:
+        assert obj["stringData"] and set(obj["stringData"].values()) == {PLACEHOLDER}, obj["metadata"]["name"]
 
 
 def test_only_the_proxy_is_exposed_and_only_on_80_and_443(prod_objects):
@@ -215,6 +216,7 @@ def metrics_server() -> Iterator[tuple[int, type[_Metrics]]]:
     server.server_close()
 
 
+@pytest.mark.e2e
 def test_the_vllm_prestop_hook_waits_until_the_last_stream_ends(metrics_server):
     # given vLLM still running requests for the first two scrapes (the hook polls every 2 s)
     port, handler = metrics_server
@@ -227,6 +229,7 @@ def test_the_vllm_prestop_hook_waits_until_the_last_stream_ends(metrics_server):
     assert 3.5 < time.monotonic() - started < 15
 
 
+@pytest.mark.e2e
 def test_the_vllm_prestop_hook_gives_up_at_the_drain_budget(metrics_server):
     port, handler = metrics_server
     handler.busy_scrapes = 10_000
@@ -471,10 +474,8 @@ def test_vllm_home_and_every_compile_cache_are_on_a_writable_volume_of_its_pod(p
 
 
 @pytest.mark.e2e
-def test_vllm_and_pytorch_find_a_user_name_and_writable_caches_with_no_passwd_entry_for_the_pod_uid(prod_objects, tmp_path):
-    from gpugate.local.vllm_env import ensure_vllm_venv
-
-    python = ensure_vllm_venv()
+def test_vllm_and_pytorch_find_a_user_name_and_writable_caches_with_no_passwd_entry_for_the_pod_uid(prod_objects, tmp_path, vllm_python):
+    python = vllm_python
     home = tmp_path / "home"
     env = {e["name"]: e["value"] for e in _vllm_container(prod_objects)["env"] if e["name"] in (*CACHE_VARIABLES, "USER", "LOGNAME")}
     env = {k: v.replace("/home/vllm", str(home)) for k, v in env.items()}

@@ -119,6 +119,7 @@ def vllm_down(stack: Stack) -> dict[str, Any]:
                     "Prometheus has failed to scrape vLLM on 127.0.0.1:18000 for 1m: every completion fails.", timedelta(minutes=7))  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_firing_alerts_come_pages_first_with_since_live_value_and_the_runbooks_first_steps(alertmanager):
     # given a ticket that fired first and a page that fired later
     stack = alertmanager.stack
@@ -144,6 +145,7 @@ def test_firing_alerts_come_pages_first_with_since_live_value_and_the_runbooks_f
     assert page["first_steps"][0].endswith("`gpugate run restart --stack oncall --service vllm`")
 
 
+@pytest.mark.e2e
 def test_the_table_shows_severity_since_value_steps_and_runbook(alertmanager):
     alertmanager.post(vllm_down(alertmanager.stack))
     alertmanager.wait_for(1)
@@ -155,6 +157,7 @@ def test_the_table_shows_severity_since_value_steps_and_runbook(alertmanager):
     assert "runbook: https://github.com/gpugate/gpugate/blob/main/runbooks/vllm-down.md" in out
 
 
+@pytest.mark.e2e
 def test_a_symptom_of_an_outage_is_inhibited_and_shown_only_with_all(alertmanager):
     # given vLLM down and the prober failing because of it
     stack = alertmanager.stack
@@ -172,6 +175,7 @@ def test_a_symptom_of_an_outage_is_inhibited_and_shown_only_with_all(alertmanage
     assert states == {"VllmDown": "active", "ProberFailing": "suppressed"}
 
 
+@pytest.mark.e2e
 def test_nothing_firing_exits_0(alertmanager):
     result = gpugate_alerts("--stack", str(alertmanager.stack_file))
     assert result.exit_code == 0, result.output

@@ -271,6 +271,7 @@ def test_pins_are_the_model_id_revision_and_vllm_image():
 # ---- gates -------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_promotion_with_every_gate_green_writes_only_the_pin_lines_and_logs_who_what_and_why(repo, staging_monitoring):
     # given a staging release that passed its smoke and soaked clean, and prod on the previous release
     before = release_of(load_stack(repo.prod))
@@ -296,6 +297,7 @@ def test_promotion_with_every_gate_green_writes_only_the_pin_lines_and_logs_who_
     ]
 
 
+@pytest.mark.e2e
 def test_without_apply_nothing_is_written_but_the_pin_and_bundle_diff_are_shown(repo, staging_monitoring):
     result = promote(repo, staging_monitoring["clean"])
     assert result.exit_code == 0, result.output
@@ -308,6 +310,7 @@ def test_without_apply_nothing_is_written_but_the_pin_and_bundle_diff_are_shown(
     assert f"+        - {NEW_REVISION}" in result.output
 
 
+@pytest.mark.e2e
 def test_a_red_staging_smoke_blocks_and_names_the_failed_check(repo, staging_monitoring):
     # given staging's smoke record for this release failed its chat check
     write_smoke_record(repo.staging, repo.smoke, passed=False)
@@ -320,6 +323,7 @@ def test_a_red_staging_smoke_blocks_and_names_the_failed_check(repo, staging_mon
     assert repo.prod.read_bytes() == repo.prod_original and not repo.log.exists()
 
 
+@pytest.mark.e2e
 def test_a_placeholder_image_in_the_target_or_the_release_blocks_and_names_the_field(repo, staging_monitoring):
     # given prod's Caddy image still the committed placeholder
     caddy = next(line for line in repo.prod.read_text().splitlines() if line.strip().startswith("caddy:"))
@@ -334,6 +338,7 @@ def test_a_placeholder_image_in_the_target_or_the_release_blocks_and_names_the_f
     assert repo.prod.read_bytes() == before and not repo.log.exists()
 
 
+@pytest.mark.e2e
 def test_a_release_whose_vllm_image_is_a_placeholder_is_not_promoted(repo, staging_monitoring):
     # given staging's release pins the placeholder vLLM image (and its smoke passed for that release)
     repo.staging.write_text(repo.staging.read_text().replace(NEW_IMAGE, f"vllm/vllm-openai@{PLACEHOLDER_DIGEST}"))
@@ -345,6 +350,7 @@ def test_a_release_whose_vllm_image_is_a_placeholder_is_not_promoted(repo, stagi
     assert not repo.log.exists()
 
 
+@pytest.mark.e2e
 def test_a_smoke_record_of_an_older_release_does_not_count(repo, staging_monitoring):
     # given a passing smoke record, and then staging moved on to another image
     repo.staging.write_text(repo.staging.read_text().replace(NEW_IMAGE, "vllm/vllm-openai@sha256:" + "cd" * 32))
@@ -356,6 +362,7 @@ def test_a_smoke_record_of_an_older_release_does_not_count(repo, staging_monitor
     assert "but staging is now release" in result.output
 
 
+@pytest.mark.e2e
 def test_a_firing_alert_on_staging_blocks_with_its_name(repo, staging_monitoring):
     # given staging's Prometheus fires VllmDown into its Alertmanager
     result = promote(repo, staging_monitoring["troubled"], "--apply")
@@ -368,6 +375,7 @@ def test_a_firing_alert_on_staging_blocks_with_its_name(repo, staging_monitoring
     assert repo.prod.read_bytes() == repo.prod_original
 
 
+@pytest.mark.e2e
 def test_a_failing_prober_check_during_the_soak_blocks_with_the_check_and_threshold(repo, staging_monitoring):
     result = promote(repo, staging_monitoring["troubled"])
     assert result.exit_code == 1
@@ -376,6 +384,7 @@ def test_a_failing_prober_check_during_the_soak_blocks_with_the_check_and_thresh
     assert f"needs: gpugate_probe_success = 1 for every check over the whole last {SOAK}" in line
 
 
+@pytest.mark.e2e
 def test_a_soak_window_longer_than_staging_has_run_blocks_and_says_how_long_to_wait(repo, staging_monitoring):
     result = promote(repo, staging_monitoring["clean"], "--soak", "1h")
     assert result.exit_code == 1
@@ -384,6 +393,7 @@ def test_a_soak_window_longer_than_staging_has_run_blocks_and_says_how_long_to_w
     assert "what to do: wait " in result.output
 
 
+@pytest.mark.e2e
 def test_an_unreachable_prometheus_blocks_and_says_how_to_reach_it(repo, staging_monitoring):
     dead = f"http://127.0.0.1:{find_free_port()}"
     result = gpugate_promote(
@@ -395,6 +405,7 @@ def test_an_unreachable_prometheus_blocks_and_says_how_to_reach_it(repo, staging
     assert "SSM port-forwarding" in result.output
 
 
+@pytest.mark.e2e
 def test_a_policy_violation_in_the_targets_plan_blocks_with_the_rule(repo, staging_monitoring, tmp_path):
     # given a target on AWS whose admin networks together open SSH to the world (the spec allows each half)
     target = tmp_path / "Pulumi.prodaws.yaml"
@@ -412,6 +423,7 @@ def test_a_policy_violation_in_the_targets_plan_blocks_with_the_rule(repo, stagi
 # ---- rollback ----------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_rollback_restores_the_previous_pins_byte_for_byte_and_logs_it(repo, staging_monitoring):
     # given a promotion applied to prod
     assert promote(repo, staging_monitoring["clean"], "--apply").exit_code == 0
@@ -430,6 +442,7 @@ def test_rollback_restores_the_previous_pins_byte_for_byte_and_logs_it(repo, sta
     assert "no promotion of prod left to roll back" in again.output
 
 
+@pytest.mark.e2e
 def test_rollback_refuses_when_the_pins_were_changed_by_hand_since_the_promotion(repo, staging_monitoring):
     assert promote(repo, staging_monitoring["clean"], "--apply").exit_code == 0
     repo.prod.write_text(repo.prod.read_text().replace(NEW_REVISION, "f" * 40))
@@ -439,6 +452,7 @@ def test_rollback_refuses_when_the_pins_were_changed_by_hand_since_the_promotion
     assert "f" * 40 in repo.prod.read_text()
 
 
+@pytest.mark.e2e
 def test_the_json_output_carries_every_gate_with_evidence_and_threshold(repo, staging_monitoring):
     result = promote(repo, staging_monitoring["troubled"], "--json")
     report = json.loads(result.output)

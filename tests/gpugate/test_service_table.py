@@ -13,7 +13,7 @@ import shlex
 
 import pytest
 from gpugate_runtime.contract.host import CADDYFILE, LAUNCH_SPEC, LOOPBACK, RUNTIME_ENV
-from gpugate_runtime.contract.services import SHELL, UIDS, Service, services, unit_name
+from gpugate_runtime.contract.services import SERVICE_UMASK, SHELL, SUPERVISOR_UMASK, UIDS, Service, services, unit_name
 from ruamel.yaml import YAML
 
 from gpugate.kubernetes.proxy import pod_services
@@ -94,6 +94,29 @@ def test_every_service_is_one_systemd_unit_with_the_table_argv_user_and_ports(vm
         text = files[f"systemd/{unit_name(service)}.service"]
         credentials = [line.split("=", 1)[1].split(":", 1)[0] for line in text.splitlines() if line.startswith("LoadCredential=")]
         assert sorted(credentials) == sorted(c.name for c in service.credentials), service.name
+
+
+def test_every_local_program_and_supervisord_itself_create_files_no_other_user_can_read(local):
+    # given the local stack's supervisord.conf
+    table, files = local
+    conf = configparser.RawConfigParser()
+    conf.read_string(files["supervisor/supervisord.conf"])
+    # then supervisord's own log and the programs' stdout logs it writes are 0600 ...
+    assert int(conf["supervisord"]["umask"], 8) == SUPERVISOR_UMASK == 0o077
+    # ... and every program creates files 0640 at most (Caddy's access log: authz reads it through the group)
+    umasks = {service.name: int(conf[f"program:{service.name}"]["umask"], 8) for service in table}
+    assert umasks == {service.name: service.umask for service in table} and len(umasks) >= 6
+    assert set(umasks.values()) == {SERVICE_UMASK} and SERVICE_UMASK & 0o007 == 0o007 and SERVICE_UMASK & 0o020
+
+
+def test_every_systemd_unit_sets_the_tables_umask(vm):
+    table, files = vm
+    umasks = {}
+    for service in table:
+        unit = configparser.RawConfigParser(strict=False)
+        unit.read_string(files[f"systemd/{unit_name(service)}.service"])
+        umasks[service.name] = int(unit["Service"]["UMask"], 8)
+    assert umasks == {service.name: SERVICE_UMASK for service in table} and len(umasks) >= 6
 
 
 def test_every_proxy_service_is_one_pod_container_with_the_table_argv_user_and_ports():

@@ -392,9 +392,14 @@ def test_kube_prometheus_stack_selects_the_gateway_rules_monitors_and_alert_rout
     label = release["name"]
     spec = release["values"]["alertmanager"]["alertmanagerSpec"]
     assert spec["alertmanagerConfigSelector"] == {"matchLabels": {"release": label}}
+    checked = {}
     for kind in ("PrometheusRule", "ServiceMonitor", "AlertmanagerConfig"):
-        for obj in (r for r in prod.resources if r.type.endswith(f":{kind}")):
+        objects = [r for r in prod.resources if r.type.endswith(f":{kind}")]
+        for obj in objects:
             assert obj.props["metadata"]["labels"]["release"] == label, obj.name
+        checked[kind] = len(objects)
+    # every kind is there to be selected (a kind the program stopped making would pass the loop unseen)
+    assert all(count >= 1 for count in checked.values()), checked
 
 
 def test_the_node_exporter_on_every_node_gets_the_requests_the_pool_sizing_counts(prod):

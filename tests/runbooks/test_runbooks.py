@@ -117,7 +117,9 @@ def test_every_alert_has_its_runbook(slug):
 @pytest.mark.parametrize("stack", stack_names())
 def test_every_runbook_url_points_to_an_existing_runbook(stack):
     # given the rules a stack renders, then each runbook_url names a file of runbooks/
-    for rule in rule_groups(load_stack(stack).spec)["groups"][0]["rules"]:
+    rules = rule_groups(load_stack(stack).spec)["groups"][0]["rules"]
+    assert len(rules) >= 5, "the stack renders its alert rules"
+    for rule in rules:
         name = rule["annotations"]["runbook_url"].rsplit("/", 1)[-1]
         assert (RUNBOOKS_DIR / name).is_file(), f"{rule['alert']} links {name}, which runbooks/ lacks"
 
@@ -130,7 +132,9 @@ def test_every_procedure_has_its_runbook(procedure):
 def test_every_runbook_is_an_alerts_or_a_procedures_and_is_listed_in_the_readme():
     readme = (RUNBOOKS_DIR / "README.md").read_text()
     known = alert_slugs() | set(PROCEDURES)
-    for path in runbook_files():
+    files = runbook_files()
+    assert len(files) >= len(PROCEDURES) + 5, "runbooks/ holds the runbooks"
+    for path in files:
         assert path.stem in known, f"{path.name} belongs to no alert and no procedure"
         assert f"]({path.name})" in readme, f"runbooks/README.md does not link {path.name}"
 

@@ -118,6 +118,7 @@ def notification(status: str = "firing") -> dict[str, Any]:
     }
 
 
+@pytest.mark.e2e
 def test_notification_is_appended_as_one_json_line_with_its_runbook(sink: Sink) -> None:
     response = httpx.post(sink.url, json=notification(), timeout=5, trust_env=False)
 
@@ -131,6 +132,7 @@ def test_notification_is_appended_as_one_json_line_with_its_runbook(sink: Sink) 
     assert datetime.fromisoformat(line["received_at"]) > datetime.now(UTC) - timedelta(minutes=1)
 
 
+@pytest.mark.e2e
 def test_each_notification_gets_its_own_line_in_order(sink: Sink) -> None:
     for status in ("firing", "resolved"):
         assert httpx.post(sink.url, json=notification(status), timeout=5, trust_env=False).status_code == 200
@@ -138,6 +140,7 @@ def test_each_notification_gets_its_own_line_in_order(sink: Sink) -> None:
     assert [line["status"] for line in read_lines(sink.path)] == ["firing", "resolved"]
 
 
+@pytest.mark.e2e
 def test_body_that_is_not_a_notification_is_refused_and_not_logged(sink: Sink) -> None:
     not_json = httpx.post(sink.url, content=b"{not json", timeout=5, trust_env=False)
     no_alerts = httpx.post(sink.url, json={"status": "firing"}, timeout=5, trust_env=False)
@@ -146,6 +149,7 @@ def test_body_that_is_not_a_notification_is_refused_and_not_logged(sink: Sink) -
     assert not sink.path.exists()
 
 
+@pytest.mark.e2e
 def test_only_a_post_to_alerts_is_accepted(sink: Sink) -> None:
     get = httpx.get(sink.url, timeout=5, trust_env=False)
     elsewhere = httpx.post(sink.url.replace("/alerts", "/other"), json=notification(), timeout=5, trust_env=False)
@@ -234,6 +238,7 @@ def wait_for_line(sink: Sink, status: str) -> dict[str, Any]:
         time.sleep(0.2)
 
 
+@pytest.mark.e2e
 def test_alertmanager_delivers_firing_then_resolved_with_the_runbook(alertmanager: Alertmanager, sink: Sink) -> None:
     started = datetime.now(UTC) - timedelta(minutes=1)
 

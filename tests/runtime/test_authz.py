@@ -180,6 +180,7 @@ def error_of(response: httpx.Response) -> dict:
 # --- decisions ------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_valid_key_is_allowed_and_named_by_its_key_id(authz: AuthzProcess) -> None:
     key = authz.key("valid")
     response = authz.ask(key.token)
@@ -187,6 +188,7 @@ def test_valid_key_is_allowed_and_named_by_its_key_id(authz: AuthzProcess) -> No
     assert response.headers[KEY_ID_HEADER] == key.record.id
 
 
+@pytest.mark.e2e
 def test_missing_key_gets_401_with_an_openai_error(authz: AuthzProcess) -> None:
     response = authz.ask(None)
     assert response.status_code == 401
@@ -195,6 +197,7 @@ def test_missing_key_gets_401_with_an_openai_error(authz: AuthzProcess) -> None:
     assert KEY_ID_HEADER not in response.headers
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "authorization",
     ["Basic dXNlcjpwYXNz", "Bearer", "Bearer sk-0123456789abcdef", "Bearer ggk_123_abc", "Token ggk_" + "a" * 12 + "_" + "b" * 64],
@@ -206,6 +209,7 @@ def test_malformed_key_gets_401(authz: AuthzProcess, authorization: str) -> None
     assert authz.metric(metricnames.AUTHZ_DECISIONS, 'key_id="-",outcome="malformed_key"') == before + 1
 
 
+@pytest.mark.e2e
 def test_right_id_with_a_wrong_secret_gets_401(authz: AuthzProcess) -> None:
     key = authz.key("wrong-secret")
     forged = key.token[:-4] + ("0000" if not key.token.endswith("0000") else "1111")
@@ -213,16 +217,19 @@ def test_right_id_with_a_wrong_secret_gets_401(authz: AuthzProcess) -> None:
     assert response.status_code == 401 and KEY_ID_HEADER not in response.headers
 
 
+@pytest.mark.e2e
 def test_unknown_well_formed_key_gets_401(authz: AuthzProcess) -> None:
     assert authz.ask("ggk_" + "0" * 12 + "_" + "f" * 64).status_code == 401
 
 
+@pytest.mark.e2e
 def test_expired_key_gets_401_saying_expired(authz: AuthzProcess) -> None:
     key = authz.key("expired", now=utcnow() - timedelta(days=2), expires=DAY)
     response = authz.ask(key.token)
     assert response.status_code == 401 and "expired" in error_of(response)["message"]
 
 
+@pytest.mark.e2e
 def test_revoked_key_gets_401_saying_revoked(authz: AuthzProcess) -> None:
     key = authz.key("revoked")
     revoke_key(authz.key_store, key.record.id)
@@ -231,6 +238,7 @@ def test_revoked_key_gets_401_saying_revoked(authz: AuthzProcess) -> None:
     assert "revoked" in error_of(response)["message"]
 
 
+@pytest.mark.e2e
 def test_key_over_its_rpm_gets_429_with_retry_after(authz: AuthzProcess) -> None:
     # given a key allowed 3 requests per minute
     key = authz.key("rpm-3", rpm=3)
@@ -243,23 +251,27 @@ def test_key_over_its_rpm_gets_429_with_retry_after(authz: AuthzProcess) -> None
     assert 1 <= int(response.headers["Retry-After"]) <= 20
 
 
+@pytest.mark.e2e
 def test_body_over_the_limit_gets_413(authz: AuthzProcess) -> None:
     key = authz.key("big-body")
     response = authz.ask(key.token, **{BODY_LENGTH_HEADER: "1001", "X-Forwarded-Method": "POST"})
     assert response.status_code == 413 and error_of(response)["code"] == "request_too_large"
 
 
+@pytest.mark.e2e
 def test_body_at_the_limit_is_allowed(authz: AuthzProcess) -> None:
     key = authz.key("limit-body")
     assert authz.ask(key.token, **{BODY_LENGTH_HEADER: "1000", "X-Forwarded-Method": "POST"}).status_code == 200
 
 
+@pytest.mark.e2e
 def test_post_without_a_length_gets_411(authz: AuthzProcess) -> None:
     key = authz.key("chunked")
     response = authz.ask(key.token, **{BODY_LENGTH_HEADER: "", "X-Forwarded-Method": "POST"})
     assert response.status_code == 411
 
 
+@pytest.mark.e2e
 def test_an_unauthenticated_huge_body_gets_401_not_413(authz: AuthzProcess) -> None:
     # Limits are nobody's business but a key holder's.
     assert authz.ask("nope", **{BODY_LENGTH_HEADER: "99999999", "X-Forwarded-Method": "POST"}).status_code == 401
@@ -268,6 +280,7 @@ def test_an_unauthenticated_huge_body_gets_401_not_413(authz: AuthzProcess) -> N
 # --- concurrency ----------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_key_at_its_concurrency_limit_gets_429_until_a_request_finishes(authz: AuthzProcess) -> None:
     # given a key allowed 2 requests in flight, with 2 in flight
     key = authz.key("conc-2", max_concurrent=2)
@@ -280,6 +293,7 @@ def test_key_at_its_concurrency_limit_gets_429_until_a_request_finishes(authz: A
     assert authz.ask(key.token, request_id="conc-2-fourth").status_code == 200
 
 
+@pytest.mark.e2e
 def test_back_to_back_requests_at_max_concurrent_1_are_never_refused(authz: AuthzProcess) -> None:
     # given a key with one slot, used by a client that starts each request as soon as the last ends
     key = authz.key("serial", max_concurrent=1)
@@ -290,6 +304,7 @@ def test_back_to_back_requests_at_max_concurrent_1_are_never_refused(authz: Auth
     assert statuses == [200] * 30
 
 
+@pytest.mark.e2e
 def test_another_keys_log_entry_with_the_same_request_id_releases_nothing(authz: AuthzProcess) -> None:
     # given a key with its one slot taken by request "shared-id"
     key = authz.key("victim", max_concurrent=1)
@@ -301,6 +316,7 @@ def test_another_keys_log_entry_with_the_same_request_id_releases_nothing(authz:
     assert authz.ask(key.token, request_id="shared-id-001").status_code == 429
 
 
+@pytest.mark.e2e
 def test_slot_is_released_after_the_ttl_when_no_log_entry_comes(own_authz) -> None:  # noqa: ANN001
     authz = own_authz(inflight_ttl_seconds="1")
     key = authz.key("lost", max_concurrent=1)
@@ -309,6 +325,7 @@ def test_slot_is_released_after_the_ttl_when_no_log_entry_comes(own_authz) -> No
     wait_for(lambda: authz.ask(key.token).status_code == 200, 3, "the TTL to release the slot")
 
 
+@pytest.mark.e2e
 def test_without_a_readable_access_log_concurrency_is_not_enforced(own_authz) -> None:  # noqa: ANN001
     # given authz whose access log does not exist (nothing could ever give slots back)
     authz = own_authz(create_access_log=False)
@@ -318,6 +335,7 @@ def test_without_a_readable_access_log_concurrency_is_not_enforced(own_authz) ->
     assert any("concurrency limits are off" in e.get("event", "") for e in authz.log_entries())
 
 
+@pytest.mark.e2e
 def test_a_rolled_access_log_is_followed(own_authz) -> None:  # noqa: ANN001
     # given a key with its one slot taken
     authz = own_authz()
@@ -335,11 +353,13 @@ def test_a_rolled_access_log_is_followed(own_authz) -> None:  # noqa: ANN001
 # --- hot reload -----------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_key_issued_after_start_works_on_its_first_request(authz: AuthzProcess) -> None:
     key = authz.key("fresh")
     assert authz.ask(key.token).status_code == 200
 
 
+@pytest.mark.e2e
 def test_revoked_key_is_rejected_within_two_seconds(authz: AuthzProcess) -> None:
     key = authz.key("soon-revoked")
     assert authz.ask(key.token).status_code == 200
@@ -349,6 +369,7 @@ def test_revoked_key_is_rejected_within_two_seconds(authz: AuthzProcess) -> None
     assert time.monotonic() - started < 2
 
 
+@pytest.mark.e2e
 def test_corrupt_store_is_refused_counted_and_previous_keys_keep_working(own_authz) -> None:  # noqa: ANN001
     # given a served key
     authz = own_authz()
@@ -371,6 +392,7 @@ def test_corrupt_store_is_refused_counted_and_previous_keys_keep_working(own_aut
 # --- metrics and logs -----------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_metrics_export_the_names_the_alert_rules_use(authz: AuthzProcess) -> None:
     key = authz.key("metered")
     authz.ask(key.token)
@@ -383,6 +405,7 @@ def test_metrics_export_the_names_the_alert_rules_use(authz: AuthzProcess) -> No
     assert f'{metricnames.KEY_LAST_USED}{{key_id="{key.record.id}"}}' in text
 
 
+@pytest.mark.e2e
 def test_unknown_key_ids_do_not_become_metric_labels(authz: AuthzProcess) -> None:
     # Anyone can invent key ids; as labels they would grow the series without bound.
     invented = "ggk_" + "9" * 12 + "_" + "e" * 64
@@ -390,6 +413,7 @@ def test_unknown_key_ids_do_not_become_metric_labels(authz: AuthzProcess) -> Non
     assert "999999999999" not in authz.metrics()
 
 
+@pytest.mark.e2e
 def test_decision_log_follows_logrotate_moving_it(authz: AuthzProcess) -> None:
     # logrotate (create mode) renames authz.log and expects the writer to start a new file.
     key = authz.key("rotated")
@@ -411,6 +435,7 @@ def test_decision_log_follows_logrotate_moving_it(authz: AuthzProcess) -> None:
     assert [oct(stat.S_IMODE(f.stat().st_mode)) for f in (rotated, authz.log_file)] == ["0o600", "0o600"]
 
 
+@pytest.mark.e2e
 def test_one_json_log_line_per_decision_with_request_id_and_no_key(authz: AuthzProcess) -> None:
     key = authz.key("logged")
     authz.ask(key.token, request_id="log-line-check-1")
@@ -441,6 +466,7 @@ def wakeups_per_second(pid: int, seconds: float) -> float:
     return (switches() - before) / seconds
 
 
+@pytest.mark.e2e
 def test_an_idle_authz_sleeps_until_its_store_check_and_a_decision_still_reaches_its_log_at_once(own_authz) -> None:  # noqa: ANN001
     # The store check every 10 s is then the only timer of authz's own: with no slot open there is
     # nothing to read in the access log, so nothing wakes it 20 times a second (bench/idle_cpu.py).
@@ -463,6 +489,7 @@ def test_an_idle_authz_sleeps_until_its_store_check_and_a_decision_still_reaches
     assert len(delays) == 3 and max(delays) < 0.75, delays
 
 
+@pytest.mark.e2e
 def test_sigterm_stops_authz_at_once_though_its_server_ticks_once_a_second(own_authz) -> None:  # noqa: ANN001
     # A stop that waited for the next 1 s tick would take 0.1-1.1 s; three stops rule out luck.
     stops = []
@@ -476,6 +503,7 @@ def test_sigterm_stops_authz_at_once_though_its_server_ticks_once_a_second(own_a
     assert len(stops) == 3 and max(stops) < 0.45, stops
 
 
+@pytest.mark.e2e
 def test_other_paths_are_404(authz: AuthzProcess) -> None:
     assert httpx.get(f"{authz.url}/v1/models", timeout=5).status_code == 404
 
@@ -483,6 +511,7 @@ def test_other_paths_are_404(authz: AuthzProcess) -> None:
 # --- settings -------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_a_misspelt_authz_setting_in_the_env_file_stops_the_service_with_exit_2(tmp_path: Path) -> None:
     env_file = tmp_path / "gpugate.env"
     env_file.write_text("GPUGATE_AUTHZ_PROT=18001\nGPUGATE_PROBER_INTERVAL=5\n")

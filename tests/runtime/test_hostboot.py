@@ -262,6 +262,7 @@ def boot_v1(host: Host, aws: AwsAccount) -> subprocess.CompletedProcess[str]:
     return host.boot()
 
 
+@pytest.mark.e2e
 def test_first_boot_installs_the_bundle_and_the_secrets(aws_host: Host, aws: AwsAccount) -> None:
     result = boot_v1(aws_host, aws)
 
@@ -285,6 +286,7 @@ def test_first_boot_installs_the_bundle_and_the_secrets(aws_host: Host, aws: Aws
     assert stat.S_IMODE(aws_host.dest.stat().st_mode) == stat.S_IMODE((aws_host.dest / ".bundles").stat().st_mode) == 0o755
 
 
+@pytest.mark.e2e
 def test_a_wrong_sha256_is_refused_and_the_installed_bundle_stays(aws_host: Host, aws: AwsAccount) -> None:
     assert boot_v1(aws_host, aws).returncode == 0
     before = sorted(p.name for p in (aws_host.dest / ".bundles").iterdir())
@@ -301,6 +303,7 @@ def test_a_wrong_sha256_is_refused_and_the_installed_bundle_stays(aws_host: Host
     assert sorted(p.name for p in (aws_host.dest / ".bundles").iterdir()) == before
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("state", ["no such secret", "secret without a version yet"])
 def test_a_missing_required_secret_fails_naming_it(aws_host: Host, aws: AwsAccount, state: str) -> None:
     data = archive(BUNDLE_V1)
@@ -321,6 +324,7 @@ def test_a_missing_required_secret_fails_naming_it(aws_host: Host, aws: AwsAccou
     assert not aws_host.layout.alert_secret_file.exists()
 
 
+@pytest.mark.e2e
 def test_a_missing_optional_secret_is_skipped_and_its_stale_file_removed(aws_host: Host, aws: AwsAccount) -> None:
     data = archive(BUNDLE_V1)
     aws_host.layout.secrets.mkdir(parents=True)
@@ -336,6 +340,7 @@ def test_a_missing_optional_secret_is_skipped_and_its_stale_file_removed(aws_hos
     assert not aws_host.layout.alert_secret_file.exists()
 
 
+@pytest.mark.e2e
 def test_a_rerun_changes_nothing_and_fetches_no_bundle(aws_host: Host, aws: AwsAccount) -> None:
     assert boot_v1(aws_host, aws).returncode == 0
     installed = aws_host.dest / ".bundles" / sha256(archive(BUNDLE_V1))
@@ -354,6 +359,7 @@ def test_a_rerun_changes_nothing_and_fetches_no_bundle(aws_host: Host, aws: AwsA
     assert_secret_file(aws_host.layout.vllm_key_file, VLLM_KEY)
 
 
+@pytest.mark.e2e
 def test_two_runs_at_once_both_succeed(aws_host: Host, aws: AwsAccount) -> None:
     data = archive(BUNDLE_V1)
     secrets = [secret_entry(aws_host, "vllm_api_key", aws.secret("vllm", VLLM_KEY))]
@@ -371,6 +377,7 @@ def test_two_runs_at_once_both_succeed(aws_host: Host, aws: AwsAccount) -> None:
     assert_secret_file(aws_host.layout.vllm_key_file, VLLM_KEY)
 
 
+@pytest.mark.e2e
 def test_a_new_bundle_is_swapped_in_whole_and_the_previous_one_kept(aws_host: Host, aws: AwsAccount) -> None:
     assert boot_v1(aws_host, aws).returncode == 0
     config = json.loads(aws_host.config_path.read_text())
@@ -394,6 +401,7 @@ def test_a_new_bundle_is_swapped_in_whole_and_the_previous_one_kept(aws_host: Ho
     assert sorted(p.name for p in bundles.iterdir() if not p.name.startswith(".")) == sorted([v2, v3, "current", "previous"])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "add, outside",
     [
@@ -534,6 +542,7 @@ def iam_enforced(moto_endpoint: str) -> Iterator[Callable[[], None]]:
         reset_auth("inf")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("allowed", ["what the boot needs", "no secretsmanager:GetSecretValue"])
 def test_the_instance_role_with_least_privilege_is_enough(
     tmp_path: Path, moto_endpoint: str, aws: AwsAccount, iam_enforced: Callable[[], None], allowed: str
@@ -773,6 +782,7 @@ def gcp_config(case: GcpCase, names: list[str]) -> dict[str, Any]:
     }
 
 
+@pytest.mark.e2e
 def test_gcp_first_boot_uses_the_service_account_token(gcp: Callable[..., GcpCase]) -> None:
     case = gcp({"gpugate-vllm_api_key": VLLM_KEY, "gpugate-alert_credential": ALERT_CREDENTIAL}, token_failures=1)
     case.host.write_config(gcp_config(case, ["vllm_api_key", "alert_credential"]))
@@ -790,6 +800,7 @@ def test_gcp_first_boot_uses_the_service_account_token(gcp: Callable[..., GcpCas
     assert_no_secret_in(result, VLLM_KEY, ALERT_CREDENTIAL, FakeGoogle.TOKEN)
 
 
+@pytest.mark.e2e
 def test_gcp_a_missing_required_secret_fails_naming_it(gcp: Callable[..., GcpCase]) -> None:
     case = gcp({"gpugate-vllm_api_key": VLLM_KEY})
     case.host.write_config(gcp_config(case, ["vllm_api_key", "alert_credential"]))
@@ -804,6 +815,7 @@ def test_gcp_a_missing_required_secret_fails_naming_it(gcp: Callable[..., GcpCas
     assert_secret_file(case.host.layout.vllm_key_file, VLLM_KEY)
 
 
+@pytest.mark.e2e
 def test_gcp_a_payload_failing_its_crc32c_is_not_written(gcp: Callable[..., GcpCase]) -> None:
     case = gcp({"gpugate-vllm_api_key": VLLM_KEY}, corrupt=frozenset({"gpugate-vllm_api_key"}))
     case.host.write_config(gcp_config(case, ["vllm_api_key"]))

@@ -234,14 +234,6 @@ def test_invalid_spec_exits_2_naming_the_file(tmp_path: Path) -> None:
     assert "launch.json is not a valid launch spec" in result.output
 
 
-@pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    """The real vLLM CPU venv's python (built on first use; see gpugate.local.vllm_env)."""
-    from gpugate.local.vllm_env import ensure_vllm_venv
-
-    return ensure_vllm_venv()
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize("spec_kind", ["cpu", "gpu"])
 def test_real_vllm_parser_accepts_the_argv_we_build(spec_kind: str, key_file: Path, vllm_python: Path) -> None:

@@ -271,6 +271,7 @@ def success(values: dict, check: str) -> float | None:
 # -- success through the real proxy ----------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_every_check_passes_through_real_caddy_with_its_local_ca(
     gateway: Gateway, upstream: Upstream, key_file: Path
 ) -> None:
@@ -289,6 +290,7 @@ def test_every_check_passes_through_real_caddy_with_its_local_ca(
     assert run.result(Check.COMPLETION).detail == "HTTP 200, 1 token"
 
 
+@pytest.mark.e2e
 def test_tls_check_exports_the_expiry_of_the_certificate_caddy_serves(
     gateway: Gateway, upstream: Upstream, key_file: Path
 ) -> None:
@@ -304,6 +306,7 @@ def test_tls_check_exports_the_expiry_of_the_certificate_caddy_serves(
     assert re.fullmatch(rf"valid for localhost, {expires} \(in 1[12]\.\d hours\)", run.result(Check.TLS).detail)
 
 
+@pytest.mark.e2e
 def test_completion_sends_the_fixed_prompt_for_one_token(gateway: Gateway, upstream: Upstream, key_file: Path) -> None:
     probe(settings_for(gateway, upstream, key_file))
 
@@ -313,6 +316,7 @@ def test_completion_sends_the_fixed_prompt_for_one_token(gateway: Gateway, upstr
     ]
 
 
+@pytest.mark.e2e
 def test_tls_host_names_the_certificate_when_the_public_url_is_an_address(
     gateway: Gateway, upstream: Upstream, key_file: Path
 ) -> None:
@@ -327,6 +331,7 @@ def test_tls_host_names_the_certificate_when_the_public_url_is_an_address(
 # -- failures, each with its reason ----------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_certificate_not_chaining_to_the_configured_ca_fails_tls_and_api_checks(
     gateway: Gateway, upstream: Upstream, key_file: Path
 ) -> None:
@@ -343,6 +348,7 @@ def test_certificate_not_chaining_to_the_configured_ca_fails_tls_and_api_checks(
     assert (m.TLS_CERT_NOT_AFTER, ()) not in samples(prober.metrics())
 
 
+@pytest.mark.e2e
 def test_missing_ca_file_fails_the_public_checks_naming_the_file(
     gateway: Gateway, upstream: Upstream, key_file: Path, tmp_path: Path
 ) -> None:
@@ -355,6 +361,7 @@ def test_missing_ca_file_fails_the_public_checks_naming_the_file(
         assert run.result(check).detail == f"CA file {missing} not found"
 
 
+@pytest.mark.e2e
 def test_a_run_loads_no_ca_bundle_once_one_is_loaded_and_a_changed_ca_file_is_read_again(
     gateway: Gateway, upstream: Upstream, key_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -380,6 +387,7 @@ def test_a_run_loads_no_ca_bundle_once_one_is_loaded_and_a_changed_ca_file_is_re
     assert run.result(Check.TLS).ok is False and run.result(Check.TLS).detail.startswith(f"cannot load CA file {ca_file}")
 
 
+@pytest.mark.e2e
 def test_missing_served_model_fails_the_models_check_naming_what_is_served(
     gateway: Gateway, upstream: Upstream, key_file: Path
 ) -> None:
@@ -392,6 +400,7 @@ def test_missing_served_model_fails_the_models_check_naming_what_is_served(
     assert result.detail == f"model '{MODEL}' is not served (served: other-model)"
 
 
+@pytest.mark.e2e
 def test_rejected_key_fails_the_authenticated_checks_as_http_401(
     gateway: Gateway, upstream: Upstream, key_file: Path
 ) -> None:
@@ -405,6 +414,7 @@ def test_rejected_key_fails_the_authenticated_checks_as_http_401(
     assert run.result(Check.TLS).ok is True
 
 
+@pytest.mark.e2e
 def test_upstream_error_fails_the_completion_with_its_status(
     gateway: Gateway, upstream: Upstream, key_file: Path
 ) -> None:
@@ -416,6 +426,7 @@ def test_upstream_error_fails_the_completion_with_its_status(
     assert run.result(Check.COMPLETION).detail == "HTTP 500: Internal Server Error"
 
 
+@pytest.mark.e2e
 def test_slow_upstream_fails_the_api_checks_within_the_timeout(
     gateway: Gateway, upstream: Upstream, key_file: Path
 ) -> None:
@@ -430,6 +441,7 @@ def test_slow_upstream_fails_the_api_checks_within_the_timeout(
         assert result.seconds < SLOW_UPSTREAM_S - 1
 
 
+@pytest.mark.e2e
 def test_missing_key_file_fails_the_authenticated_checks_without_sending_a_request(
     gateway: Gateway, upstream: Upstream, tmp_path: Path
 ) -> None:
@@ -447,6 +459,7 @@ def test_missing_key_file_fails_the_authenticated_checks_without_sending_a_reque
     assert upstream.requests == []
 
 
+@pytest.mark.e2e
 def test_vllm_down_fails_the_health_check(gateway: Gateway, upstream: Upstream, key_file: Path) -> None:
     closed = f"http://127.0.0.1:{find_free_port()}/health"
 
@@ -459,6 +472,7 @@ def test_vllm_down_fails_the_health_check(gateway: Gateway, upstream: Upstream, 
 # -- GPU ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_gpu_check_is_not_applicable_on_a_host_without_nvidia_gpu(
     gateway: Gateway, upstream: Upstream, key_file: Path
 ) -> None:
@@ -472,6 +486,7 @@ def test_gpu_check_is_not_applicable_on_a_host_without_nvidia_gpu(
     assert not [name for name, _ in samples(prober.metrics()) if name.startswith("gpugate_gpu_")]
 
 
+@pytest.mark.e2e
 def test_gpu_check_fails_when_a_gpu_is_expected_but_none_is_visible(
     gateway: Gateway, upstream: Upstream, key_file: Path
 ) -> None:
@@ -485,6 +500,7 @@ def test_gpu_check_fails_when_a_gpu_is_expected_but_none_is_visible(
 # -- metrics, status and serve ---------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_metrics_show_one_for_each_passing_check_and_zero_for_each_failing_one(
     gateway: Gateway, upstream: Upstream, key_file: Path
 ) -> None:
@@ -502,6 +518,7 @@ def test_metrics_show_one_for_each_passing_check_and_zero_for_each_failing_one(
     assert values[(m.PROBE_DURATION, (("check", "completion"),))] > 0
 
 
+@pytest.mark.e2e
 def test_until_every_check_has_passed_once_the_prober_retries_within_seconds_then_keeps_its_interval(
     gateway: Gateway, upstream: Upstream, key_file: Path
 ) -> None:
@@ -534,6 +551,7 @@ def test_until_every_check_has_passed_once_the_prober_retries_within_seconds_the
     assert before >= 2 and after == before
 
 
+@pytest.mark.e2e
 def test_neither_the_key_nor_the_reply_appears_in_logs_or_output(
     gateway: Gateway, upstream: Upstream, key_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -575,6 +593,7 @@ def env_settings(gateway: Gateway, upstream: Upstream, key_file: Path, **changes
     }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("key", "exit_code"), [(KEY, 0), ("ggk_000000000000_wrong", 1)], ids=["all-pass", "one-fails"])
 def test_status_exits_zero_only_when_every_applicable_check_passes(
     gateway: Gateway, upstream: Upstream, key_file: Path, tmp_path: Path, key: str, exit_code: int
@@ -590,6 +609,7 @@ def test_status_exits_zero_only_when_every_applicable_check_passes(
     assert run.ok is (exit_code == 0)
 
 
+@pytest.mark.e2e
 def test_status_table_shows_each_check_with_its_outcome(
     gateway: Gateway, upstream: Upstream, key_file: Path, tmp_path: Path
 ) -> None:
@@ -617,6 +637,7 @@ def test_status_refuses_a_plain_http_public_url_with_exit_2(tmp_path: Path) -> N
     assert "public_url must be https://" in result.output
 
 
+@pytest.mark.e2e
 def test_serve_exports_metrics_and_status_with_settings_from_the_env_file(
     gateway: Gateway, upstream: Upstream, key_file: Path, tmp_path: Path
 ) -> None:

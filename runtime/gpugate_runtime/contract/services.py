@@ -46,6 +46,12 @@ UIDS: Mapping[str, int] = MappingProxyType({USER_GATEWAY: 10001, USER_CADDY: 100
 # The group every gateway user shares: authz reads Caddy's access log through it.
 GROUP_GATEWAY = USER_GATEWAY
 GID_GATEWAY = UIDS[USER_GATEWAY]
+# The umask every service runs with: what it creates is its owner's and the gateway group's at most, never
+# other users'. Caddy has no mode option for its access log (2.6 creates it 0666 less the umask, and its
+# roller keeps that mode): under this umask it is 0640, which authz reads through the group.
+SERVICE_UMASK = 0o027
+# supervisord's own umask on a local stack: its log and each program's stdout log are its user's only.
+SUPERVISOR_UMASK = 0o077
 
 
 # The services' names: supervisord programs, `gpugate-<name>` systemd units, pod containers, Prometheus jobs.
@@ -141,6 +147,8 @@ class Service:
     prepare_argv: tuple[str, ...] | None = None
     # Runs in the proxy pod on Kubernetes (Prometheus, Alertmanager and vLLM run elsewhere there).
     in_proxy_pod: bool = False
+    # supervisord's umask=, systemd's UMask= (a container in a pod keeps its image's: see docs/security.md).
+    umask: int = SERVICE_UMASK
 
     @property
     def port(self) -> int | None:

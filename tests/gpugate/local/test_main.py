@@ -12,7 +12,8 @@ import pytest
 
 
 @pytest.mark.e2e
-def test_ensure_prints_both_paths_and_they_exist() -> None:
+def test_ensure_prints_both_paths_and_they_exist(smollm_dir: Path) -> None:
+    # smollm_dir: prepared before the tests run (tests/conftest.py), so this ensure finds both and returns at once
     repo = Path(__file__).resolve().parents[3]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
 
