@@ -126,8 +126,8 @@ class Stack:
         root.mkdir(parents=True, exist_ok=True)
         self.stack_file = edit_stack("local", root / f"Pulumi.{STACK_NAME}.yaml", ports)
         self.env = {**os.environ, **run.env, "GPUGATE_STATE_DIR": str(root / "state")}
-        if run.tree != REPO:
-            self.env["PYTHONPATH"] = os.pathsep.join([str(run.tree), str(run.tree / "runtime")])
+        # This tree too: the installed `gpugate` may be another checkout's (an editable install).
+        self.env["PYTHONPATH"] = os.pathsep.join([str(run.tree), str(run.tree / "runtime")])
         self.key = ""
         self.ca = ""
 

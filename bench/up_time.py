@@ -12,7 +12,8 @@ it prints up -> first completion as a ratio to (import floor + weight loading), 
 the start read from the logs (second resolution): supervisord to launcher exec (the launcher, and
 its argument check when on), exec to vLLM's first log line (the API server's import), to the engine
 core's first line (its own import), to "Application startup complete", to `gpugate up` returning
-(the prober's next green run), to the first completion.
+(the prober's next green run), to the first completion. Each row also shows the machine's 1-minute load
+average as the run started: the floor and the start share the machine with whatever else runs.
 --env NAME=VALUE (repeatable) adds to the environment of the stack's programs (supervisord passes its
 environment down) to try a knob; --baseline REF runs the code at git REF too (git archive, PYTHONPATH).
 """
@@ -86,10 +87,11 @@ def one_run(
     root.mkdir(parents=True, exist_ok=True)
     stack = edit_stack("local", root / f"Pulumi.bench{base}.yaml", ports)
     env = {**os.environ, **env_extra, "GPUGATE_CACHE_DIR": str(cache), "GPUGATE_STATE_DIR": str(root / "state")}
-    if tree != REPO:
-        env["PYTHONPATH"] = os.pathsep.join([str(tree), str(tree / "runtime")])
+    # This tree too: the installed `gpugate` may be another checkout's (an editable install), and the stack's
+    # programs (the launcher among them) import gpugate_runtime from what supervisord passes down.
+    env["PYTHONPATH"] = os.pathsep.join([str(tree), str(tree / "runtime")])
     gpugate = [sys.executable, "-m", "gpugate"]
-    figures: dict[str, float] = {}
+    figures: dict[str, float] = {"load": os.getloadavg()[0]}  # the machine's 1-minute load as the run starts
     started_wall = time.time()
     started = time.monotonic()
     up = subprocess.run([*gpugate, "up", "--stack", str(stack)], cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
@@ -150,7 +152,7 @@ def main() -> None:
                 figures, timeline = one_run(label, cache, tmp_path / f"cached{index}-{len(label)}", 24100, env_extra, tree)
                 figures["import_floor_s"] = floor
                 results.setdefault(label, []).append((figures, timeline))
-    print(f"{'run':<50} {'up':>7} {'first completion':>17} {'import floor':>13} {'weights':>8} {'ratio':>6}")
+    print(f"{'run':<50} {'up':>7} {'first completion':>17} {'import floor':>13} {'weights':>8} {'ratio':>6} {'load':>5}")
     for label, runs in results.items():
         for figures, timeline in runs:
             floor, weights = figures.get("import_floor_s"), figures.get("weights_s", 0.0)
@@ -158,6 +160,7 @@ def main() -> None:
             print(
                 f"{label:<50} {figures['up_s']:>6.1f}s {figures['first_completion_s']:>16.1f}s"
                 + (f" {floor:>12.1f}s {weights:>7.1f}s {ratio:>6.2f}" if ratio else "")
+                + f" {figures['load']:>5.1f}"
             )
             print(f"    {timeline}")
         ratios = [f["first_completion_s"] / (f["import_floor_s"] + f.get("weights_s", 0.0)) for f, _ in runs if "import_floor_s" in f]

@@ -9,6 +9,7 @@ from gpugate_runtime.contract.host import LOOPBACK, Ports
 from gpugate_runtime.launcher import VLLM_API_KEY_ENV, vllm_args
 
 from gpugate.catalog import MODELS
+from gpugate.kubernetes import objects as k8s
 from gpugate.kubernetes.build import Build
 from gpugate.kubernetes.objects import (
     ENDPOINT_PROPAGATION_SECONDS,
@@ -28,14 +29,6 @@ from gpugate.kubernetes.objects import (
     SECRET_INTERNAL,
     VLLM,
     VLLM_KEY_ITEM,
-    disruption_budget,
-    labels,
-    meta,
-    network_policy,
-    resources,
-    restricted,
-    selector,
-    tcp,
 )
 from gpugate.kubernetes.sizing import (
     model_cache_gib,
@@ -105,7 +98,7 @@ def hf_token_problem(spec: GatewaySpec, stack: str, secrets: tuple[str, ...]) ->
 
 def _vllm_deployment(b: Build) -> dict[str, Any]:
     spec, kube, ports = b.spec, b.kube, b.ports
-    tags = labels(VLLM, b.stack)
+    tags = k8s.labels(VLLM, b.stack)
     drain = kube.autoscaling.drain_seconds
     startup = startup_budget_seconds(spec)
     memory = vllm_memory_gib(spec)
@@ -129,7 +122,7 @@ def _vllm_deployment(b: Build) -> dict[str, Any]:
             {"name": "HF_HOME", "value": "/models/hf"},
             {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
         ],
-        "resources": resources(
+        "resources": k8s.resources(
             "4", f"{memory}Gi", "7", f"{memory}Gi", **{GPU_RESOURCE: str(spec.gpu.count)}
         ),
         "startupProbe": {
@@ -141,7 +134,7 @@ def _vllm_deployment(b: Build) -> dict[str, Any]:
         "readinessProbe": {"httpGet": health, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3},
         "livenessProbe": {"httpGet": health, "periodSeconds": 15, "timeoutSeconds": 5, "failureThreshold": 4},
         "lifecycle": {"preStop": {"exec": {"command": ["python3", "-c", drain_script(ports.vllm, drain)]}}},
-        "securityContext": {**restricted(), "runAsUser": VLLM_UID, "runAsGroup": VLLM_UID},
+        "securityContext": {**k8s.restricted(), "runAsUser": VLLM_UID, "runAsGroup": VLLM_UID},
         "volumeMounts": [
             {"name": "model-cache", "mountPath": "/models"},
             {"name": "shm", "mountPath": "/dev/shm"},
@@ -152,11 +145,11 @@ def _vllm_deployment(b: Build) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": meta(VLLM, b.ns, tags),
+        "metadata": k8s.meta(VLLM, b.ns, tags),
         "spec": {
             # KEDA owns the count after creation; the program ignores it on later updates.
             "replicas": kube.replicas.min,
-            "selector": {"matchLabels": selector(VLLM)},
+            "selector": {"matchLabels": k8s.selector(VLLM)},
             # A new replica comes up before an old one goes: no capacity is lost in a rollout (the GPU
             # pool keeps one node of headroom above replicas.max for it).
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
@@ -171,7 +164,7 @@ def _vllm_deployment(b: Build) -> dict[str, Any]:
                     "affinity": {
                         "podAntiAffinity": {
                             "requiredDuringSchedulingIgnoredDuringExecution": [
-                                {"labelSelector": {"matchLabels": selector(VLLM)}, "topologyKey": "kubernetes.io/hostname"}
+                                {"labelSelector": {"matchLabels": k8s.selector(VLLM)}, "topologyKey": "kubernetes.io/hostname"}
                             ]
                         }
                     },
@@ -207,7 +200,7 @@ def _scaled_object(b: Build) -> dict[str, Any]:
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
-        "metadata": meta(VLLM, b.ns, labels(VLLM, b.stack)),
+        "metadata": k8s.meta(VLLM, b.ns, k8s.labels(VLLM, b.stack)),
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": VLLM},
             "minReplicaCount": kube.replicas.min,
@@ -256,24 +249,24 @@ def objects(b: Build) -> list[dict[str, Any]]:
             "apiVersion": "v1",
             "kind": "Service",
             # Headless: its DNS name lists every ready vLLM pod, for Caddy's dynamic upstreams.
-            "metadata": meta(VLLM, b.ns, {**labels(VLLM, b.stack), JOB_LABEL: "vllm"}),
+            "metadata": k8s.meta(VLLM, b.ns, {**k8s.labels(VLLM, b.stack), JOB_LABEL: "vllm"}),
             "spec": {
                 "clusterIP": "None",
-                "selector": selector(VLLM),
+                "selector": k8s.selector(VLLM),
                 "ports": [{"name": "http", "port": b.ports.vllm, "targetPort": "http", "protocol": "TCP"}],
             },
         },
-        disruption_budget(VLLM, b.ns, b.stack),
+        k8s.disruption_budget(VLLM, b.ns, b.stack),
         # Only the proxy and the Prometheus pods reach vLLM. vLLM checks its key under /v1 only, so
         # /invocations, /tokenize, /score, /pooling and /metrics answer whoever this lets in: not the
         # rest of the monitoring namespace (Grafana, Alertmanager, the operator, anything installed
         # there later). authz and the prober listen on the proxy pod's loopback, out of any other pod's reach.
-        network_policy(
+        k8s.network_policy(
             "vllm-from-gateway",
             b.ns,
             b.stack,
-            {"matchLabels": selector(VLLM)},
-            [{"from": [{"podSelector": {"matchLabels": selector(GATEWAY)}}, PROMETHEUS_PEER], "ports": [tcp(b.ports.vllm)]}],
+            {"matchLabels": k8s.selector(VLLM)},
+            [{"from": [{"podSelector": {"matchLabels": k8s.selector(GATEWAY)}}, PROMETHEUS_PEER], "ports": [k8s.tcp(b.ports.vllm)]}],
         ),
         _scaled_object(b),
     ]

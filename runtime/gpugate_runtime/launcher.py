@@ -45,6 +45,24 @@ REDACTED = "***"
 VLLM_MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 OMP_THREADS_ENV = "OMP_NUM_THREADS"
 
+# vLLM's API server always runs its engine core in a process of its own, and on the CPU build vLLM
+# forces that process to be spawned (CpuPlatform.check_and_update_config sets
+# VLLM_WORKER_MULTIPROC_METHOD=spawn, for its CPU workers' cpusets): a fresh interpreter that imports
+# vLLM again (torch, inductor, transformers: as long as the API server's own import, 12 s of CPU here)
+# before it loads the model. With the model in the engine core (no CPU worker processes) there is no
+# cpuset to share, so this runs the server module as `-m` would, with the engine core forked: it
+# inherits the API server's imports (bench/up_time.py, docs/performance.md).
+_FORK_ENGINE_SCRIPT = f"""
+import os, runpy
+from vllm.platforms import cpu
+check = cpu.CpuPlatform.check_and_update_config.__func__
+def check_then_fork(cls, vllm_config):
+    check(cls, vllm_config)
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
+cpu.CpuPlatform.check_and_update_config = classmethod(check_then_fork)
+runpy.run_module("{VLLM_MODULE}", run_name="__main__", alter_sys=True)
+"""
+
 # Run by the vLLM venv's python: parse (and validate) an argv exactly as the API server would.
 # Newer vLLM keeps its serve parser in entrypoints.launchers, older releases in entrypoints.openai.
 _CHECK_ARGS_SCRIPT = """
@@ -88,18 +106,35 @@ def vllm_args(spec: LaunchSpec) -> list[str]:
     return args
 
 
-def build_argv(spec: LaunchSpec, python: Path) -> list[str]:
+def build_argv(spec: LaunchSpec, python: Path, env: Mapping[str, str] | None = None) -> list[str]:
     """The full command line: `<python> -m vllm.entrypoints.openai.api_server <args>` from a venv (the CPU
     build, locally and on CPU hosts); on GPU hosts with a pinned image, `docker run` of that image with the
-    same vLLM arguments: the artifact staging ran is the one promotion pins for prod (docs/promotion.md)."""
+    same vLLM arguments: the artifact staging ran is the one promotion pins for prod (docs/promotion.md).
+    On the CPU build with the model in the engine core (`env`, default os.environ: see `forks_engine`),
+    the same module behind a `-c` script that forks the engine core instead of spawning it."""
     if spec.image:
         return container_argv(spec)
+    if forks_engine(spec, os.environ if env is None else env):
+        return [str(python), "-c", _FORK_ENGINE_SCRIPT, *vllm_args(spec)]
     return [str(python), "-m", VLLM_MODULE, *vllm_args(spec)]
 
 
 def container_name(tier: str | None) -> str:
     """The vLLM container's name: one per tier on a host that runs several."""
     return CONTAINER_NAME if tier is None else f"{CONTAINER_NAME}-{tier}"
+
+
+def forks_engine(spec: LaunchSpec, env: Mapping[str, str]) -> bool:
+    """Whether vLLM's engine core is forked from the API server: on the CPU build, one process for the
+    model (the default VLLM_ENABLE_V1_MULTIPROCESSING=0 of `build_env`, tensor parallel size 1)."""
+    return spec.device == "cpu" and spec.tensor_parallel_size == 1 and env.get(VLLM_MULTIPROCESSING_ENV, "0") == "0"
+
+
+def server_arguments(argv: Sequence[str]) -> list[str]:
+    """vLLM's own arguments in a command line from `build_argv` (`python -m MODULE ...` or `python -c SCRIPT ...`),
+    or `argv` itself when it holds only those."""
+    args = list(argv)
+    return args[3:] if len(args) > 2 and args[1] in ("-m", "-c") else args
 
 
 def container_argv(spec: LaunchSpec) -> list[str]:
@@ -213,9 +248,7 @@ def check_args(argv: Sequence[str], python: Path) -> None:
 
     `argv` may be the full command line from `build_argv` or just vLLM's arguments.
     """
-    args = list(argv)
-    if VLLM_MODULE in args:
-        args = args[args.index(VLLM_MODULE) + 1 :]
+    args = server_arguments(argv)
     try:
         completed = subprocess.run(
             [str(python), "-c", _CHECK_ARGS_SCRIPT, *args],

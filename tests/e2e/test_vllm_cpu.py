@@ -14,6 +14,8 @@ from .conftest import VllmServer
 
 pytestmark = pytest.mark.e2e
 
+# What `import vllm` prints on a host without a GPU (vLLM 0.32), once per process that imports it.
+VLLM_IMPORT_LINE = "Triton is installed, but doesn't include CPU backend. Disabling Triton."
 KV_LOG_LINE = re.compile(
     r"KV cache size: ([\d,]+) tokens, Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x"
 )
@@ -91,3 +93,12 @@ def test_prompts_and_the_key_stay_out_of_vllm_log(vllm_server: VllmServer) -> No
     log = vllm_server.log_text()
     assert "zebra-canary-4471" not in log
     assert vllm_server.api_key not in log
+
+
+def test_the_engine_core_is_forked_from_the_api_server_so_vllm_is_imported_once(vllm_server: VllmServer) -> None:
+    # given the launcher's vLLM serving, its engine core in a process of its own (titled VLLM::EngineCore)
+    cmdlines = process_group_cmdlines(vllm_server.pid)
+    assert len([line for line in cmdlines if line.startswith("VLLM::EngineCore")]) == 1, cmdlines
+    # then vLLM was imported once: the line its import prints on a CPU host is in the log once, not a
+    # second time from a spawned engine core's own import (as with VLLM_ENABLE_V1_MULTIPROCESSING=1)
+    assert vllm_server.log_text().count(VLLM_IMPORT_LINE) == 1

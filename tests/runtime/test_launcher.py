@@ -97,9 +97,28 @@ def write_spec(path: Path, spec: LaunchSpec) -> Path:
 
 
 def test_vllm_runs_as_the_api_server_module_not_the_console_script(key_file: Path) -> None:
-    argv = build_argv(cpu_spec(key_file), VLLM_PYTHON)
+    argv = build_argv(cpu_spec(key_file), VLLM_PYTHON, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
 
     assert argv[:3] == [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server"]
+
+
+def test_cpu_build_runs_the_same_module_with_the_engine_core_forked_not_spawned(key_file: Path) -> None:
+    # given the CPU build with the model in the engine core (build_env's default)
+    spec = cpu_spec(key_file)
+    env = build_env(spec, base={})
+    # when the launcher builds the command
+    argv = build_argv(spec, VLLM_PYTHON, env)
+    # then a -c script runs the API server module as `-m` would, after making vLLM fork its engine core,
+    # and vLLM's own arguments follow unchanged
+    assert argv[:2] == [str(VLLM_PYTHON), "-c"]
+    script = argv[2]
+    assert 'runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=True)' in script
+    assert 'os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"' in script
+    assert argv[3:] == build_argv(spec, VLLM_PYTHON, {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})[3:]
+    # and an operator's VLLM_ENABLE_V1_MULTIPROCESSING=1 (CPU workers in processes of their own) or tensor
+    # parallelism keep vLLM's spawned processes
+    assert build_argv(spec, VLLM_PYTHON, {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"})[1] == "-m"
+    assert build_argv(spec.model_copy(update={"tensor_parallel_size": 2}), VLLM_PYTHON, env)[1] == "-m"
 
 
 def test_cpu_argv_carries_the_spec_and_no_gpu_or_quantization_flags(key_file: Path) -> None:

@@ -114,7 +114,7 @@ def run(
     try:
         env = build_env(launch)
         report = plan_for_spec(launch)
-        argv = build_argv(launch, interpreter)
+        argv = build_argv(launch, interpreter, env)
     except LaunchError as exc:
         bad_input(str(exc))
 
