@@ -19,6 +19,11 @@ NAME_PATTERN = r"^[a-z][a-z0-9-]{0,30}$"
 PRIMARY_TIER = "general"
 
 
+def provider_key_secret(provider: str) -> str:
+    """The stack secret holding a provider's key, as `pulumi config set --secret --path` names it."""
+    return f"gpugate:providers.{provider}.api_key"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,11 @@ VLLM_KEY_CANARY_PREFIX = "gpugateplancanaryvllmkey"
 ALERT_CANARY = ("gpugate-plan-canary-alert-credential-" + "x" * 128)[:128]  # a Slack webhook URL is ~80
 CONFIG_KEY_CANARY = "gpugateplancanaryconfigvllmkey" + "y" * 18  # 48, like the generated key
 HF_TOKEN_CANARY = "hf_gpugateplancanaryhftoken" + "z" * 10  # 37, like a Hugging Face token
+PROVIDER_KEY_CANARY_PREFIX = "sk-gpugateplancanaryproviderkey-"  # + the provider's name, padded to 164 like a long API key
+
+
+def provider_key_canary(provider: str) -> str:
+    return (PROVIDER_KEY_CANARY_PREFIX + provider + "-" + "p" * 164)[:164]
 
 GCP_API = "https://www.googleapis.com/compute/v1"
 
@@ -209,6 +215,10 @@ def use_mocks(stack: Stack, run: Run) -> None:
         config[f"{NAMESPACE}:vllm_api_key"] = CONFIG_KEY_CANARY
     if "hf_token" in stack.secrets:
         config[f"{NAMESPACE}:hf_token"] = HF_TOKEN_CANARY
+    keys = {p: {"api_key": provider_key_canary(p)} for p in stack.spec.providers if f"providers.{p}.api_key" in stack.secrets}
+    if keys:
+        # Pulumi hands structured config over as JSON, the whole object secret when a value in it is.
+        config[f"{NAMESPACE}:providers"] = json.dumps(keys)
     pulumi.runtime.set_all_config(config, list(config))
     mocks = PlanMocks(stack.spec)
     pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack.name, preview=False, monitor=_RecordingMonitor(mocks, run))
@@ -229,7 +239,7 @@ def _record(stack: Stack, build: Any) -> Run:
 
     _sync_await(run_pulumi_func(program))
     result = next((r for r in run.resources if r.type == "random:index/randomPassword:RandomPassword"), None)
-    canaries = [ALERT_CANARY, CONFIG_KEY_CANARY, HF_TOKEN_CANARY]
+    canaries = [ALERT_CANARY, CONFIG_KEY_CANARY, HF_TOKEN_CANARY, *(provider_key_canary(p) for p in sorted(stack.spec.providers))]
     if result is not None:
         length = int(result.props.get("length", 32))
         canaries.append(vllm_key_canary(length))

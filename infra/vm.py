@@ -17,7 +17,7 @@ from gpugate.vm.bundle import ARCHIVE
 from gpugate.vm.delivery import SecretRef, bucket_name, object_key, secrets
 from gpugate.vm.userdata import USER_DATA, delivered
 from infra.network import IngressRule, public_url
-from infra.secrets import host_secrets
+from infra.secrets import host_secrets, missing_provider_keys
 
 
 # What `pulumi stack output` shows for a VM target; none of it is secret.
@@ -42,6 +42,9 @@ class VmGatewayArgs:
     def from_bundle(cls, stack: Stack, bundle: Bundle, target: Target, ingress: tuple[IngressRule, ...]) -> VmGatewayArgs:
         if stack.spec.target is not target:
             raise ValueError(f"stack {stack.name} targets {stack.spec.target}, not {target}")
+        missing = missing_provider_keys(stack.spec, stack.secrets, stack.name)
+        if missing:
+            raise ValueError(f"stack {stack.name}: " + "; ".join(missing))
         packed = bundle.files[ARCHIVE]
         digest = sha256(packed)
         path = default_cache_dir() / "bundles" / f"{digest}.tar.gz"

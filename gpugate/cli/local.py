@@ -39,7 +39,9 @@ def up(
     A second `up` with nothing changed is a no-op that reports the running stack; a changed stack
     file re-renders and restarts only the services whose files changed. A client key is issued and
     printed once on the stack's first start only (or with --new-key); later, manage keys with
-    `gpugate keys create / list / rotate / revoke --stack S`.
+    `gpugate keys create / list / rotate / revoke --stack S`. A stack with external providers
+    (gpugate:providers) takes each one's key from GPUGATE_PROVIDER_<NAME>_API_KEY into its state
+    dir (needed once; exit 2 naming the variable when a provider has no key).
     """
     gateway = _local_or_exit(stack)
     try:
@@ -50,7 +52,7 @@ def up(
 
             result = gateway.up(progress, new_key=new_key)
     except LocalStackError as err:
-        _fail(err)
+        _fail(err, ExitCode.BAD_INPUT if err.bad_input else ExitCode.CHECK_FAILED)
     if not result.started and not result.restarted:
         console.print(f"[green]✓[/] stack [bold]{gateway.stack.name}[/] is already up and healthy at {result.url} (nothing changed)")
     elif not result.started:

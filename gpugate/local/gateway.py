@@ -20,13 +20,14 @@ from pathlib import Path
 
 import httpx
 from gpugate_runtime.contract.host import HostLayout, Ports
-from gpugate_runtime.contract.services import SUPERVISOR_UMASK, services
+from gpugate_runtime.contract.services import ROUTER, SUPERVISOR_UMASK, services
 from gpugate_runtime.keys import KeyInputError, KeyStoreError, create_key, read_store, utcnow
 from gpugate_runtime.settings import KeysSettings
 from supervisor.xmlrpc import SupervisorTransport
 
 from gpugate.local.bundle import local_facts, local_layout, render_local
 from gpugate.local.model import ensure_model
+from gpugate.local.providerkeys import ProviderKeyMissing, install_provider_keys, provider_key_env, write_secret
 from gpugate.local.supervisord import SUPERVISOR_CONF
 from gpugate.local.vllm_env import LocalEnvError, ensure_vllm_venv
 from gpugate.render.bundle import MANIFEST, write_bundle
@@ -45,10 +46,11 @@ LOG_TAIL_LINES = 20
 
 
 class LocalStackError(Exception):
-    """Something stopped `gpugate up`; says what failed, shows the evidence and what to do."""
+    """Something stopped `gpugate up`; says what failed, shows the evidence and what to do. `bad_input`: the
+    stack or its inputs are wrong (exit 2), not something that failed while running (exit 1)."""
 
-    def __init__(self, what: str, evidence: str = "", todo: str = ""):
-        self.what, self.evidence, self.todo = what, evidence, todo
+    def __init__(self, what: str, evidence: str = "", todo: str = "", bad_input: bool = False):
+        self.what, self.evidence, self.todo, self.bad_input = what, evidence, todo, bad_input
         super().__init__(what)
 
 
@@ -143,6 +145,7 @@ class LocalGateway:
         """Start or update the stack. A client key is issued on its first start (no active client key in its
         store) or when `new_key` asks for one; otherwise keys are `gpugate keys`' business."""
         start = time.monotonic()
+        keys_changed = self._install_provider_keys()
         progress("checking system packages (Caddy, Prometheus, Alertmanager)")
         ensure_system_packages()
         progress("preparing vLLM (CPU build) and the model — first run installs ~3.5 GB, later runs are instant")
@@ -155,7 +158,7 @@ class LocalGateway:
         bundle = render_local(self.stack, self.layout, model_dir)
         changed = self._changed_files(bundle.files)
         was_running = self.running()
-        if was_running and not changed:
+        if was_running and not changed and not keys_changed:
             self._wait_ready(progress, READY_TIMEOUT_S)
             result = UpResult(started=False, url=self.url, ca_file=self.ca_file)
             self._issue_client_key(result, new_key)
@@ -173,8 +176,10 @@ class LocalGateway:
             progress("starting services under supervisord")
             self._start_supervisord()
         else:
-            restarted = self._apply_changes(changed)
-            progress(f"restarted {', '.join(restarted) or 'nothing'} for {len(changed)} changed file(s)")
+            # The router reads each provider's key once: a new key on file takes a restart.
+            restarted = self._apply_changes(changed, {ROUTER} if keys_changed else set())
+            why = f"{len(changed)} changed file(s)" + (f" and the key of {', '.join(keys_changed)}" if keys_changed else "")
+            progress(f"restarted {', '.join(restarted) or 'nothing'} for {why}")
 
         self._ensure_prober_key()
         try:
@@ -196,9 +201,10 @@ class LocalGateway:
         current = json.loads(files[MANIFEST])["files"]
         return {p for p in set(current) | set(deployed) if current.get(p) != deployed.get(p)}
 
-    def _apply_changes(self, changed: set[str]) -> list[str]:
+    def _apply_changes(self, changed: set[str], also: set[str]) -> list[str]:
+        """Restart the services that read a changed bundle file, and those named in `also`."""
         ctl = [str(self.bin_dir / "supervisorctl"), "-c", str(self.conf)]
-        restart: set[str] = set()
+        restart: set[str] = set(also)
         if SUPERVISOR_CONF in changed:
             # `update` restarts exactly the programs whose definitions changed.
             subprocess.run([*ctl, "update"], check=False, capture_output=True, text=True, timeout=120)
@@ -230,13 +236,26 @@ class LocalGateway:
                 f"stop what uses them, or change gpugate:ports (https, http, internal_base) in {self.stack.path.name}",
             )
 
+    def _install_provider_keys(self) -> list[str]:
+        """Each external provider's key from the environment to its file (see gpugate/local/providerkeys.py),
+        checked before anything is installed or started; returns the providers whose key changed."""
+        try:
+            return install_provider_keys(self.spec.providers, self.layout, self.stack.name, os.environ)
+        except ProviderKeyMissing as err:
+            raise LocalStackError(
+                str(err),
+                "\n".join(err.lines),
+                f"a provider's key is never in the stack file in plain text; give it in {', '.join(map(provider_key_env, err.providers))}",
+                bad_input=True,
+            ) from None
+
     def _prepare_dirs_and_secrets(self) -> None:
         for directory in (self.layout.state, self.layout.logs, self.layout.etc, self.layout.caddy_storage):
             directory.mkdir(parents=True, exist_ok=True)
         self.layout.secrets.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.layout.secrets, 0o700)
         if not self.layout.vllm_key_file.exists():
-            _write_secret(self.layout.vllm_key_file, secrets.token_urlsafe(32))
+            write_secret(self.layout.vllm_key_file, secrets.token_urlsafe(32))
 
     def _start_supervisord(self) -> None:
         # supervisord opens its own log before it applies the umask= of its config: start it under that umask.
@@ -284,7 +303,7 @@ class LocalGateway:
         if self.layout.prober_key_file.exists():
             return
         key, _ = self.create_key(PROBER_KEY_NAME)
-        _write_secret(self.layout.prober_key_file, key)
+        write_secret(self.layout.prober_key_file, key)
 
     def _wait_ready(self, progress: Callable[[str], None], timeout: float) -> None:
         """Wait until every program runs and the prober reports every applicable check green."""
@@ -354,15 +373,6 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
     except (OSError, IndexError):
         return False
-
-
-def _write_secret(path: Path, value: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(value + "\n")
-    os.replace(tmp, path)
 
 
 def _who_listens(port: int) -> str:

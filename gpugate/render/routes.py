@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpugate_runtime.contract.host import LOOPBACK, ROUTE_TABLE, tier_launch_spec
+from gpugate_runtime.contract.host import LOOPBACK, ROUTE_TABLE, provider_key_name, tier_launch_spec
 from gpugate_runtime.contract.services import ROUTER, HostFacts, Service, by_name, credential_path
 from gpugate_runtime.launchspec import LaunchSpec
 from gpugate_runtime.router_settings import RouterSettings
@@ -74,7 +74,7 @@ def route_table(spec: GatewaySpec, facts: HostFacts, table: tuple[Service, ...])
         providers={
             name: ProviderRoute(
                 base_url=str(p.base_url).rstrip("/"),
-                key_file=keys[f"provider_{name}_api_key"],
+                key_file=keys[provider_key_name(name)],
                 models=p.models,
                 input_usd_per_mtok=p.input_usd_per_mtok,
                 output_usd_per_mtok=p.output_usd_per_mtok,

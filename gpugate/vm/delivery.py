@@ -3,8 +3,9 @@
 Names are deterministic, so the rendered user data is complete before `pulumi up` and the program creates
 exactly what it names: the bucket (`gpugate-<stack>-<12 hex>`, or `vm.bundle_bucket`), the bundle object
 (`bundles/<archive sha256>.tar.gz`) and one secret per credential (AWS Secrets Manager
-`gpugate/<stack>/<name>`; GCP Secret Manager `projects/<project>/secrets/gpugate-<stack>-<name>`).
-The host's boot script (gpugate_runtime/hostboot.py) reads this as its boot config.
+`gpugate/<stack>/<name>`; GCP Secret Manager `projects/<project>/secrets/gpugate-<stack>-<name>`), each external
+provider's key among them as `provider_<provider>_api_key`. The host's boot script (gpugate_runtime/hostboot.py)
+reads this as its boot config.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpugate_runtime.contract.host import HostLayout
+from gpugate_runtime.contract.host import HostLayout, provider_key_name
 
 from gpugate.spec import GatewaySpec, Target
 
@@ -65,10 +66,14 @@ def secret_id(spec: GatewaySpec, stack: str, name: str) -> str:
 
 
 def secrets(spec: GatewaySpec, stack: str, layout: HostLayout) -> tuple[SecretRef, ...]:
-    """The secrets a host of this stack fetches: vLLM's internal key, and the alert channel's credential when it has one."""
+    """The secrets a host of this stack fetches: vLLM's internal key, the alert channel's credential when it has
+    one, and each external provider's key (`provider_<name>_api_key`, which only the router reads)."""
     refs = [SecretRef(VLLM_KEY, secret_id(spec, stack, VLLM_KEY), layout.vllm_key_file)]
     if spec.alerts.needs_credential:
         refs.append(SecretRef(ALERT_CREDENTIAL, secret_id(spec, stack, ALERT_CREDENTIAL), layout.alert_secret_file))
+    for provider in sorted(spec.providers):
+        name = provider_key_name(provider)
+        refs.append(SecretRef(name, secret_id(spec, stack, name), layout.provider_key_file(provider)))
     return tuple(refs)
 
 

@@ -60,6 +60,11 @@ REQUEST_ID_HEADER = "X-Request-Id"
 CADDY_GO_ENV: dict[str, str] = {"GOMAXPROCS": "1", "GOGC": "400", "GOMEMLIMIT": "384MiB"}
 
 
+def provider_key_name(provider: str) -> str:
+    """An external provider's key as a host secret: its file name, its systemd credential and its boot secret name."""
+    return f"provider_{provider}_api_key"
+
+
 @dataclass(frozen=True)
 class Ports:
     """Loopback ports of the internal services, derived from one base."""
@@ -138,7 +143,7 @@ class HostLayout:
 
     def provider_key_file(self, provider: str) -> Path:
         """An external provider's API key (`gpugate:providers.<name>.api_key`), read by the router only."""
-        return self.secrets / f"provider_{provider}_api_key"
+        return self.secrets / provider_key_name(provider)
 
     @property
     def alert_secret_file(self) -> Path:

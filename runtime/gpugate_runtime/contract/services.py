@@ -26,6 +26,7 @@ from gpugate_runtime.contract.host import (
     RUNTIME_ENV,
     HostLayout,
     Ports,
+    provider_key_name,
     tier_launch_spec,
 )
 
@@ -253,7 +254,7 @@ def _router(facts: HostFacts) -> Service:
         # The local tiers take the internal vLLM key; each provider its own, which only the router reads.
         credentials=(
             Credential("vllm_api_key", layout.vllm_key_file),
-            *(Credential(f"provider_{name}_api_key", layout.provider_key_file(name)) for name in facts.providers),
+            *(Credential(provider_key_name(name), layout.provider_key_file(name)) for name in facts.providers),
         ),
         logs=(layout.route_log,),
         health=Health("/health"),
