@@ -6,6 +6,7 @@ import json
 from typing import Annotated
 
 import typer
+from gpugate_runtime.routehealth import RouteHealth
 from rich.table import Table
 
 from gpugate.cli.options import ExitCode, JsonOpt, console, err_console, load_or_exit
@@ -96,10 +97,13 @@ def down(stack: LocalStackOpt = "local") -> None:
 
 
 def status(stack: LocalStackOpt = "local", as_json: JsonOpt = False) -> None:
-    """Per-service state and the prober's checks of a local stack; exit 1 if anything is down or red."""
+    """Per-service state, the prober's checks and, on a stack that routes, each tier and provider green / yellow / red
+    (from the router's metrics: red held down or failing, yellow a fallback or failure in the last 5 minutes or a slow
+    first token); exit 1 if anything is down or red."""
     gateway = _local_or_exit(stack)
     processes = gateway.processes()
     checks = gateway.probe_status() if processes else []
+    routes = gateway.route_health() if processes else None
     report = {
         "stack": gateway.stack.name,
         "running": bool(processes),
@@ -109,7 +113,11 @@ def status(stack: LocalStackOpt = "local", as_json: JsonOpt = False) -> None:
         "services": [{"name": p["name"], "state": p["statename"], "pid": p["pid"], "uptime_s": max(0, p["now"] - p["start"]) if p["pid"] else 0} for p in processes],
         "checks": checks,
     }
+    if gateway.spec.routes:
+        report["routes"] = [h.to_dict() for h in routes] if routes is not None else None  # None: the router did not answer
     healthy = bool(processes) and all(s["state"] == "RUNNING" for s in report["services"]) and bool(checks) and all(c.get("ok") is not False for c in checks)
+    if gateway.spec.routes:
+        healthy = healthy and routes is not None and all(h.state != "red" for h in routes)
     report["healthy"] = healthy
     if as_json:
         console.print_json(json.dumps(report, default=str))
@@ -128,8 +136,20 @@ def status(stack: LocalStackOpt = "local", as_json: JsonOpt = False) -> None:
                 seconds = c.get("seconds")
                 probes.add_row(c.get("check", "?"), mark, f"{seconds:.3f}" if isinstance(seconds, (int, float)) else "", str(c.get("detail", "")))
             console.print(probes)
+            if gateway.spec.routes:
+                console.print(routes_table(routes))
             console.print(f"alerts delivered to: {gateway.layout.alert_log}", highlight=False)
     raise typer.Exit(ExitCode.OK if healthy else ExitCode.CHECK_FAILED)
+
+
+def routes_table(routes: list[RouteHealth] | None) -> Table:
+    """Each tier and provider with its state, coloured, and why."""
+    table = Table("route", "state", "detail", title="routes (from the router's metrics)")
+    if routes is None:
+        table.add_row("router", "[red]red[/]", "the router's /metrics does not answer")
+    for h in routes or []:
+        table.add_row(h.route, f"[{h.state}]{h.state}[/]", h.detail)
+    return table
 
 
 def logs(

@@ -22,6 +22,7 @@ import httpx
 from gpugate_runtime.contract.host import HostLayout, Ports
 from gpugate_runtime.contract.services import ROUTER, SUPERVISOR_UMASK, services
 from gpugate_runtime.keys import KeyInputError, KeyStoreError, create_key, read_store, utcnow
+from gpugate_runtime.routehealth import RouteHealth, route_health
 from gpugate_runtime.settings import KeysSettings
 from supervisor.xmlrpc import SupervisorTransport
 
@@ -341,6 +342,18 @@ class LocalGateway:
             return data["results"] if isinstance(data, dict) else data
         except (httpx.HTTPError, ValueError, KeyError):
             return []
+
+    def route_health(self) -> list[RouteHealth] | None:
+        """Each tier's and provider's state from the router's /metrics; None when the stack does not route
+        or the router does not answer."""
+        if not self.spec.routes:
+            return None
+        try:
+            response = httpx.get(f"http://127.0.0.1:{self.ports.router}/metrics", timeout=2)
+            response.raise_for_status()
+        except httpx.HTTPError:
+            return None
+        return route_health(response.text, time.time())
 
     # ---- down --------------------------------------------------------------------------
 

@@ -30,8 +30,12 @@ from gpugate_runtime.contract.metrics import (
     GENAI_TTFT,
     ROUTE_ERRORS,
     ROUTE_FALLBACKS,
+    ROUTE_LAST_FAILURE,
+    ROUTE_LAST_FALLBACK,
+    ROUTE_LAST_SUCCESS,
     ROUTE_REQUESTS,
     ROUTE_TIER_UP,
+    ROUTE_TTFT_AVERAGE,
 )
 from gpugate_runtime.contract.routing import (
     KEY_SCOPE_HEADER,
@@ -55,6 +59,8 @@ GENERATE_PATHS = ("/v1/chat/completions", "/v1/completions")
 USAGE_SCAN_BYTES = 4 * 1024 * 1024
 TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+# Answers that say the route failed rather than the request (with any 5xx): its key refused, or its limit hit.
+ROUTE_FAILED_STATUS = (401, 403, 429)
 # Hop-by-hop and framing headers the router sets itself; the rest of an upstream's headers pass through.
 _DROP_RESPONSE = {b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date"}
 # Request headers an upstream gets from the client (the key, identity and routing headers stay here; no
@@ -157,6 +163,15 @@ class Metrics:
         self.tier_up = Gauge(
             ROUTE_TIER_UP, "1 while the router sends to the tier, 0 while it holds it down", ["tier"], registry=registry
         )
+        self.last_success = Gauge(ROUTE_LAST_SUCCESS, "Unix time of the route's last answer below 400 (0: never)", ["route"], registry=registry)
+        self.last_failure = Gauge(ROUTE_LAST_FAILURE, "Unix time of the route's last failed attempt (0: never)", ["route"], registry=registry)
+        self.last_fallback = Gauge(
+            ROUTE_LAST_FALLBACK, "Unix time a request was last sent on from this route to another (0: never)", ["route"], registry=registry
+        )
+        self.ttft_average = Gauge(
+            ROUTE_TTFT_AVERAGE, "Moving average of the route's time to first token (what cost-optimized compares)", ["route"],
+            registry=registry,
+        )  # fmt: skip
 
 
 def _usage(data: Any) -> tuple[int, int] | None:
@@ -178,6 +193,10 @@ class Router:
         self.metrics = Metrics(self.registry)
         for tier in table.tiers:
             self.metrics.tier_up.labels(tier).set(1)
+        # Every route is in the metrics from the start, its times 0 until something happens on it.
+        for label in [f"tier:{name}" for name in table.tiers] + [f"provider:{name}" for name in table.providers]:
+            for gauge in (self.metrics.last_success, self.metrics.last_failure, self.metrics.last_fallback):
+                gauge.labels(label).set(0)
         self._keys: dict[str, bytes] = {}
         self._probes: dict[str, asyncio.Task[None]] = {}
         connect = table.connect_timeout_seconds
@@ -371,6 +390,7 @@ class Router:
             if route != first:
                 exchange.fallback = True
                 self.metrics.fallbacks.labels(first.label, route.label, str(policy)).inc()
+                self.metrics.last_fallback.labels(first.label).set(time.time())
             return await self.relay(route, response, stream, strip_usage, sent, exchange, send, policy)
         exchange.fallback = False  # nothing answered
         raise self.unavailable(
@@ -379,6 +399,7 @@ class Router:
 
     def _failed(self, route: Route, reason: str, hold: bool = False) -> None:
         self.metrics.errors.labels(route.label, reason).inc()
+        self.metrics.last_failure.labels(route.label).set(time.time())
         if hold and route.local:
             self.routes.hold_down(route.name)
             self.metrics.tier_up.labels(route.name).set(0)
@@ -460,6 +481,12 @@ class Router:
         if exchange.ttft_s is not None and response.status_code < 400:
             self.routes.observe_ttft(route, exchange.ttft_s)
             self.metrics.ttft.labels(route.label).observe(exchange.ttft_s)
+            self.metrics.ttft_average.labels(route.label).set(self.routes.ttft[route.label])
+        if response.status_code < 400:
+            self.metrics.last_success.labels(route.label).set(time.time())
+        elif response.status_code in ROUTE_FAILED_STATUS or response.status_code >= 500:
+            # The last route's own failure, relayed as it is: the route failed, not the request.
+            self.metrics.last_failure.labels(route.label).set(time.time())
         tier, provider = (route.name, "") if route.local else ("", route.name)
         outcome = "ok" if response.status_code < 400 else f"status_{response.status_code}"
         self.metrics.requests.labels(route.label, tier, provider, str(policy), outcome).inc()

@@ -49,3 +49,8 @@ ROUTE_REQUESTS = "gpugate_route_requests_total"  # labels: route, tier, provider
 ROUTE_FALLBACKS = "gpugate_route_fallbacks_total"  # labels: from_route, to_route, policy
 ROUTE_ERRORS = "gpugate_route_errors_total"  # labels: route, reason (connect, timeout, status_5xx, status_429)
 ROUTE_TIER_UP = "gpugate_route_tier_up"  # gauge; labels: tier (0 while the router holds it down)
+# Gauges per route (0: never), set by the router as things happen: what `gpugate status` reads a route's state from.
+ROUTE_LAST_SUCCESS = "gpugate_route_last_success_timestamp_seconds"  # labels: route; the last answer below 400
+ROUTE_LAST_FAILURE = "gpugate_route_last_failure_timestamp_seconds"  # labels: route; the last failed attempt
+ROUTE_LAST_FALLBACK = "gpugate_route_last_fallback_timestamp_seconds"  # labels: route; the last request sent on from it
+ROUTE_TTFT_AVERAGE = "gpugate_route_ttft_average_seconds"  # labels: route; the moving average cost-optimized compares
