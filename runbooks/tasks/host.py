@@ -17,16 +17,20 @@ from dotenv import dotenv_values
 from fabric import Connection
 from gpugate_runtime.contract import metrics as m
 from gpugate_runtime.contract.exits import ExitCode
-from gpugate_runtime.contract.host import CADDYFILE, VM_RUNTIME_PYTHON, HostLayout
+from gpugate_runtime.contract.host import CADDYFILE, VM_RUNTIME_PYTHON, HostLayout, tier_launch_spec
 from gpugate_runtime.contract.services import (
     AUTHZ,
     CADDY_SERVICE,
     LOCAL_ONLY,
     NAMES,
+    VLLM,
+    tier_service,
     unit_name,
 )
 from gpugate_runtime.keys import ID_HEX
 from gpugate_runtime.prober_settings import ProberSettings
+from gpugate_runtime.routehealth import RouteHealth, route_health
+from gpugate_runtime.router_settings import RouterSettings
 from invoke.exceptions import CommandTimedOut, Exit
 from invoke.runners import Result
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -36,14 +40,40 @@ from gpugate.local.supervisord import SUPERVISOR_CONF
 
 EXIT_CHECK_FAILED, EXIT_BAD_INPUT = ExitCode.CHECK_FAILED, ExitCode.BAD_INPUT
 
-# Services `restart` may restart; Caddy is reloaded (`reload-proxy`), never restarted under traffic.
-RESTARTABLE = tuple(name for name in NAMES if name != CADDY_SERVICE)
 # Logs of one host: the two JSON logs the runtime writes, then each service's own output (authz's
 # output is apart from its decision log), then supervisord's own on a local stack.
 JSON_LOGS = ("access", "authz")
 AUTHZ_OUTPUT = f"{AUTHZ}-output"
 SUPERVISORD_LOG = "supervisord"
-SERVICE_LOGS = (*(AUTHZ_OUTPUT if name == AUTHZ else name for name in NAMES), SUPERVISORD_LOG)
+# An extra tier's launch spec in the deployed bundle (vllm/launch-<tier>.json): the host's tiers are read from these.
+_TIER_DIR, _TIER_FILE = tier_launch_spec("\0").rsplit("/", 1)
+_TIER_PREFIX, _TIER_SUFFIX = _TIER_FILE.split("\0")
+
+
+def restartable(names: Sequence[str]) -> tuple[str, ...]:
+    """Services `restart` may restart; Caddy is reloaded (`reload-proxy`), never restarted under traffic."""
+    return tuple(name for name in names if name != CADDY_SERVICE)
+
+
+def service_logs(names: Sequence[str]) -> tuple[str, ...]:
+    """The service outputs `logs` shows for these services (authz's output apart from its decision log), and supervisord's."""
+    return (*(AUTHZ_OUTPUT if name == AUTHZ else name for name in names), SUPERVISORD_LOG)
+
+
+def with_tiers(tiers: Sequence[str]) -> tuple[str, ...]:
+    """The service names of a host with these extra tiers, in the service table's order: each tier's vLLM after the first."""
+    return (VLLM, *(tier_service(t) for t in tiers), *(name for name in NAMES if name != VLLM))
+
+
+def tiers_in(listing: str) -> tuple[str, ...]:
+    """The tiers whose launch spec is in a listing (`ls -1`) of the bundle's vLLM directory."""
+    names = (n for n in listing.split() if n.startswith(_TIER_PREFIX) and n.endswith(_TIER_SUFFIX))
+    return tuple(sorted(n[len(_TIER_PREFIX) : -len(_TIER_SUFFIX)] for n in names if len(n) > len(_TIER_PREFIX + _TIER_SUFFIX)))
+
+
+# Without a host (help texts, checks before connecting): the services of a stack without tiers.
+RESTARTABLE = restartable(NAMES)
+SERVICE_LOGS = service_logs(NAMES)
 MAX_LOG_LINES = 10_000
 # Fields a person may see from the access and decision logs: metadata, never a body or a key.
 ACCESS_FIELDS = ("time", "key_id", "request_id", "method", "path", "status", "ms", "bytes")
@@ -113,6 +143,7 @@ class Host:
         self.dry_run = bool(c.config.run.dry)
         self._login_is_root: bool | None = None
         self._env: dict[str, str] | None = None
+        self._tiers: tuple[str, ...] | None = None
 
     @property
     def where(self) -> str:
@@ -212,8 +243,27 @@ class Host:
         settings = self.prober()
         return self.http_get(settings.public_base + path, timeout, settings.ca_file, count)
 
-    def vllm_health(self) -> bool:
-        return self.http_get(str(self.prober().vllm_health_url), timeout=3)[0].get("status") == 200
+    def tiers(self) -> tuple[str, ...]:
+        """The stack's extra model tiers (each a `vllm-<tier>` service), from the deployed bundle's launch specs."""
+        if self._tiers is None:
+            self._tiers = tiers_in(self.check(["ls", "-1", str(self.layout.bundle_file(_TIER_DIR))]).stdout)
+        return self._tiers
+
+    def names(self) -> tuple[str, ...]:
+        """This host's services by name: the service table's, with a `vllm-<tier>` for each extra tier."""
+        return with_tiers(self.tiers())
+
+    def vllm_health(self, service: str = VLLM) -> bool:
+        """Whether a vLLM (the first model's, or `vllm-<tier>`) answers /health on its loopback port."""
+        if service == VLLM:
+            url = str(self.prober().vllm_health_url)
+        else:
+            spec = self.check(["cat", str(self.layout.bundle_file(tier_launch_spec(service.removeprefix(f"{VLLM}-"))))])
+            try:
+                url = f"http://127.0.0.1:{int(jsonlib.loads(spec.stdout)['port'])}/health"
+            except (ValueError, KeyError):
+                return False
+        return self.http_get(url, timeout=3)[0].get("status") == 200
 
     def vllm_in_flight(self) -> int | None:
         """Requests vLLM is running or queueing, from its /metrics; None when it does not answer."""
@@ -227,6 +277,16 @@ class Host:
             if name in (m.VLLM_RUNNING, m.VLLM_WAITING):
                 total += float(line.rsplit(" ", 1)[1])
         return int(total)
+
+    def router_port(self) -> int | None:
+        """The router's loopback port from the deployed env file; None on a stack that does not route."""
+        port = self.env().get(f"{RouterSettings.model_config['env_prefix']}PORT")
+        return int(port) if port else None
+
+    def route_health(self) -> list[RouteHealth] | None:
+        """Each tier's and provider's state from the router's /metrics; None when the router does not answer."""
+        answer = self.http_get(f"http://127.0.0.1:{self.router_port()}/metrics", timeout=5)[0]
+        return route_health(answer["body"], time.time()) if answer.get("status") == 200 else None
 
     def exists(self, path: Path, role: Role = "login") -> bool:
         return self.check(["test", "-e", str(path)], role).ok
@@ -264,7 +324,7 @@ class Host:
                     EXIT_CHECK_FAILED,
                 )
             return rows
-        units = [f"{unit_name(name)}.service" for name in NAMES if name not in LOCAL_ONLY]
+        units = [f"{unit_name(name)}.service" for name in self.names() if name not in LOCAL_ONLY]
         result = self.check(
             ["systemctl", "show", "-p", "Id", "-p", "LoadState", "-p", "ActiveState", "-p", "SubState", "-p", "MainPID", *units]
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from fabric import task
+from gpugate_runtime.contract.services import VLLM, is_vllm
 from invoke.exceptions import Exit
 
 from runbooks.tasks.host import (
@@ -13,6 +14,7 @@ from runbooks.tasks.host import (
     RESTARTABLE,
     Host,
     found,
+    restartable,
     say,
     wait_for,
 )
@@ -58,7 +60,7 @@ def drain(c, off=False):
 @task(
     auto_shortflags=False,
     help={
-        "service": f"which service: {', '.join(RESTARTABLE)} (vllm is drained first)",
+        "service": f"which service: {', '.join(RESTARTABLE)}, or vllm-<tier> for a stack's extra tier (vllm is drained first)",
         "drain_timeout": "seconds to let requests in flight finish before vLLM restarts",
         "timeout": "seconds to wait for the service to be healthy again",
     },
@@ -69,12 +71,17 @@ def restart(c, service="vllm", drain_timeout=60.0, timeout=900.0):
     Checks first that the service exists and that the deployed proxy can drain. While vLLM restarts clients get
     503 with Retry-After, never a refused connection; requests in flight get up to --drain-timeout to finish.
     Done when vLLM's /health answers and the prober's checks pass through the public URL. Safe to re-run.
+    An extra tier's vLLM (vllm-<tier>, listed by `status`) restarts without a drain: the other tiers keep
+    serving, and the router holds the tier down meanwhile (its provider answers, or 503 with Retry-After).
     """
-    if service not in RESTARTABLE:
+    if service not in RESTARTABLE and not service.startswith(f"{VLLM}-"):
         hint = " (Caddy: use reload-proxy, it reloads without dropping connections)" if service == "caddy" else ""
         raise Exit(f"error: cannot restart {service!r}; choose one of: {', '.join(RESTARTABLE)}{hint}", EXIT_BAD_INPUT)
     host = Host(c)
     host.env()
+    choices = restartable(host.names())
+    if service not in choices:
+        raise Exit(f"error: no service {service!r} on {host.where}; choose one of: {', '.join(choices)}", EXIT_BAD_INPUT)
     before = host.service(service)
     found(f"{service} is {before['state']} (pid {before['pid'] or '-'})")
     drains = service == "vllm"
@@ -116,10 +123,13 @@ def restart(c, service="vllm", drain_timeout=60.0, timeout=900.0):
                 say(f"warning: {host.vllm_in_flight()} request(s) still in flight after {drain_timeout:g} s; restarting anyway")
         host.must(host.change(f"restart {service}", argv, role, timeout=timeout), f"restarting {service}")
         remaining = lambda: max(1.0, timeout - (time.monotonic() - started))  # noqa: E731
-        if service == "vllm":
-            if not wait_for(host.vllm_health, remaining()):
-                raise Exit(f"error: vLLM did not answer /health within {timeout:g} s; see `gpugate run logs --service vllm`", EXIT_CHECK_FAILED)
-            say(f"✓ vLLM answers /health after {time.monotonic() - started:.0f} s")
+        if is_vllm(service):
+            if not wait_for(lambda: host.vllm_health(service), remaining()):
+                raise Exit(
+                    f"error: {service} did not answer /health within {timeout:g} s; see `gpugate run logs --service {service}`",
+                    EXIT_CHECK_FAILED,
+                )
+            say(f"✓ {service} answers /health after {time.monotonic() - started:.0f} s")
         elif not wait_for(lambda: host.service(service)["state"] == "RUNNING", remaining()):
             raise Exit(f"error: {service} is not running {timeout:g} s after the restart", EXIT_CHECK_FAILED)
     finally:

@@ -8,6 +8,7 @@ from typing import Any
 
 from fabric import task
 from gpugate_runtime.accesslog import ACCESS_LOG_IDS_FIELD
+from gpugate_runtime.contract.services import VLLM
 from invoke.exceptions import Exit
 from rich.console import Console
 from rich.table import Table
@@ -25,6 +26,7 @@ from runbooks.tasks.host import (
     last_lines,
     mask,
     say,
+    service_logs,
 )
 
 
@@ -32,7 +34,8 @@ from runbooks.tasks.host import (
 def status(c, json=False):
     """Show the host's services, drain state, deployed bundle, last prober run and key counts; exit 1 unless healthy.
 
-    Read-only. Healthy means every service runs, the prober's last run passed and the proxy is not draining.
+    Read-only. Healthy means every service runs, the prober's last run passed and the proxy is not draining; on a
+    stack that routes, also each tier and provider green / yellow / red from the router's metrics, none red.
     """
     host = Host(c)
     settings = host.prober()
@@ -50,10 +53,16 @@ def status(c, json=False):
         counts[key["status"]] = counts.get(key["status"], 0) + 1
     checks = run.get("results", [])
     healthy = all(s["state"] == "RUNNING" for s in services) and bool(checks) and all(x.get("ok") is not False for x in checks) and not draining
+    routing = host.router_port() is not None
+    routes = host.route_health() if routing else None
+    if routing:
+        healthy = healthy and routes is not None and all(r.state != "red" for r in routes)
     report = {
         "host": host.where, "stack": host.facts.stack, "bundle_sha256": bundle_sha, "services": services,
         "draining": draining, "prober_checked_at": run.get("checked_at"), "checks": checks, "keys": counts, "healthy": healthy,
     }  # fmt: skip
+    if routing:
+        report["routes"] = None if routes is None else [r.to_dict() for r in routes]
     if json:
         console.print_json(jsonlib.dumps(report))
     else:
@@ -69,6 +78,11 @@ def status(c, json=False):
         for x in checks:
             if x.get("ok") is False:
                 say(f"  {x['check']}: {x.get('detail', '')}")
+        if routing:
+            say("routes: " + ("the router's /metrics does not answer" if routes is None else ", ".join(f"{r.route} {r.state}" for r in routes)))
+            for r in routes or []:
+                if r.state != "green":
+                    say(f"  {r.route}: {r.detail}")
         say(f"keys: {counts['active']} active, {counts['expired']} expired, {counts['revoked']} revoked")
         say("healthy" if healthy else "NOT healthy")
     if not healthy:
@@ -78,7 +92,8 @@ def status(c, json=False):
 @task(
     auto_shortflags=False,
     help={
-        "service": f"what to show: {', '.join(JSON_LOGS)} (metadata of each request) or a service's output: {', '.join(SERVICE_LOGS)}",
+        "service": f"what to show: {', '.join(JSON_LOGS)} (metadata of each request) or a service's output: {', '.join(SERVICE_LOGS)}"
+        ", vllm-<tier> (an extra tier's vLLM)",
         "lines": f"how many of the last lines (1..{MAX_LOG_LINES})",
     },
 )
@@ -89,12 +104,15 @@ def logs(c, service="access", lines=50):
     request, tab-separated; `authz` each auth decision; a service name its own output, with anything shaped like
     a key masked.
     """
-    if service not in (*JSON_LOGS, *SERVICE_LOGS):
+    if service not in (*JSON_LOGS, *SERVICE_LOGS) and not service.startswith(f"{VLLM}-"):
         raise Exit(f"error: no log {service!r}; choose one of: {', '.join((*JSON_LOGS, *SERVICE_LOGS))}", EXIT_BAD_INPUT)
     if not 1 <= lines <= MAX_LOG_LINES:
         raise Exit(f"error: --lines {lines} is out of range; allowed: 1..{MAX_LOG_LINES}", EXIT_BAD_INPUT)
     host = Host(c)
     host.env()
+    choices = (*JSON_LOGS, *service_logs(host.names()))
+    if service not in choices:
+        raise Exit(f"error: no log {service!r} on {host.where}; choose one of: {', '.join(choices)}", EXIT_BAD_INPUT)
     logs_dir = host.layout.logs
     local = host.facts.supervisor == "supervisord"
     if service in JSON_LOGS:
