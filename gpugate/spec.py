@@ -19,7 +19,8 @@ from pydantic import (
     model_validator,
 )
 
-from gpugate.catalog import AWS_OFFERINGS, GCP_OFFERINGS, GCP_ZONES, GPUS, MACHINES, MODELS, same_gpus
+from gpugate import offered
+from gpugate.catalog import GPUS, MODELS
 from gpugate.routing import NAME_PATTERN, ProviderSpec, RoutingSpec, TierShare, check_stack_routes
 
 
@@ -506,14 +507,14 @@ class GatewaySpec(Strict):
             )
         if self.target is Target.AWS:
             if self.gpu.count not in GPUS[self.gpu.type].aws_instance_types:
-                raise ValueError(self._no_machine("AWS", GPUS[self.gpu.type].aws_instance_types))
-            self._offered_on_aws(GPUS[self.gpu.type].aws_instance_types[self.gpu.count])
+                raise ValueError(offered.no_machine(self, "AWS", GPUS[self.gpu.type].aws_instance_types))
+            offered.on_aws(self, GPUS[self.gpu.type].aws_instance_types[self.gpu.count])
         if self.target is Target.GCP:
             if self.project is None or self.zone is None:
                 raise ValueError("project: target gcp needs project and zone")
             if self.gpu.count not in GPUS[self.gpu.type].gcp_machine_types:
-                raise ValueError(self._no_machine("GCP", GPUS[self.gpu.type].gcp_machine_types))
-            self._offered_on_gcp(GPUS[self.gpu.type].gcp_machine_types[self.gpu.count])
+                raise ValueError(offered.no_machine(self, "GCP", GPUS[self.gpu.type].gcp_machine_types))
+            offered.on_gcp(self, GPUS[self.gpu.type].gcp_machine_types[self.gpu.count])
         if self.target in (Target.AWS, Target.GCP) and self.vm is None:
             raise ValueError(f"vm: target {self.target} needs a vm section (spot, disk_gib, network)")
         if self.target is Target.GCP and self.vm is not None and self.vm.ssh_key_name is not None:
@@ -521,7 +522,7 @@ class GatewaySpec(Strict):
         if self.target is Target.KUBERNETES:
             if self.kubernetes is None:
                 raise ValueError("kubernetes: target kubernetes needs a kubernetes section (provider, version, replicas)")
-            self._gpu_machine_fits_the_gpus(self.kubernetes)
+            offered.machine_fits_the_gpus(self, self.kubernetes)
         elif self.kubernetes is not None:
             raise ValueError(f"kubernetes: only for target kubernetes, not {self.target}")
         if self.local is not None and not local:
@@ -545,53 +546,6 @@ class GatewaySpec(Strict):
         """Tier label -> public model id, gpugate:model's tier first."""
         extra = {name: tier.model.served_name for name, tier in sorted(self.tiers.items())}
         return {self.routing.primary_tier: self.model.served_name, **extra}
-
-    def _gpu_machine_fits_the_gpus(self, kube: KubernetesSpec) -> None:
-        chosen = kube.gpu_machine_type
-        if chosen is None:
-            return
-        clouds = {"eks": ("aws",), "gke": ("gcp",), "existing": ("aws", "gcp")}[kube.provider]
-        allowed = [m for cloud in clouds for m in same_gpus(cloud, self.gpu.type, self.gpu.count)]
-        if chosen not in allowed:
-            known = "unknown to gpugate's catalog" if chosen not in MACHINES else "another cloud or GPU set"
-            raise ValueError(
-                f"kubernetes.gpu_machine_type: {chosen} ({known}) is not a {kube.provider} machine with "
-                f"{self.gpu.count} x {self.gpu.type}; allowed: {', '.join(allowed) or 'none'}"
-            )
-
-    def _machine_words(self, machine: str) -> str:
-        return f"{machine} ({self.gpu.count} x {self.gpu.type})" if self.gpu.count else f"{machine} (no GPU)"
-
-    def _offered_on_aws(self, machine: str) -> None:
-        regions = AWS_OFFERINGS.get(machine, ())
-        if self.region not in regions:
-            raise ValueError(
-                f"region: {self.region} does not offer {self._machine_words(machine)} in gpugate's catalog; allowed: {', '.join(regions)}"
-            )
-        if self.zone is not None and not (self.zone.startswith(self.region) and len(self.zone) == len(self.region) + 1):
-            raise ValueError(
-                f"zone: {self.zone} is not an availability zone of {self.region}; allowed: {self.region}a, {self.region}b, ..."
-            )
-
-    def _offered_on_gcp(self, machine: str) -> None:
-        if self.region not in GCP_ZONES:
-            raise ValueError(f"region: {self.region} is not a GCP region in gpugate's catalog; allowed: {', '.join(GCP_ZONES)}")
-        zones = GCP_ZONES[self.region]
-        if self.zone not in zones:
-            raise ValueError(f"zone: {self.zone} is not a zone of {self.region}; allowed: {', '.join(zones)}")
-        offered = GCP_OFFERINGS.get(machine, ())
-        if self.zone not in offered:
-            here = [z for z in offered if z in zones]
-            allowed = ", ".join(here) if here else "none in this region; elsewhere: " + ", ".join(offered)
-            raise ValueError(f"zone: {self.zone} does not offer {self._machine_words(machine)}; allowed: {allowed}")
-
-    def _no_machine(self, cloud: str, table: dict[int, str]) -> str:
-        if not table:
-            return f"gpu.type: {cloud} offers no {self.gpu.type} machines; allowed on {cloud}: " + ", ".join(
-                t for t, f in GPUS.items() if (f.aws_instance_types if cloud == "AWS" else f.gcp_machine_types)
-            )
-        counts = ", ".join(f"{n} ({t})" for n, t in sorted(table.items()))
-        return f"gpu.count: {cloud} has no machine with {self.gpu.count} x {self.gpu.type}; allowed: {counts}"
 
     @property
     def tensor_parallel_size(self) -> int:

@@ -34,6 +34,9 @@ from gpugate_runtime.quietserver import loopback_server
 from gpugate_runtime.router import Router
 from gpugate_runtime.routetable import ModelRoute, ProviderRoute, Route, Routes, RouteTable, TierRoute
 
+# Every test here runs the router and its upstreams as loopback servers: not part of the service-free fast subset.
+pytestmark = pytest.mark.e2e
+
 VLLM_KEY = "internal-vllm-key"
 PROVIDER_KEY = "sk-provider-secret"
 CANARY = "canary-7f3e1c prompt text that must never be logged"
