@@ -74,7 +74,8 @@ def test_every_proxy_replica_mounts_the_issued_secret_and_caddy_serves_it_from_f
     assert {"name": "tls", "secret": {"secretName": "gpugate-tls", "defaultMode": 0o440}} in pod["volumes"]
     # no claim, no shared ACME state: each pod's Caddy storage is its own emptyDir
     assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
-    assert not find(prod_objects, "PersistentVolumeClaim")
+    # the one claim left is the shared limits store's own disk, mounted by its pod only
+    assert [c["metadata"]["name"] for c in find(prod_objects, "PersistentVolumeClaim")] == ["gpugate-limits-data"]
     caddy = next(c for c in pod["containers"] if c["name"] == "caddy")
     assert {"name": "tls", "mountPath": "/etc/gpugate/tls", "readOnly": True} in caddy["volumeMounts"]
     assert not [m for m in caddy["volumeMounts"] if "subPath" in m and m["name"] != "caddy-home"]

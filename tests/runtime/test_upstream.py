@@ -8,6 +8,9 @@ import asyncio
 import pytest
 from gpugate_runtime.upstream import ConnectFailed, FirstByteTimeout, Origin
 
+# Each test serves raw HTTP on loopback: not part of the service-free fast subset.
+pytestmark = pytest.mark.e2e
+
 ANSWER = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{"ok":true}'
 
 
