@@ -77,7 +77,13 @@ def gpugate_alerts(stack: RunningStack) -> dict[str, Any]:
 
 
 def test_stopped_vllm_pages_the_local_channel_with_its_runbook_and_the_recovery_resolves_it(stack: RunningStack):
-    # given a healthy stack and what its alert channel holds so far
+    # given a healthy stack, whose vLLM Prometheus has seen up for the last 10 s (on a busy machine a slow
+    # /metrics answer is a failed 2 s scrape: an alert pending before the stop would fire early), and what its
+    # alert channel holds so far
+    deadline = time.monotonic() + 120
+    while not stack.prometheus(f'min_over_time(up{{instance="127.0.0.1:{stack.ports["vllm"]}"}}[10s]) == 1'):
+        assert time.monotonic() < deadline, "vLLM's scrapes did not stay up for 10 s within 120 s"
+        time.sleep(1)
     before = len(notifications(stack))
 
     # when vLLM is stopped through its supervisor (so that it stays down: no race with auto-restart)
