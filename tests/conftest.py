@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import subprocess
 import sys
@@ -77,6 +78,18 @@ def pin_images(config: dict[str, Any]) -> None:
 
 # Tests that need vLLM's CPU build or the local model ask for one of these fixtures.
 VLLM_FIXTURES = frozenset({"vllm_python", "smollm_dir"})
+
+
+@pytest.fixture(autouse=True)
+def _a_current_event_loop_after_each_test() -> Iterator[None]:
+    """`asyncio.run()` leaves the main thread with no current event loop, and code that asks for one later
+    (Pulumi's mocks, `asyncio.get_event_loop()`) then fails with "There is no current event loop": a test's
+    outcome must not depend on whether an asyncio test ran before it (seen in a clean-clone run)."""
+    yield
+    try:
+        asyncio.get_event_loop_policy().get_event_loop()
+    except RuntimeError:
+        asyncio.set_event_loop(asyncio.new_event_loop())
 
 
 @pytest.fixture(scope="session")
