@@ -241,73 +241,53 @@ class KubernetesGateway(pulumi.ComponentResource):
         if not install:
             return []
         system = {POOL_LABEL: SYSTEM_POOL}
-        keda = k8s.helm.v3.Release(
-            f"{name}-keda",
-            name="keda",
-            chart=KEDA_CHART[0],
-            version=KEDA_CHART[1],
-            repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=KEDA_CHART[2]),
-            namespace=KEDA_NAMESPACE,
-            create_namespace=True,
-            values={"nodeSelector": system},
-            opts=opts,
-        )
-        prometheus = k8s.helm.v3.Release(
-            f"{name}-kube-prometheus-stack",
-            name=release,
-            chart=PROMETHEUS_CHART[0],
-            version=PROMETHEUS_CHART[1],
-            repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=PROMETHEUS_CHART[2]),
-            namespace=MONITORING_NAMESPACE,
-            create_namespace=True,
-            values={
-                "prometheusOperator": {"nodeSelector": system},
-                "prometheus": {"prometheusSpec": {"nodeSelector": system, "retention": "15d"}},
-                "alertmanager": {
-                    "alertmanagerSpec": {
-                        "nodeSelector": system,
-                        # Pick up the gateway's AlertmanagerConfig, labelled like its rules and monitors.
-                        "alertmanagerConfigSelector": {"matchLabels": {"release": release}},
-                        # The gateway's alerts aggregate away the namespace label: route them all.
-                        "alertmanagerConfigMatcherStrategy": {"type": "None"},
-                    }
-                },
-                "grafana": {"nodeSelector": system, "sidecar": {"dashboards": {"enabled": True, "label": "grafana_dashboard"}}},
-                # On every node, GPU nodes too: requests the pools' sizing counts (gpugate/kubernetes/allocatable.py).
-                "prometheus-node-exporter": {"resources": NODE_EXPORTER_RESOURCES},
+
+        def chart(resource: str, chart: tuple[str, str, str], namespace: str, values: dict, release: str) -> pulumi.Resource:
+            """One pinned chart (name, version, repository) as a Helm release in its own namespace."""
+            return k8s.helm.v3.Release(
+                f"{name}-{resource}",
+                name=release,
+                chart=chart[0],
+                version=chart[1],
+                repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=chart[2]),
+                namespace=namespace,
+                create_namespace=True,
+                values=values,
+                opts=opts,
+            )
+
+        keda = chart("keda", KEDA_CHART, KEDA_NAMESPACE, {"nodeSelector": system}, release="keda")
+        prometheus_values = {
+            "prometheusOperator": {"nodeSelector": system},
+            "prometheus": {"prometheusSpec": {"nodeSelector": system, "retention": "15d"}},
+            "alertmanager": {
+                "alertmanagerSpec": {
+                    "nodeSelector": system,
+                    # Pick up the gateway's AlertmanagerConfig, labelled like its rules and monitors.
+                    "alertmanagerConfigSelector": {"matchLabels": {"release": release}},
+                    # The gateway's alerts aggregate away the namespace label: route them all.
+                    "alertmanagerConfigMatcherStrategy": {"type": "None"},
+                }
             },
-            opts=opts,
+            "grafana": {"nodeSelector": system, "sidecar": {"dashboards": {"enabled": True, "label": "grafana_dashboard"}}},
+            # On every node, GPU nodes too: requests the pools' sizing counts (gpugate/kubernetes/allocatable.py).
+            "prometheus-node-exporter": {"resources": NODE_EXPORTER_RESOURCES},
+        }
+        prometheus = chart("kube-prometheus-stack", PROMETHEUS_CHART, MONITORING_NAMESPACE, prometheus_values, release=release)
+        cert_manager_values = {
+            "crds": {"enabled": True},
+            "nodeSelector": system,
+            "webhook": {"nodeSelector": system},
+            "cainjector": {"nodeSelector": system},
+            "startupapicheck": {"nodeSelector": system},
+            # The cloud identity DNS-01 is solved with (Workload Identity on GKE, IRSA on EKS).
+            "serviceAccount": {"annotations": dict(facts.cert_manager_annotations)},
+        }
+        cert_manager = chart(
+            "cert-manager", CERT_MANAGER_CHART, CERT_MANAGER_NAMESPACE, cert_manager_values, release="cert-manager"
         )
-        cert_manager = k8s.helm.v3.Release(
-            f"{name}-cert-manager",
-            name="cert-manager",
-            chart=CERT_MANAGER_CHART[0],
-            version=CERT_MANAGER_CHART[1],
-            repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=CERT_MANAGER_CHART[2]),
-            namespace=CERT_MANAGER_NAMESPACE,
-            create_namespace=True,
-            values={
-                "crds": {"enabled": True},
-                "nodeSelector": system,
-                "webhook": {"nodeSelector": system},
-                "cainjector": {"nodeSelector": system},
-                "startupapicheck": {"nodeSelector": system},
-                # The cloud identity DNS-01 is solved with (Workload Identity on GKE, IRSA on EKS).
-                "serviceAccount": {"annotations": dict(facts.cert_manager_annotations)},
-            },
-            opts=opts,
-        )
-        reloader = k8s.helm.v3.Release(
-            f"{name}-reloader",
-            name="reloader",
-            chart=RELOADER_CHART[0],
-            version=RELOADER_CHART[1],
-            repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=RELOADER_CHART[2]),
-            namespace=RELOADER_NAMESPACE,
-            create_namespace=True,
-            values={"reloader": {"deployment": {"nodeSelector": system}}},
-            opts=opts,
-        )
+        reloader_values = {"reloader": {"deployment": {"nodeSelector": system}}}
+        reloader = chart("reloader", RELOADER_CHART, RELOADER_NAMESPACE, reloader_values, release="reloader")
         return [keda, prometheus, cert_manager, reloader]
 
 
